@@ -1,0 +1,72 @@
+"""Experiment configuration: one frozen dataclass, validated before anything runs.
+
+`run.py` builds a `Config` from absl flags; a notebook builds one directly
+(`Config(algorithm="easgd", steps=300)`) or edits the defaults with `dataclasses.replace`.
+Each field's name is the name of its flag, so an error can tell the user which flag to change.
+"""
+
+import dataclasses
+
+ALGORITHMS = ("sgd", "easgd")
+DATASETS = ("digits", "mnist", "cifar10", "synthetic")
+MODELS = ("mlp", "lenet", "cifar_cnn")
+
+
+class ConfigError(ValueError):
+  """A setting the run cannot use; the message is one line naming the flag to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  algorithm: str = "easgd"  # one of ALGORITHMS
+  dataset: str = "digits"  # one of DATASETS; digits is offline (ships with scikit-learn)
+  data_dir: str | None = None  # tensorflow-datasets directory for mnist / cifar10
+  model: str = "lenet"  # one of MODELS
+  num_devices: int = 4  # G: EASGD workers, one per device (shared when devices are fewer)
+  batch_size: int = 32  # b: samples per worker per iteration
+  learning_rate: float = 0.05  # eta
+  rho: float = 1.0  # elastic coefficient; eta * rho is the moving rate of Eq. (1)/(2)
+  tau: int = 1  # communication period: elastic exchange on every tau-th step of a worker
+  steps: int = 2000  # T: iterations (one worker step each for round-robin EASGD)
+  eval_every: int = 100  # iterations between evaluations of the center on the test set
+  seed: int = 0  # parameter initialization and batch sampling
+  target_accuracy: float | None = None  # report steps/seconds to reach this test accuracy
+  synthetic_shape: tuple = (16, 16, 3)  # image shape of the synthetic dataset (H, W, C)
+  synthetic_train_size: int = 4096  # examples in the synthetic training split
+
+  def validate(self) -> "Config":
+    """Returns self, or raises ConfigError naming the first bad flag."""
+    _one_of("algorithm", self.algorithm, ALGORITHMS)
+    _one_of("dataset", self.dataset, DATASETS)
+    _one_of("model", self.model, MODELS)
+    _at_least("num_devices", self.num_devices, 1)
+    _at_least("batch_size", self.batch_size, 1)
+    _at_least("tau", self.tau, 1)
+    _at_least("steps", self.steps, 1)
+    _at_least("eval_every", self.eval_every, 1)
+    _at_least("synthetic_train_size", self.synthetic_train_size, 2)
+    if not self.learning_rate > 0:
+      raise ConfigError(f"--learning_rate must be > 0 (got {self.learning_rate})")
+    if not self.rho >= 0:
+      raise ConfigError(f"--rho must be >= 0 (got {self.rho})")
+    if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+      raise ConfigError(f"--target_accuracy must be in (0, 1] (got {self.target_accuracy})")
+    shape = tuple(self.synthetic_shape)
+    if len(shape) != 3 or min(shape) < 1:
+      raise ConfigError(
+        f"--synthetic_shape must be three positive sizes H,W,C (got {','.join(map(str, shape))})"
+      )
+    return self
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _one_of(flag, value, choices):
+  if value not in choices:
+    raise ConfigError(f"--{flag}={value} is unknown; choose one of: {', '.join(choices)}")
+
+
+def _at_least(flag, value, minimum):
+  if not isinstance(value, int) or value < minimum:
+    raise ConfigError(f"--{flag} must be an integer >= {minimum} (got {value})")

@@ -1,0 +1,97 @@
+"""The shared step core: loss, gradient, the local optimizer step and the elastic updates.
+
+Every algorithm is built from these pure functions over parameter pytrees, so SGD, round-robin
+EASGD and the other variants differ only in which of them they call, where and when.
+
+Symbols follow the seed: eta (learning rate), rho (elastic coefficient), W^i (`local`),
+W-bar (`center`), Delta W (`grads`).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def make_loss_fn(model):
+  """loss_fn(params, batch) -> (mean softmax cross-entropy, logits)."""
+
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["image"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, logits
+
+  return loss_fn
+
+
+def local_optimizer(learning_rate, momentum=0.0):
+  """W <- W - eta * Delta W, with optax doing the optimizer math (Nesterov momentum when > 0)."""
+  if momentum:
+    return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+  return optax.sgd(learning_rate)
+
+
+def make_sgd_step(loss_fn, optimizer):
+  """sgd_step(params, opt_state, batch) -> (params, opt_state, loss): forward, backward, update."""
+
+  def sgd_step(params, opt_state, batch):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return sgd_step
+
+
+def elastic_local_update(local, updates, center, eta, rho):
+  """Eq. (1): W^i <- W^i - eta * (Delta W^i + rho * (W^i - W-bar)).
+
+  `updates` is the optimizer's -eta * Delta W^i, so plain SGD gives exactly Eq. (1) and
+  momentum gives its EAMSGD form, both from the same line.
+  """
+  return jax.tree.map(lambda w, u, c: w + u - eta * rho * (w - c), local, updates, center)
+
+
+def elastic_center_update(center, differences, eta, rho):
+  """Eq. (2): W-bar <- W-bar + eta * rho * sum_i (W^i - W-bar).
+
+  `differences` is sum_i (W^i - W-bar) over the workers that exchange now: one worker in
+  round-robin EASGD, a collective sum over devices in synchronous EASGD.
+  """
+  return jax.tree.map(lambda c, d: c + eta * rho * d, center, differences)
+
+
+def elastic_difference(local, center):
+  """W^i - W-bar, the quantity both Eq. (1) and Eq. (2) are driven by."""
+  return jax.tree.map(jnp.subtract, local, center)
+
+
+def make_elastic_step(loss_fn, optimizer, eta, rho):
+  """One worker's iteration with an elastic exchange: gradient, then Eq. (1) against `center`."""
+
+  def elastic_step(local, opt_state, center, batch):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(local, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, local)
+    return elastic_local_update(local, updates, center, eta, rho), opt_state, loss
+
+  return elastic_step
+
+
+def make_evaluate(loss_fn, batch_size=1000):
+  """evaluate(params, images, labels) -> (mean loss, accuracy), in fixed-size chunks."""
+
+  @jax.jit
+  def chunk_sums(params, images, labels):
+    loss, logits = loss_fn(params, {"image": images, "label": labels})
+    correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+    return loss * labels.shape[0], correct
+
+  def evaluate(params, images, labels):
+    total_loss, total_correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+      loss, correct = chunk_sums(
+        params, images[start : start + batch_size], labels[start : start + batch_size]
+      )
+      total_loss, total_correct = total_loss + loss, total_correct + correct
+    count = len(labels)
+    return float(total_loss) / count, float(total_correct) / count
+
+  return evaluate

@@ -1,0 +1,123 @@
+"""Datasets held on the host as NumPy arrays, normalized and sampled there (Algorithm 1, l. 1, 7).
+
+Every dataset comes back as a `Dataset` of float32 NHWC images and int32 labels. Normalization
+uses training-set statistics only, per channel, so the test set sees exactly the transform the
+model was trained with.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from easgd_jax.config import ConfigError
+
+
+class DataError(ConfigError):
+  """The dataset can't be had as asked; the message says how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  name: str
+  train_images: np.ndarray  # [N, H, W, C] float32, normalized
+  train_labels: np.ndarray  # [N] int32
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+
+  @property
+  def image_shape(self):
+    return self.train_images.shape[1:]
+
+
+def load(config) -> Dataset:
+  """The dataset named by `config.dataset`, normalized with its training statistics."""
+  if config.dataset == "digits":
+    splits, num_classes = _digits(), 10
+  elif config.dataset == "synthetic":
+    splits, num_classes = _synthetic(tuple(config.synthetic_shape), config.synthetic_train_size), 10
+  else:
+    splits, num_classes = _tfds(config.dataset, config.data_dir), 10
+  (x_train, y_train), (x_test, y_test) = splits
+  x_train, x_test = normalize(x_train, x_test)
+  return Dataset(
+    config.dataset,
+    x_train,
+    y_train.astype(np.int32),
+    x_test,
+    y_test.astype(np.int32),
+    num_classes,
+  )
+
+
+def normalize(train, test):
+  """Algorithm 1, line 1: mean 0 and standard deviation 1 per channel, from training data."""
+  # Statistics in float64: a float32 mean of many large values is off in the 5th digit.
+  train, test = train.astype(np.float64), test.astype(np.float64)
+  mean = train.mean(axis=(0, 1, 2), keepdims=True)
+  std = train.std(axis=(0, 1, 2), keepdims=True)
+  std = np.where(std > 0, std, 1.0)  # a constant channel stays constant instead of turning to NaN
+  return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
+
+
+def _digits(test_fraction=0.2):
+  """The 1,797 real 8x8 handwritten digits that scikit-learn ships: offline, no download."""
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  images, labels = digits.images[..., None], digits.target
+  # A fixed split (seed 0, independent of --seed) so every run is scored on the same test set.
+  order = np.random.default_rng(0).permutation(len(labels))
+  num_test = int(len(labels) * test_fraction)
+  test, train = order[:num_test], order[num_test:]
+  return (images[train], labels[train]), (images[test], labels[test])
+
+
+def _synthetic(image_shape, num_train, num_classes=10, seed=0):
+  """Gaussian images labelled by a fixed random linear teacher: any shape, for benchmarks."""
+  rng = np.random.default_rng(seed)
+  num_test = max(num_train // 4, 1)
+  images = rng.standard_normal((num_train + num_test, *image_shape), dtype=np.float32)
+  teacher = rng.standard_normal((int(np.prod(image_shape)), num_classes), dtype=np.float32)
+  labels = np.argmax(images.reshape(len(images), -1) @ teacher, axis=1)
+  return (images[:num_train], labels[:num_train]), (images[num_train:], labels[num_train:])
+
+
+def _tfds(name, data_dir):
+  """A prepared tensorflow-datasets dataset, read with tfds.data_source (no TensorFlow needed)."""
+  import tensorflow_datasets as tfds
+
+  try:
+    sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
+  except Exception as error:  # tfds raises several types for "not there"; all mean the same here
+    where = data_dir or "~/tensorflow_datasets"
+    raise DataError(
+      f"--dataset={name} is not prepared under --data_dir={where} ({type(error).__name__}); "
+      f"preparing it needs TensorFlow and internet, once: pip install tensorflow && python -c "
+      f"\"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{where}', "
+      f"file_format='array_record').download_and_prepare()\" -- or use --dataset=digits (offline)"
+    ) from None
+  return tuple(_as_arrays(source) for source in sources)
+
+
+def _as_arrays(source):
+  examples = [source[i] for i in range(len(source))]
+  images = np.stack([np.asarray(e["image"]) for e in examples])
+  labels = np.array([int(e["label"]) for e in examples])
+  return images, labels
+
+
+class Sampler:
+  """Algorithm 1, line 7: the host picks b random samples per iteration from a seeded generator.
+
+  Sampling is with replacement, independently each iteration, as in the algorithm. The whole
+  sampler state is the generator state, so a run can be resumed exactly.
+  """
+
+  def __init__(self, images, labels, seed):
+    self.images, self.labels = images, labels
+    self.rng = np.random.default_rng(seed)
+
+  def next(self, batch_size):
+    index = self.rng.integers(0, len(self.labels), size=batch_size)
+    return {"image": self.images[index], "label": self.labels[index]}

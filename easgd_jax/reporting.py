@@ -1,0 +1,109 @@
+"""What a run leaves in its workdir: config.json, metrics.jsonl, summary.json, accuracy.png.
+
+Whole-file outputs are written to a temporary file and renamed, so an interrupted run never
+leaves a half-written file; metrics.jsonl gets one complete line per evaluation, flushed at once.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+PLOT = "accuracy.png"
+
+
+def write_json(path, obj):
+  """Write `obj` as JSON to `path` atomically (temp file in the same folder, then rename)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, default=_jsonable)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, METRICS)) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLog:
+  """Appends one JSON object per evaluation to workdir/metrics.jsonl (or just keeps them)."""
+
+  def __init__(self, workdir=None):
+    self.workdir, self.rows = workdir, []
+    if workdir:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(os.path.join(workdir, METRICS), "w")
+
+  def append(self, row):
+    self.rows.append(row)
+    if self.workdir:
+      self._file.write(json.dumps(row, default=_jsonable) + "\n")
+      self._file.flush()
+
+  def close(self):
+    if self.workdir:
+      self._file.close()
+
+
+def summarize(rows, target_accuracy=None):
+  """Final metrics, and when `target_accuracy` is given the first evaluation that reached it."""
+  final = rows[-1]
+  summary = {
+    "final": final,
+    "best_test_accuracy": max(r["test_accuracy"] for r in rows),
+    "steps": final["step"],
+    "samples": final["samples"],
+    "wall_time_s": final["wall_time_s"],
+    "samples_per_s": final["samples"] / max(final["wall_time_s"], 1e-9),
+    "target_accuracy": target_accuracy,
+  }
+  if target_accuracy is not None:
+    reached = next((r for r in rows if r["test_accuracy"] >= target_accuracy), None)
+    summary["steps_to_target"] = reached and reached["step"]
+    summary["samples_to_target"] = reached and reached["samples"]
+    summary["seconds_to_target"] = reached and reached["wall_time_s"]
+  return summary
+
+
+def plot_accuracy(rows, path, title=""):
+  """Test accuracy against wall time and against steps, side by side, saved as PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  accuracy = [r["test_accuracy"] for r in rows]
+  by_time.plot([r["wall_time_s"] for r in rows], accuracy, marker=".")
+  by_time.set_xlabel("wall time (s, evaluation excluded)")
+  by_time.set_ylabel("test accuracy")
+  by_step.plot([r["step"] for r in rows], accuracy, marker=".")
+  by_step.set_xlabel("iteration")
+  for axis in (by_time, by_step):
+    axis.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+  os.close(fd)
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def _jsonable(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return str(value)

@@ -1,0 +1,92 @@
+"""Benchmark: the cost of Algorithm 1's bookkeeping and how well its devices overlap.
+
+  python experiments/benchmark.py            # about 2 minutes on a 2-core machine
+
+Prints one table, every ratio measured in this one run (medians over interleaved repeats, so a
+noisy neighbour slows both sides of a ratio alike):
+
+  (a) easgd on 1 device, time per iteration / time per iteration of plain jitted SGD
+      (same model, batch and host sampling; goal <= 1.05);
+  (b) easgd iterations/s on 2 devices / on 1 device (goal >= 1.8 where the devices can run
+      side by side: the host never waits inside an iteration, so device 1 works while device 0
+      does).
+"""
+
+import os
+import statistics
+import sys
+import time
+
+# Two emulated CPU devices; set before jax is imported.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 2)
+
+from easgd_jax import data, train  # noqa: E402
+from easgd_jax.algorithms import SGD, RoundRobinEASGD  # noqa: E402
+from easgd_jax.config import Config  # noqa: E402
+
+CASES = [
+  Config(dataset="digits", model="lenet", batch_size=32),
+  Config(dataset="synthetic", model="mlp", batch_size=128, synthetic_shape=(32, 32, 3)),
+  Config(dataset="synthetic", model="cifar_cnn", batch_size=64, synthetic_shape=(32, 32, 3)),
+]
+
+
+def seconds_per_iteration(algorithm, params_host, sampler, batch_size, iterations):
+  state = algorithm.init(params_host)
+  state, loss = algorithm.step(state, sampler.next(batch_size))  # compile outside the clock
+  jax.block_until_ready(loss)
+  start = time.perf_counter()
+  for _ in range(iterations):
+    state, loss = algorithm.step(state, sampler.next(batch_size))
+  jax.block_until_ready((loss, algorithm.eval_params(state)))
+  return (time.perf_counter() - start) / iterations
+
+
+def measure(config, repeats=7, target_seconds=0.5):
+  dataset, _, loss_fn, params_host = train.setup(config)
+  sampler = data.Sampler(dataset.train_images, dataset.train_labels, seed=0)
+  devices = jax.devices()
+  contenders = {
+    "sgd": SGD(loss_fn, learning_rate=0.01, device=devices[0]),
+    "easgd_1": RoundRobinEASGD(
+      loss_fn, num_workers=1, learning_rate=0.01, rho=1.0, available_devices=devices[:1]
+    ),
+    "easgd_2": RoundRobinEASGD(
+      loss_fn, num_workers=2, learning_rate=0.01, rho=1.0, available_devices=devices[:2]
+    ),
+  }
+  probe = seconds_per_iteration(contenders["sgd"], params_host, sampler, config.batch_size, 20)
+  iterations = max(20, int(target_seconds / probe))
+  times = {name: [] for name in contenders}
+  for _ in range(repeats):  # interleaved, so drift on the machine hits every contender alike
+    for name, algorithm in contenders.items():
+      times[name].append(
+        seconds_per_iteration(algorithm, params_host, sampler, config.batch_size, iterations)
+      )
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main():
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+  header = (
+    f"{'dataset/model':<26}{'batch':>6}{'sgd ms/it':>11}{'easgd1 ms/it':>14}"
+    f"{'easgd2 ms/it':>14}{'(a) 1dev/sgd':>14}{'(b) it/s 2dev/1dev':>20}"
+  )
+  print(header)
+  print("-" * len(header))
+  for config in CASES:
+    m = measure(config)
+    print(
+      f"{config.dataset + '/' + config.model:<26}{config.batch_size:>6}"
+      f"{m['sgd'] * 1e3:>11.3f}{m['easgd_1'] * 1e3:>14.3f}{m['easgd_2'] * 1e3:>14.3f}"
+      f"{m['easgd_1'] / m['sgd']:>14.3f}{m['easgd_1'] / m['easgd_2']:>20.2f}"
+    )
+
+
+if __name__ == "__main__":
+  main()

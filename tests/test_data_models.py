@@ -1,0 +1,90 @@
+"""Datasets (offline digits, synthetic, tfds via mock data), normalization, sampling, models."""
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from easgd_jax import data, models
+from easgd_jax.config import Config
+
+
+def test_digits_is_real_offline_data_normalized_by_training_statistics():
+  dataset = data.load(Config(dataset="digits"))
+  assert dataset.image_shape == (8, 8, 1) and dataset.num_classes == 10
+  assert len(dataset.train_labels) + len(dataset.test_labels) == 1797
+  assert len(dataset.test_labels) == 359
+  np.testing.assert_allclose(dataset.train_images.mean(), 0.0, atol=1e-5)
+  np.testing.assert_allclose(dataset.train_images.std(), 1.0, atol=1e-5)
+  assert set(np.unique(dataset.test_labels)) == set(range(10))
+
+
+def test_normalization_uses_train_statistics_per_channel():
+  rng = np.random.default_rng(0)
+  train = rng.normal([1.0, 5.0], [2.0, 0.5], size=(500, 3, 3, 2))
+  test = rng.normal(size=(10, 3, 3, 2))
+  train_n, test_n = data.normalize(train, test)
+  np.testing.assert_allclose(train_n.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+  np.testing.assert_allclose(train_n.std(axis=(0, 1, 2)), 1.0, atol=1e-5)
+  mean, std = train.mean(axis=(0, 1, 2)), train.std(axis=(0, 1, 2))
+  np.testing.assert_allclose(test_n, (test - mean) / std, rtol=1e-5)
+
+
+def test_synthetic_any_shape_with_teacher_labels():
+  dataset = data.load(
+    Config(dataset="synthetic", synthetic_shape=(5, 7, 2), synthetic_train_size=64)
+  )
+  assert dataset.train_images.shape == (64, 5, 7, 2)
+  assert dataset.test_images.shape == (16, 5, 7, 2)
+  assert len(np.unique(dataset.train_labels)) > 1  # the teacher uses several classes
+  again = data.load(Config(dataset="synthetic", synthetic_shape=(5, 7, 2), synthetic_train_size=64))
+  np.testing.assert_array_equal(dataset.train_labels, again.train_labels)
+
+
+def test_sampler_is_seeded_and_resumable_from_its_generator_state():
+  images, labels = np.arange(100).reshape(100, 1, 1, 1), np.arange(100)
+  a, b = data.Sampler(images, labels, seed=1), data.Sampler(images, labels, seed=1)
+  first = [a.next(8)["label"] for _ in range(3)]
+  assert all(np.array_equal(x, b.next(8)["label"]) for x in first)
+  saved = a.rng.bit_generator.state
+  expected = a.next(8)["label"]
+  a.rng.bit_generator.state = saved
+  np.testing.assert_array_equal(a.next(8)["label"], expected)
+  assert not np.array_equal(first[0], data.Sampler(images, labels, seed=2).next(8)["label"])
+
+
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_tfds_datasets_through_data_source(name, shape):
+  with tfds.testing.mock_data(num_examples=20):
+    dataset = data.load(Config(dataset=name))
+  assert dataset.image_shape == shape and dataset.num_classes == 10
+  assert len(dataset.train_labels) == 20 and dataset.train_images.dtype == np.float32
+
+
+def test_missing_tfds_data_gives_one_line_error_saying_how_to_prepare(tmp_path):
+  with pytest.raises(data.DataError) as error:
+    data.load(Config(dataset="mnist", data_dir=str(tmp_path)))
+  message = str(error.value)
+  assert "\n" not in message
+  assert "TensorFlow and internet" in message and "download_and_prepare" in message
+  assert str(tmp_path) in message and "--dataset=digits" in message
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet", "cifar_cnn"])
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+def test_every_model_runs_on_every_dataset_shape(name, shape):
+  model = models.create(name, 10)
+  params = models.init_params(model, shape, seed=0)
+  logits = model.apply({"params": params}, np.zeros((2, *shape), np.float32))
+  assert logits.shape == (2, 10)
+
+
+def test_xavier_initialization():
+  params = models.init_params(models.create("mlp", 10, hidden=(512,)), (16, 16, 1), seed=0)
+  kernel = params["Dense_0"]["kernel"]
+  fan_in, fan_out = kernel.shape
+  limit = np.sqrt(6.0 / (fan_in + fan_out))  # Glorot & Bengio's uniform bound
+  assert np.abs(kernel).max() <= limit
+  np.testing.assert_allclose(kernel.std(), limit / np.sqrt(3.0), rtol=0.02)
+  assert not np.any(params["Dense_0"]["bias"])
+  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))

@@ -1,0 +1,85 @@
+"""run.py end to end: accuracy on real data, the files in the workdir, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from easgd_jax import reporting, train
+from easgd_jax.config import Config, ConfigError
+
+
+def run_cli(*args, cwd=REPO, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # run.py sets up its own emulated devices
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "run.py"), *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+@pytest.mark.slow
+def test_easgd_default_run_reaches_90_percent_and_writes_its_workdir(tmp_path):
+  workdir = tmp_path / "easgd"
+  result = run_cli(f"--workdir={workdir}", "--target_accuracy=0.9")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "step 100/2000" in result.stderr  # progress while it trains
+  assert sorted(os.listdir(workdir)) == sorted(
+    [reporting.CONFIG, reporting.METRICS, reporting.SUMMARY, reporting.PLOT]
+  )
+  config = json.loads((workdir / reporting.CONFIG).read_text())
+  assert config["algorithm"] == "easgd" and config["num_devices"] == 4
+  rows = reporting.read_metrics(workdir)
+  assert [r["step"] for r in rows] == list(range(100, 2001, 100))
+  for key in ("step", "samples", "wall_time_s", "train_loss", "test_loss", "test_accuracy"):
+    assert key in rows[0]
+  assert rows[-1]["samples"] == 2000 * 32
+  summary = json.loads((workdir / reporting.SUMMARY).read_text())
+  assert summary["final"]["test_accuracy"] >= 0.90
+  assert summary["steps_to_target"] is not None and summary["steps_to_target"] <= 2000
+  assert (workdir / reporting.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sgd_default_budget_reaches_90_percent(cpu_devices):
+  summary = train.train_and_evaluate(Config(algorithm="sgd"))
+  assert summary["final"]["test_accuracy"] >= 0.90
+
+
+@pytest.mark.parametrize(
+  "flag, named",
+  [
+    ("--algorithm=adam", "--algorithm"),
+    ("--dataset=imagenet", "--dataset"),
+    ("--model=resnet", "--model"),
+    ("--learning_rate=0", "--learning_rate"),
+    ("--learning_rate=-0.1", "--learning_rate"),
+    ("--rho=-1", "--rho"),
+    ("--tau=0", "--tau"),
+    ("--batch_size=0", "--batch_size"),
+    ("--num_devices=0", "--num_devices"),
+    ("--synthetic_shape=3,3", "--synthetic_shape"),
+  ],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_no_files(tmp_path, flag, named):
+  workdir = tmp_path / "run"
+  result = run_cli(flag, f"--workdir={workdir}", timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr
+  assert not workdir.exists()
+
+
+def test_config_validation_names_the_flag():
+  with pytest.raises(ConfigError, match="--eval_every"):
+    Config(eval_every=0).validate()
+  with pytest.raises(ConfigError, match="--target_accuracy"):
+    Config(target_accuracy=1.5).validate()
+  assert Config().validate() == Config()
