@@ -44,7 +44,7 @@ def mlp_gradient(layers, images, labels):
 
 def axpy(a, xs, ys):
   """a * x + y, layer by layer."""
-  return [(a * wx + wy, a * bx + by) for (wx, bx), (wy, by) in zip(xs, ys)]
+  return [(a * wx + wy, a * bx + by) for (wx, bx), (wy, by) in zip(xs, ys, strict=True)]
 
 
 def sgd(layers, batches, eta):

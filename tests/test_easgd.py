@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-import reference
 from easgd_jax import core, devices, models
 from easgd_jax.algorithms import SGD, RoundRobinEASGD
+
+import reference
 
 NUM_CLASSES, IMAGE_SHAPE, BATCH = 3, (4, 4, 1), 6
 

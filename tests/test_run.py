@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from easgd_jax import reporting, train
 from easgd_jax.config import Config, ConfigError
+
+from conftest import REPO
 
 
 def run_cli(*args, cwd=REPO, timeout=600):
