@@ -29,7 +29,12 @@ flags.DEFINE_integer(
   DEFAULTS.num_devices,
   "Workers G, one per device (emulated on CPU; shared j mod D if fewer accelerators).",
 )
-flags.DEFINE_integer("batch_size", DEFAULTS.batch_size, "Samples per worker per iteration (b).")
+flags.DEFINE_integer(
+  "batch_size",
+  DEFAULTS.batch_size,
+  "Samples per worker per iteration (b); per device for sync_sgd / sync_easgd, so a step of "
+  "P devices uses P*b samples.",
+)
 flags.DEFINE_float("learning_rate", DEFAULTS.learning_rate, "Learning rate eta (> 0).")
 flags.DEFINE_float(
   "rho", DEFAULTS.rho, "Elastic coefficient rho (>= 0); eta*rho is the moving rate."
@@ -37,6 +42,7 @@ flags.DEFINE_float(
 flags.DEFINE_integer(
   "tau", DEFAULTS.tau, "Communication period: exchange every tau-th worker step."
 )
+flags.DEFINE_float("momentum", DEFAULTS.momentum, "Nesterov momentum delta in [0, 1) (EAMSGD).")
 flags.DEFINE_integer("steps", DEFAULTS.steps, "Iterations T.")
 flags.DEFINE_integer("eval_every", DEFAULTS.eval_every, "Iterations between test evaluations.")
 flags.DEFINE_integer("seed", DEFAULTS.seed, "Seed for initialization and batch sampling.")
@@ -46,6 +52,16 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("synthetic_train_size", DEFAULTS.synthetic_train_size, "Synthetic examples.")
 flags.DEFINE_string("workdir", None, "Folder for config.json, metrics.jsonl, summary.json, plot.")
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "Multi-process runs: HOST:PORT of process 0 (JAX's distributed runtime; gloo on CPU).",
+)
+flags.DEFINE_integer("num_processes", 1, "Multi-process runs: processes taking part.")
+flags.DEFINE_integer("process_id", 0, "Multi-process runs: this process's rank.")
+flags.DEFINE_integer(
+  "heartbeat_timeout_s", DEFAULTS.heartbeat_timeout_s, "A process silent this long ends the run."
+)
 
 
 def config_from_flags():
@@ -68,7 +84,8 @@ def main(argv):
     # Emulated CPU devices must be requested before jax touches a device.
     from easgd_jax import devices, train
 
-    devices.emulate_cpu_devices(config.num_devices)
+    devices.emulate_cpu_devices(config.local_devices)
+    devices.initialize_processes(config)
     summary = train.train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as error:
     fail(str(error))
@@ -81,7 +98,7 @@ def main(argv):
     final["test_accuracy"],
     final["step"],
     final["wall_time_s"],
-    f"; results in {FLAGS.workdir}" if FLAGS.workdir else "",
+    f"; results in {FLAGS.workdir}" if FLAGS.workdir and config.process_id == 0 else "",
   )
 
 

@@ -7,7 +7,8 @@ Each field's name is the name of its flag, so an error can tell the user which f
 
 import dataclasses
 
-ALGORITHMS = ("sgd", "easgd")
+ALGORITHMS = ("sgd", "easgd", "sync_sgd", "sync_easgd")
+SYNC_ALGORITHMS = ("sync_sgd", "sync_easgd")  # every device steps at once, through pmap
 DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 MODELS = ("mlp", "lenet", "cifar_cnn")
 
@@ -27,12 +28,17 @@ class Config:
   learning_rate: float = 0.05  # eta
   rho: float = 1.0  # elastic coefficient; eta * rho is the moving rate of Eq. (1)/(2)
   tau: int = 1  # communication period: elastic exchange on every tau-th step of a worker
+  momentum: float = 0.0  # delta: Nesterov momentum of the local steps (EAMSGD when > 0)
   steps: int = 2000  # T: iterations (one worker step each for round-robin EASGD)
   eval_every: int = 100  # iterations between evaluations of the center on the test set
   seed: int = 0  # parameter initialization and batch sampling
   target_accuracy: float | None = None  # report steps/seconds to reach this test accuracy
   synthetic_shape: tuple = (16, 16, 3)  # image shape of the synthetic dataset (H, W, C)
   synthetic_train_size: int = 4096  # examples in the synthetic training split
+  coordinator_address: str | None = None  # host:port of process 0, for multi-process runs
+  num_processes: int = 1  # processes taking part; each drives num_devices / num_processes
+  process_id: int = 0  # this process's rank, 0 .. num_processes - 1
+  heartbeat_timeout_s: int = 60  # a process silent this long is declared dead; the rest stop
 
   def validate(self) -> "Config":
     """Returns self, or raises ConfigError naming the first bad flag."""
@@ -49,6 +55,9 @@ class Config:
       raise ConfigError(f"--learning_rate must be > 0 (got {self.learning_rate})")
     if not self.rho >= 0:
       raise ConfigError(f"--rho must be >= 0 (got {self.rho})")
+    if not 0 <= self.momentum < 1:
+      raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
+    self._validate_processes()
     if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
       raise ConfigError(f"--target_accuracy must be in (0, 1] (got {self.target_accuracy})")
     shape = tuple(self.synthetic_shape)
@@ -57,6 +66,34 @@ class Config:
         f"--synthetic_shape must be three positive sizes H,W,C (got {','.join(map(str, shape))})"
       )
     return self
+
+  def _validate_processes(self):
+    _at_least("num_processes", self.num_processes, 1)
+    _at_least("heartbeat_timeout_s", self.heartbeat_timeout_s, 1)
+    if not isinstance(self.process_id, int) or not 0 <= self.process_id < self.num_processes:
+      raise ConfigError(
+        f"--process_id must be in 0..{self.num_processes - 1} for --num_processes="
+        f"{self.num_processes} (got {self.process_id})"
+      )
+    if self.num_processes == 1:
+      return
+    if not self.coordinator_address:
+      raise ConfigError("--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0")
+    if self.algorithm not in SYNC_ALGORITHMS:
+      raise ConfigError(
+        f"--algorithm={self.algorithm} runs in one process; multi-process runs support "
+        f"{', '.join(SYNC_ALGORITHMS)}"
+      )
+    if self.num_devices % self.num_processes:
+      raise ConfigError(
+        f"--num_devices={self.num_devices} must be a multiple of --num_processes="
+        f"{self.num_processes} (each process drives the same number of devices)"
+      )
+
+  @property
+  def local_devices(self) -> int:
+    """Devices this process drives."""
+    return self.num_devices // self.num_processes
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

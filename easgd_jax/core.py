@@ -30,11 +30,16 @@ def local_optimizer(learning_rate, momentum=0.0):
   return optax.sgd(learning_rate)
 
 
-def make_sgd_step(loss_fn, optimizer):
-  """sgd_step(params, opt_state, batch) -> (params, opt_state, loss): forward, backward, update."""
+def make_sgd_step(loss_fn, optimizer, reduce_grads=None):
+  """sgd_step(params, opt_state, batch) -> (params, opt_state, loss): forward, backward, update.
+
+  `reduce_grads` combines the gradients across devices before the update (data parallelism).
+  """
 
   def sgd_step(params, opt_state, batch):
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    if reduce_grads is not None:
+      grads = reduce_grads(grads)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 

@@ -121,3 +121,27 @@ class Sampler:
   def next(self, batch_size):
     index = self.rng.integers(0, len(self.labels), size=batch_size)
     return {"image": self.images[index], "label": self.labels[index]}
+
+
+class ShardedSampler:
+  """Data parallelism: the training set split into P parts, device p sampling only from part p.
+
+  Each part has its own generator, seeded by (seed, p), so a device's batches are the same
+  whichever process drives it: a 2-process run sees exactly the data of a 1-process run.
+  `next` returns this process's batches stacked on a leading axis, one per shard in `shard_ids`.
+  """
+
+  def __init__(self, images, labels, num_shards, shard_ids, seed):
+    self.images, self.labels = images, labels
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(labels)), num_shards)
+    self.parts = [parts[p] for p in shard_ids]
+    self.rngs = [np.random.default_rng([seed, p]) for p in shard_ids]
+
+  def next(self, batch_size):
+    index = np.stack(
+      [
+        part[rng.integers(0, len(part), size=batch_size)]
+        for part, rng in zip(self.parts, self.rngs, strict=True)
+      ]
+    )
+    return {"image": self.images[index], "label": self.labels[index]}

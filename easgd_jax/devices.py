@@ -5,6 +5,7 @@ from per-device placement to a mesh (`shard_map`) later touches this file only.
 """
 
 import jax
+import numpy as np
 from absl import logging
 
 from easgd_jax.config import ConfigError
@@ -50,3 +51,80 @@ def device_of(tree):
   if len(found) != 1:
     raise ValueError(f"expected one device, found {sorted(map(str, found))}")
   return found.pop()
+
+
+# --- Replicated (pmap) placement: one copy of the state per device, stacked on a leading axis.
+
+AXIS = "devices"  # the pmap axis every collective names (lax.pmean(x, devices.AXIS))
+
+
+def initialize_processes(config):
+  """Join a multi-process run (JAX's distributed runtime; gloo collectives on CPU)."""
+  if config.num_processes == 1:
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    config.coordinator_address,
+    num_processes=config.num_processes,
+    process_id=config.process_id,
+    heartbeat_timeout_seconds=config.heartbeat_timeout_s,
+    # A process that fails must not wait minutes at the exit barrier for peers stuck in a
+    # collective with it: give up on the barrier as soon as on a silent peer.
+    shutdown_timeout_seconds=config.heartbeat_timeout_s,
+  )
+
+
+def replica_devices(count):
+  """The first `count` devices of the run (all processes), for a pmap over them."""
+  available = jax.devices()
+  if count > len(available):
+    raise ConfigError(
+      f"--num_devices={count} but only {len(available)} {available[0].platform} devices are "
+      f"visible across {jax.process_count()} process(es); lower --num_devices"
+    )
+  return available[:count]
+
+
+def local_replica_ids(replicas):
+  """Positions, in the replica list, of the devices this process drives."""
+  return [i for i, d in enumerate(replicas) if d.process_index == jax.process_index()]
+
+
+def pmap(fn, replicas, **kwargs):
+  """fn run on every replica device at once; collectives inside name AXIS."""
+  return jax.pmap(fn, axis_name=AXIS, devices=replicas, **kwargs)
+
+
+def _replica_sharding(replicas):
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  return NamedSharding(Mesh(np.array(replicas), (AXIS,)), PartitionSpec(AXIS))
+
+
+def put_replicas(tree_local, replicas):
+  """Leading axis of each leaf = this process's replicas, one slice per local device."""
+  sharding = _replica_sharding(replicas)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree_local)
+
+
+def replicate(tree_host, replicas):
+  """The same host pytree copied to each of this process's replica devices."""
+  local = len(local_replica_ids(replicas))
+  return put_replicas(
+    jax.tree.map(lambda x: np.stack([np.asarray(x)] * local), tree_host), replicas
+  )
+
+
+def first_replica(tree):
+  """The copy on this process's first replica device, as a plain single-device array."""
+  return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
+
+
+def max_in_flight(replicas):
+  """Steps the host may queue ahead of a pmap that runs a collective, or None for no limit.
+
+  On CPU-emulated devices an all-reduce with many steps queued can miss its rendezvous and abort
+  the process ("Termination timeout for all reduce"); waiting on a result every few steps keeps
+  the queue short. Accelerators queue freely.
+  """
+  return 4 if replicas[0].platform == "cpu" else None

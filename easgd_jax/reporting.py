@@ -8,12 +8,14 @@ import json
 import os
 import tempfile
 
+import jax
 import numpy as np
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 PLOT = "accuracy.png"
+PARAMS = "params.npz"  # the trained weights (the center for EASGD), keyed by their tree path
 
 
 def write_json(path, obj):
@@ -28,6 +30,24 @@ def write_json(path, obj):
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def save_params(path, params):
+  """The parameter pytree as an .npz of plain arrays (loadable without pickle), atomically."""
+  flat = {
+    jax.tree_util.keystr(key): np.asarray(leaf)
+    for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+  with os.fdopen(fd, "wb") as f:
+    np.savez(f, **flat)
+  os.replace(tmp, path)
+
+
+def load_params(path):
+  with np.load(path, allow_pickle=False) as archive:
+    return dict(archive)
 
 
 def read_metrics(workdir):

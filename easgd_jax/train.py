@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from easgd_jax import algorithms, core, data, devices, models, reporting
+from easgd_jax.config import SYNC_ALGORITHMS, ConfigError
 
 
 class DivergenceError(RuntimeError):
@@ -34,6 +35,8 @@ def train_and_evaluate(config, workdir=None):
   config = config.validate()
   dataset, _, loss_fn, params_host = setup(config)
   algorithm = algorithms.create(config, loss_fn)
+  sampler = make_sampler(config, dataset, algorithm)
+  workdir = workdir if jax.process_index() == 0 else None  # process 0 alone writes results
   if workdir:
     os.makedirs(workdir, exist_ok=True)
     reporting.write_json(os.path.join(workdir, reporting.CONFIG), config.to_dict())
@@ -49,12 +52,12 @@ def train_and_evaluate(config, workdir=None):
   )
 
   evaluate = core.make_evaluate(loss_fn)
-  eval_device = jax.devices()[0]
+  eval_device = jax.local_devices()[0]  # on process 1+, global device 0 is elsewhere
   test_images = devices.put(dataset.test_images, eval_device)
   test_labels = devices.put(dataset.test_labels, eval_device)
-  sampler = data.Sampler(dataset.train_images, dataset.train_labels, seed=config.seed)
   log = reporting.MetricsLog(workdir)
   samples_per_step = config.batch_size * algorithm.replicas
+  max_in_flight = getattr(algorithm, "max_in_flight", None)
 
   state = algorithm.init(params_host)
   losses, train_seconds, clock = [], 0.0, time.perf_counter()
@@ -62,9 +65,11 @@ def train_and_evaluate(config, workdir=None):
     for step in range(1, config.steps + 1):
       state, loss = algorithm.step(state, sampler.next(config.batch_size))
       losses.append(loss)
+      if max_in_flight and step % max_in_flight == 0:
+        jax.block_until_ready(loss)  # CPU collectives: keep the queue short (devices.max_in_flight)
       if step % config.eval_every and step != config.steps:
         continue
-      train_loss = float(np.mean(jax.device_get(losses)))  # the loop's only wait on the devices
+      train_loss = _local_mean(losses)  # the loop's only wait on the devices
       train_seconds += time.perf_counter() - clock
       losses = []
       test_loss, test_accuracy = evaluate(algorithm.eval_params(state), test_images, test_labels)
@@ -101,6 +106,29 @@ def train_and_evaluate(config, workdir=None):
     reporting.write_json(os.path.join(workdir, reporting.SUMMARY), summary)
     title = f"{config.algorithm} / {config.model} / {config.dataset}"
     reporting.plot_accuracy(log.rows, os.path.join(workdir, reporting.PLOT), title)
+    reporting.save_params(os.path.join(workdir, reporting.PARAMS), algorithm.eval_params(state))
   summary["history"] = log.rows
   summary["state"] = state
   return summary
+
+
+def make_sampler(config, dataset, algorithm):
+  """One sampler over the whole training set, or one per data shard for data parallelism."""
+  images, labels = dataset.train_images, dataset.train_labels
+  if config.algorithm not in SYNC_ALGORITHMS:
+    return data.Sampler(images, labels, seed=config.seed)
+  shard_size = len(labels) // algorithm.replicas
+  if config.batch_size > shard_size:
+    raise ConfigError(
+      f"--batch_size={config.batch_size} is larger than a device's part of the training set "
+      f"({shard_size} = {len(labels)} / {algorithm.replicas} devices); lower --batch_size or "
+      f"--num_devices"
+    )
+  return data.ShardedSampler(images, labels, algorithm.replicas, algorithm.local_ids, config.seed)
+
+
+def _local_mean(losses):
+  """Mean of the losses' parts held by this process (a scalar, or one value per local device)."""
+  return float(
+    np.mean([np.asarray(shard.data) for loss in losses for shard in loss.addressable_shards])
+  )

@@ -9,7 +9,10 @@ noisy neighbour slows both sides of a ratio alike):
       (same model, batch and host sampling; goal <= 1.05);
   (b) easgd iterations/s on 2 devices / on 1 device (goal >= 1.8 where the devices can run
       side by side: the host never waits inside an iteration, so device 1 works while device 0
-      does).
+      does);
+  (c) sync_sgd samples/s on 1, 2 and 4 devices, as ratios to 1 device;
+  (d) time per iteration of sync_easgd (all 4 workers step) and of round-robin easgd (one
+      worker steps) on 4 devices, and their samples/s.
 """
 
 import os
@@ -17,16 +20,16 @@ import statistics
 import sys
 import time
 
-# Two emulated CPU devices; set before jax is imported.
+# Four emulated CPU devices; set before jax touches a device.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_num_cpu_devices", 4)
 
 from easgd_jax import data, train  # noqa: E402
-from easgd_jax.algorithms import SGD, RoundRobinEASGD  # noqa: E402
+from easgd_jax.algorithms import SGD, RoundRobinEASGD, SyncEASGD, SyncSGD  # noqa: E402
 from easgd_jax.config import Config  # noqa: E402
 
 CASES = [
@@ -40,11 +43,30 @@ def seconds_per_iteration(algorithm, params_host, sampler, batch_size, iteration
   state = algorithm.init(params_host)
   state, loss = algorithm.step(state, sampler.next(batch_size))  # compile outside the clock
   jax.block_until_ready(loss)
+  limit = getattr(algorithm, "max_in_flight", None)  # the same bound the training loop keeps
   start = time.perf_counter()
-  for _ in range(iterations):
+  for i in range(1, iterations + 1):
     state, loss = algorithm.step(state, sampler.next(batch_size))
+    if limit and i % limit == 0:
+      jax.block_until_ready(loss)
   jax.block_until_ready((loss, algorithm.eval_params(state)))
   return (time.perf_counter() - start) / iterations
+
+
+def interleaved_medians(contenders, samplers, params_host, batch_size, repeats, target_seconds):
+  """Median seconds per iteration of each contender, the repeats interleaved."""
+  first = next(iter(contenders))
+  probe = seconds_per_iteration(
+    contenders[first], params_host, samplers[first], batch_size, iterations=10
+  )
+  iterations = max(20, int(target_seconds / probe))
+  times = {name: [] for name in contenders}
+  for _ in range(repeats):  # interleaved, so drift on the machine hits every contender alike
+    for name, algorithm in contenders.items():
+      times[name].append(
+        seconds_per_iteration(algorithm, params_host, samplers[name], batch_size, iterations)
+      )
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(config, repeats=7, target_seconds=0.5):
@@ -60,15 +82,27 @@ def measure(config, repeats=7, target_seconds=0.5):
       loss_fn, num_workers=2, learning_rate=0.01, rho=1.0, available_devices=devices[:2]
     ),
   }
-  probe = seconds_per_iteration(contenders["sgd"], params_host, sampler, config.batch_size, 20)
-  iterations = max(20, int(target_seconds / probe))
-  times = {name: [] for name in contenders}
-  for _ in range(repeats):  # interleaved, so drift on the machine hits every contender alike
-    for name, algorithm in contenders.items():
-      times[name].append(
-        seconds_per_iteration(algorithm, params_host, sampler, config.batch_size, iterations)
-      )
-  return {name: statistics.median(t) for name, t in times.items()}
+  samplers = dict.fromkeys(contenders, sampler)
+  return interleaved_medians(
+    contenders, samplers, params_host, config.batch_size, repeats, target_seconds
+  )
+
+
+def measure_sync(config, repeats=5, target_seconds=0.5):
+  """(c) sync_sgd on 1, 2, 4 devices; (d) sync_easgd against round-robin easgd on 4."""
+  dataset, _, loss_fn, params_host = train.setup(config)
+  images, labels = dataset.train_images, dataset.train_labels
+  contenders, samplers = {}, {}
+  for p in (1, 2, 4):
+    contenders[f"sync_sgd_{p}"] = SyncSGD(loss_fn, num_devices=p, learning_rate=0.01)
+    samplers[f"sync_sgd_{p}"] = data.ShardedSampler(images, labels, p, range(p), seed=0)
+  contenders["sync_easgd_4"] = SyncEASGD(loss_fn, num_devices=4, learning_rate=0.01, rho=1.0)
+  samplers["sync_easgd_4"] = samplers["sync_sgd_4"]
+  contenders["easgd_4"] = RoundRobinEASGD(loss_fn, num_workers=4, learning_rate=0.01, rho=1.0)
+  samplers["easgd_4"] = data.Sampler(images, labels, seed=0)
+  return interleaved_medians(
+    contenders, samplers, params_host, config.batch_size, repeats, target_seconds
+  )
 
 
 def main():
@@ -85,6 +119,24 @@ def main():
       f"{config.dataset + '/' + config.model:<26}{config.batch_size:>6}"
       f"{m['sgd'] * 1e3:>11.3f}{m['easgd_1'] * 1e3:>14.3f}{m['easgd_2'] * 1e3:>14.3f}"
       f"{m['easgd_1'] / m['sgd']:>14.3f}{m['easgd_1'] / m['easgd_2']:>20.2f}"
+    )
+  print()
+  header = (
+    f"{'dataset/model':<26}{'batch/dev':>10}{'(c) sync_sgd samples/s: 1dev':>30}"
+    f"{'2dev':>14}{'4dev':>14}{'(d) ms/it sync_easgd4':>23}{'easgd4':>9}"
+    f"{'samples/s sync_easgd4':>23}{'easgd4':>9}"
+  )
+  print(header)
+  print("-" * len(header))
+  for config in CASES[:2]:
+    m = measure_sync(config)
+    b = config.batch_size
+    rate = {p: p * b / m[f"sync_sgd_{p}"] for p in (1, 2, 4)}
+    print(
+      f"{config.dataset + '/' + config.model:<26}{b:>10}{rate[1]:>30.0f}"
+      f"{rate[2]:>7.0f} ({rate[2] / rate[1]:.2f}x){rate[4]:>7.0f} ({rate[4] / rate[1]:.2f}x)"
+      f"{m['sync_easgd_4'] * 1e3:>23.3f}{m['easgd_4'] * 1e3:>9.3f}"
+      f"{4 * b / m['sync_easgd_4']:>23.0f}{b / m['easgd_4']:>9.0f}"
     )
 
 

@@ -54,7 +54,22 @@ def sgd(layers, batches, eta):
   return layers
 
 
-def round_robin_easgd(layers, batches, num_workers, eta, rho, tau):
+def zeros_like(layers):
+  return [(np.zeros_like(w), np.zeros_like(b)) for w, b in layers]
+
+
+def local_step(w, v, grad, eta, delta):
+  """Nesterov momentum with W held at the look-ahead point (Sutskever et al.'s form, shifted):
+
+  v <- delta * v - eta * Delta W,  W <- W + delta * v - eta * Delta W.
+  Zhang et al. write v <- delta v - eta grad f(x + delta v), x <- x + v; with W = x + delta v
+  these are the same iterates. delta = 0 is plain W <- W - eta * Delta W.
+  """
+  v = axpy(-eta, grad, [(delta * vw, delta * vb) for vw, vb in v])
+  return axpy(-eta, grad, axpy(delta, v, w)), v
+
+
+def round_robin_easgd(layers, batches, num_workers, eta, rho, tau, delta=0.0):
   """Algorithm 1: iteration t uses worker j = t mod G; exchange on the worker's steps 0, tau, ...
 
   Eq. (1) W^j <- W^j - eta * (Delta W^j + rho * (W^j - center))
@@ -63,14 +78,36 @@ def round_robin_easgd(layers, batches, num_workers, eta, rho, tau):
   """
   center = layers
   local = [layers] * num_workers
+  velocity = [zeros_like(layers)] * num_workers
   for t, batch in enumerate(batches):
     j = t % num_workers
     grad = mlp_gradient(local[j], batch["image"], batch["label"])
+    new_local, velocity[j] = local_step(local[j], velocity[j], grad, eta, delta)
     if (t // num_workers) % tau == 0:
       difference = axpy(-1.0, center, local[j])  # W^j - center
-      new_local = axpy(-eta, axpy(rho, difference, grad), local[j])
+      new_local = axpy(-eta * rho, difference, new_local)
       center = axpy(eta * rho, difference, center)
-      local[j] = new_local
-    else:
-      local[j] = axpy(-eta, grad, local[j])
+    local[j] = new_local
+  return center, local
+
+
+def sync_easgd(layers, steps, eta, rho, tau, delta=0.0):
+  """Synchronous EASGD: `steps` is a list over iterations of P batches, one per worker.
+
+  On iterations 0, tau, 2 tau, ... every worker applies Eq. (1) and the center applies Eq. (2)
+  with the sum over all P workers; otherwise every worker takes a local step.
+  """
+  workers = len(steps[0])
+  center, local = layers, [layers] * workers
+  velocity = [zeros_like(layers)] * workers
+  for t, batches in enumerate(steps):
+    differences = [axpy(-1.0, center, w) for w in local]
+    for i, batch in enumerate(batches):
+      grad = mlp_gradient(local[i], batch["image"], batch["label"])
+      local[i], velocity[i] = local_step(local[i], velocity[i], grad, eta, delta)
+      if t % tau == 0:
+        local[i] = axpy(-eta * rho, differences[i], local[i])
+    if t % tau == 0:
+      for difference in differences:
+        center = axpy(eta * rho, difference, center)
   return center, local

@@ -1,0 +1,275 @@
+"""Synchronous family: data-parallel SGD, Sync EASGD, EAMSGD momentum, multi-process runs."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from test_easgd import BATCH, IMAGE_SHAPE, NUM_CLASSES, assert_params_close
+from test_run import run_cli
+
+from easgd_jax import core, devices, models, reporting, train
+from easgd_jax.algorithms import SGD, RoundRobinEASGD, SyncEASGD, SyncSGD
+from easgd_jax.config import Config
+
+import reference
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def problem():
+  model = models.create("mlp", NUM_CLASSES, hidden=(7,))
+  params = models.init_params(model, IMAGE_SHAPE, seed=5)
+  return core.make_loss_fn(model), params
+
+
+def make_steps(num_steps, replicas, seed=0):
+  """A fixed list of steps, each a list of one batch per device."""
+  rng = np.random.default_rng(seed)
+  return [
+    [
+      {
+        "image": rng.standard_normal((BATCH, *IMAGE_SHAPE)).astype(np.float32),
+        "label": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
+      }
+      for _ in range(replicas)
+    ]
+    for _ in range(num_steps)
+  ]
+
+
+def replica(tree, index):
+  """The copy held by the index-th device of a replicated (pmap) pytree."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[index].data[0]), tree)
+
+
+def stacked(batches):
+  return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+def concatenated(batches):
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *batches)
+
+
+@pytest.mark.parametrize("replicas", [2, 4, 8])
+def test_sync_sgd_on_p_devices_equals_sgd_on_the_p_times_larger_batch(problem, replicas):
+  loss_fn, params = problem
+  steps = make_steps(5, replicas)
+  sync = SyncSGD(loss_fn, num_devices=replicas, learning_rate=0.2)
+  state = sync.init(params)
+  for batches in steps:
+    state, _ = sync.step(state, stacked(batches))
+  sgd = SGD(loss_fn, learning_rate=0.2)
+  sgd_state = sgd.init(params)
+  for batches in steps:
+    sgd_state, _ = sgd.step(sgd_state, concatenated(batches))
+  for r in range(replicas):  # every replica holds the same weights
+    got = jax.tree.map(
+      lambda x, r=replica: np.asarray(x.addressable_shards[r].data[0]), state.params
+    )
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, sgd_state.params
+    )
+
+
+@pytest.mark.parametrize("tau", [1, 3])
+@pytest.mark.parametrize("delta", [0.0, 0.9])
+def test_sync_easgd_matches_numpy_reference(problem, tau, delta):
+  loss_fn, params = problem
+  eta, rho, replicas = 0.1, 0.6, 4
+  steps = make_steps(7, replicas, seed=1)
+  sync = SyncEASGD(
+    loss_fn, num_devices=replicas, learning_rate=eta, rho=rho, tau=tau, momentum=delta
+  )
+  state = sync.init(params)
+  for batches in steps:
+    state, _ = sync.step(state, stacked(batches))
+  center, local = reference.sync_easgd(reference.to_layers(params), steps, eta, rho, tau, delta)
+  assert_params_close(sync.eval_params(state), center)
+  for i in range(replicas):
+    assert_params_close(
+      jax.tree.map(lambda x, i=i: x.addressable_shards[i].data[0], state.locals), local[i]
+    )
+    # the center copy on every device is the same
+    assert_params_close(
+      jax.tree.map(lambda x, i=i: x.addressable_shards[i].data[0], state.center), center
+    )
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.5])
+def test_round_robin_eamsgd_matches_numpy_nesterov_reference(problem, cpu_devices, delta):
+  loss_fn, params = problem
+  batches = [b[0] for b in make_steps(12, 1, seed=2)]
+  easgd = RoundRobinEASGD(
+    loss_fn,
+    num_workers=3,
+    learning_rate=0.1,
+    rho=0.7,
+    tau=2,
+    momentum=delta,
+    available_devices=cpu_devices,
+  )
+  state, _ = easgd.run(easgd.init(params), batches)
+  center, local = reference.round_robin_easgd(
+    reference.to_layers(params), batches, 3, 0.1, 0.7, 2, delta
+  )
+  assert_params_close(state.center, center)
+  for j in range(3):
+    assert_params_close(state.locals[j], local[j])
+
+
+def test_eamsgd_with_delta_zero_is_easgd_exactly(problem):
+  loss_fn, params = problem
+  steps = make_steps(6, 4, seed=3)
+  finals = []
+  for optimizer in (core.local_optimizer(0.1), core.local_optimizer(0.1, momentum=0.0)):
+    sync = SyncEASGD(loss_fn, num_devices=4, learning_rate=0.1, rho=0.5, tau=2)
+    sync.optimizer = optimizer
+    state = sync.init(params)
+    for batches in steps:
+      state, _ = sync.step(state, stacked(batches))
+    finals.append(jax.device_get(sync.eval_params(state)))
+  jax.tree.map(np.testing.assert_array_equal, *finals)
+
+
+def test_replicated_state_lives_on_every_device(problem, cpu_devices):
+  loss_fn, params = problem
+  sync = SyncEASGD(loss_fn, num_devices=4, learning_rate=0.1, rho=0.5)
+  state = sync.init(params)
+  state, _ = sync.step(state, stacked(make_steps(1, 4)[0]))
+  for tree in (state.center, state.locals):
+    for leaf in jax.tree.leaves(tree):
+      assert [s.device for s in leaf.addressable_shards] == cpu_devices[:4]
+  assert devices.device_of(sync.eval_params(state)) == cpu_devices[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["sync_sgd", "sync_easgd"])
+def test_sync_algorithms_reach_90_percent_on_digits(algorithm):
+  summary = train.train_and_evaluate(Config(algorithm=algorithm, num_devices=4, steps=1000))
+  assert summary["final"]["test_accuracy"] >= 0.90
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(process_id, port, workdir, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.Popen(
+    [
+      sys.executable,
+      os.path.join(REPO, "run.py"),
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={process_id}",
+      f"--workdir={workdir}",
+      *flags,
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["sync_sgd", "sync_easgd"])
+def test_two_processes_end_with_the_weights_of_one(tmp_path, algorithm):
+  flags = [
+    f"--algorithm={algorithm}",
+    "--num_devices=4",
+    "--steps=30",
+    "--eval_every=10",
+    "--tau=2",
+  ]
+  single = run_cli(*flags, f"--workdir={tmp_path / 'one'}")
+  assert single.returncode == 0, single.stderr[-2000:]
+  port = free_port()
+  procs = [launch(i, port, tmp_path / f"two_{i}", *flags) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  assert not (tmp_path / "two_1").exists()  # process 0 alone writes results
+  one = reporting.load_params(tmp_path / "one" / reporting.PARAMS)
+  two = reporting.load_params(tmp_path / "two_0" / reporting.PARAMS)
+  assert one.keys() == two.keys()
+  for key in one:
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_other_with_a_clear_error(tmp_path):
+  port = free_port()
+  flags = ["--algorithm=sync_sgd", "--num_devices=4", "--steps=1000000", "--eval_every=20"]
+  flags.append("--heartbeat_timeout_s=5")
+  procs = [launch(i, port, tmp_path / f"run_{i}", *flags) for i in range(2)]
+  try:
+    deadline = time.time() + 180
+    while not (tmp_path / "run_0" / reporting.METRICS).exists():  # wait until training runs
+      assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    _, err = procs[0].communicate(timeout=120)  # bounded: no hang
+    assert procs[0].returncode != 0
+    assert "another task died" in err or "unhealthy" in err, err[-3000:]
+    assert time.time() - killed_at < 120
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+
+
+@pytest.mark.parametrize(
+  "flags, named",
+  [
+    (["--algorithm=sync_sgd", "--batch_size=1000"], "--batch_size"),
+    (["--algorithm=sync_sgd", "--num_processes=2"], "--coordinator_address"),
+    (
+      [
+        "--algorithm=sync_sgd",
+        "--num_processes=2",
+        "--process_id=2",
+        "--coordinator_address=127.0.0.1:1",
+      ],
+      "--process_id",
+    ),
+    (
+      [
+        "--algorithm=sync_sgd",
+        "--num_processes=3",
+        "--num_devices=4",
+        "--coordinator_address=127.0.0.1:1",
+      ],
+      "--num_devices",
+    ),
+    (
+      ["--algorithm=easgd", "--num_processes=2", "--coordinator_address=127.0.0.1:1"],
+      "--algorithm",
+    ),
+    (["--momentum=1.0"], "--momentum"),
+  ],
+)
+def test_bad_sync_and_multiprocess_input_is_one_line_exit_2(tmp_path, flags, named):
+  result = run_cli(*flags, f"--workdir={tmp_path / 'w'}", timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and named in lines[0], result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_more_devices_than_visible_is_a_clear_error(problem):
+  loss_fn, _ = problem
+  with pytest.raises(Exception, match="--num_devices=64 but only 8"):
+    SyncSGD(loss_fn, num_devices=64, learning_rate=0.1)
