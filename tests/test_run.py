@@ -33,7 +33,7 @@ def test_easgd_default_run_reaches_90_percent_and_writes_its_workdir(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "step 100/2000" in result.stderr  # progress while it trains
   assert sorted(os.listdir(workdir)) == sorted(
-    [reporting.CONFIG, reporting.METRICS, reporting.SUMMARY, reporting.PLOT]
+    [reporting.CONFIG, reporting.METRICS, reporting.SUMMARY, reporting.PLOT, reporting.PARAMS]
   )
   config = json.loads((workdir / reporting.CONFIG).read_text())
   assert config["algorithm"] == "easgd" and config["num_devices"] == 4

@@ -69,11 +69,10 @@ def test_sync_sgd_on_p_devices_equals_sgd_on_the_p_times_larger_batch(problem, r
   for batches in steps:
     sgd_state, _ = sgd.step(sgd_state, concatenated(batches))
   for r in range(replicas):  # every replica holds the same weights
-    got = jax.tree.map(
-      lambda x, r=replica: np.asarray(x.addressable_shards[r].data[0]), state.params
-    )
     jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, sgd_state.params
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      replica(state.params, r),
+      sgd_state.params,
     )
 
 
