@@ -13,7 +13,6 @@ communication. With --momentum the local step is Nesterov momentum (EAMSGD).
 
 from typing import Any, NamedTuple
 
-import jax
 from jax import lax
 
 from easgd_jax import core, devices
@@ -35,17 +34,13 @@ class SyncEASGD:
     self.optimizer = core.local_optimizer(learning_rate, momentum)
     eta = learning_rate
 
+    local_step = core.make_elastic_step(loss_fn, self.optimizer, eta, rho)  # Eq. (1)
+
     def elastic_step(local, opt_state, center, batch):
-      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(local, batch)
-      updates, opt_state = self.optimizer.update(grads, opt_state, local)
       differences = lax.psum(core.elastic_difference(local, center), devices.AXIS)
-      new_center = core.elastic_center_update(center, differences, eta, rho)
-      return (
-        core.elastic_local_update(local, updates, center, eta, rho),
-        opt_state,
-        new_center,
-        loss,
-      )
+      new_center = core.elastic_center_update(center, differences, eta, rho)  # Eq. (2)
+      local, opt_state, loss = local_step(local, opt_state, center, batch)
+      return local, opt_state, new_center, loss
 
     self._elastic_step = devices.pmap(elastic_step, self.devices)
     self._sgd_step = devices.pmap(core.make_sgd_step(loss_fn, self.optimizer), self.devices)
