@@ -5,7 +5,9 @@
       --seed=0 --workdir=runs/easgd
 
 This file is kept short on purpose: the logic lives in the `easgd_jax` library, which notebooks
-and tests import directly. Bad settings exit with code 2 and a one-line message naming the flag.
+and tests import directly. Exit codes: 0 done; 2 bad settings (one line naming the flag, nothing
+written); 1 divergence or failed workers; 143 / 130 stopped by SIGTERM / SIGINT after saving a
+checkpoint (the same command resumes it).
 """
 
 import dataclasses
@@ -62,6 +64,26 @@ flags.DEFINE_integer("process_id", 0, "Multi-process runs: this process's rank."
 flags.DEFINE_integer(
   "heartbeat_timeout_s", DEFAULTS.heartbeat_timeout_s, "A process silent this long ends the run."
 )
+flags.DEFINE_integer(
+  "checkpoint_every",
+  DEFAULTS.checkpoint_every,
+  "Iterations between checkpoints in --workdir (0: only at the end and on SIGTERM/SIGINT).",
+)
+flags.DEFINE_integer("keep_checkpoints", DEFAULTS.keep_checkpoints, "Newest checkpoints kept.")
+flags.DEFINE_integer(
+  "inject_nan", None, "Fault injection: the batch of this iteration is all NaN (tests exit 1)."
+)
+flags.DEFINE_integer(
+  "model_parallel",
+  DEFAULTS.model_parallel,
+  "M: split every layer across M devices (sgd: a 1 x M mesh; sync_sgd: num_devices/M x M).",
+)
+flags.DEFINE_bool(
+  "fail_fast", False, "Async family: stop when a worker fails (default: go on with the rest)."
+)
+flags.DEFINE_string(
+  "inject_failure", None, "Async family: WORKER:STEP makes that worker raise at its own step."
+)
 
 
 def config_from_flags():
@@ -89,9 +111,15 @@ def main(argv):
     summary = train.train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as error:
     fail(str(error))
-  except train.DivergenceError as error:
+  except (train.DivergenceError, train.workers.WorkerFailure) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
+  except train.Preempted as stop:
+    print(f"stopped: {stop}", file=sys.stderr)
+    sys.exit(stop.exit_code)
+  except KeyboardInterrupt:
+    print("interrupted: every worker stopped", file=sys.stderr)
+    sys.exit(130)
   final = summary["final"]
   logging.info(
     "done: test_accuracy %.4f after %d steps (%.1fs)%s",

@@ -7,8 +7,20 @@ Each field's name is the name of its flag, so an error can tell the user which f
 
 import dataclasses
 
-ALGORITHMS = ("sgd", "easgd", "sync_sgd", "sync_easgd")
+ALGORITHMS = (
+  "sgd",
+  "easgd",
+  "sync_sgd",
+  "sync_easgd",
+  "async_sgd",
+  "hogwild",
+  "async_easgd",
+  "hogwild_easgd",
+)
 SYNC_ALGORITHMS = ("sync_sgd", "sync_easgd")  # every device steps at once, through pmap
+EASGD_ALGORITHMS = ("easgd", "sync_easgd", "async_easgd", "hogwild_easgd")
+MODEL_PARALLEL_ALGORITHMS = ("sgd", "sync_sgd")  # --model_parallel > 1 (a data x model mesh)
+ASYNC_ALGORITHMS = ("async_sgd", "hogwild", "async_easgd", "hogwild_easgd")  # worker threads
 DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 MODELS = ("mlp", "lenet", "cifar_cnn")
 
@@ -39,6 +51,12 @@ class Config:
   num_processes: int = 1  # processes taking part; each drives num_devices / num_processes
   process_id: int = 0  # this process's rank, 0 .. num_processes - 1
   heartbeat_timeout_s: int = 60  # a process silent this long is declared dead; the rest stop
+  checkpoint_every: int = 500  # iterations between checkpoints in the workdir (0: only at the end)
+  keep_checkpoints: int = 3  # how many of the newest checkpoints to keep
+  inject_nan: int | None = None  # testing: the batch of this iteration is all NaN
+  model_parallel: int = 1  # M: devices each layer is split across (sgd, sync_sgd)
+  fail_fast: bool = False  # async family: stop the run when a worker fails (default: carry on)
+  inject_failure: str | None = None  # async family: "J:S" makes worker J raise at its step S
 
   def validate(self) -> "Config":
     """Returns self, or raises ConfigError naming the first bad flag."""
@@ -58,6 +76,12 @@ class Config:
     if not 0 <= self.momentum < 1:
       raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
     self._validate_processes()
+    self._validate_async()
+    self._validate_model_parallel()
+    _at_least("checkpoint_every", self.checkpoint_every, 0)
+    _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+    if self.inject_nan is not None:
+      _at_least("inject_nan", self.inject_nan, 1)
     if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
       raise ConfigError(f"--target_accuracy must be in (0, 1] (got {self.target_accuracy})")
     shape = tuple(self.synthetic_shape)
@@ -90,10 +114,61 @@ class Config:
         f"{self.num_processes} (each process drives the same number of devices)"
       )
 
+  def _validate_async(self):
+    if self.algorithm == "hogwild" and self.momentum:
+      raise ConfigError(
+        "--algorithm=hogwild applies plain SGD updates without a lock; use --momentum=0 "
+        "(or async_sgd / async_easgd / hogwild_easgd for momentum)"
+      )
+    if self.inject_failure is None:
+      return
+    if self.algorithm not in ASYNC_ALGORITHMS:
+      raise ConfigError(
+        f"--inject_failure applies to the asynchronous algorithms ({', '.join(ASYNC_ALGORITHMS)})"
+      )
+    worker, step = self.failure_point or (-1, -1)
+    if not (0 <= worker < self.num_devices and step >= 0):
+      raise ConfigError(
+        f"--inject_failure must be WORKER:STEP with 0 <= WORKER < --num_devices={self.num_devices}"
+        f" and STEP >= 0 (got {self.inject_failure})"
+      )
+
+  def _validate_model_parallel(self):
+    _at_least("model_parallel", self.model_parallel, 1)
+    if self.model_parallel == 1:
+      return
+    if self.algorithm not in MODEL_PARALLEL_ALGORITHMS:
+      raise ConfigError(
+        f"--model_parallel={self.model_parallel} supports --algorithm="
+        f"{' or '.join(MODEL_PARALLEL_ALGORITHMS)} (got {self.algorithm}); use --model_parallel=1"
+      )
+    if self.num_processes > 1:
+      raise ConfigError("--model_parallel > 1 runs in one process; use --num_processes=1")
+    if self.algorithm == "sync_sgd" and self.num_devices % self.model_parallel:
+      raise ConfigError(
+        f"--num_devices={self.num_devices} must be a multiple of --model_parallel="
+        f"{self.model_parallel} (the mesh is num_devices / model_parallel data x model_parallel)"
+      )
+
+  @property
+  def mesh_shape(self):
+    """(data, model) devices for model-parallel runs: sgd uses (1, M), sync_sgd (P / M, M)."""
+    data = self.num_devices // self.model_parallel if self.algorithm == "sync_sgd" else 1
+    return data, self.model_parallel
+
+  @property
+  def failure_point(self):
+    """(worker, its own step) of --inject_failure, or None."""
+    try:
+      worker, step = (int(part) for part in str(self.inject_failure).split(":"))
+    except ValueError:
+      return None
+    return worker, step
+
   @property
   def local_devices(self) -> int:
     """Devices this process drives."""
-    return self.num_devices // self.num_processes
+    return max(self.num_devices // self.num_processes, self.model_parallel)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

@@ -30,18 +30,39 @@ def local_optimizer(learning_rate, momentum=0.0):
   return optax.sgd(learning_rate)
 
 
+def make_gradient(loss_fn):
+  """gradient(params, batch) -> (Delta W, loss): forward and backward, no update."""
+
+  def gradient(params, batch):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    return grads, loss
+
+  return gradient
+
+
+def make_apply_gradient(optimizer):
+  """apply_gradient(params, opt_state, grads) -> (params, opt_state): W <- W - eta * Delta W."""
+
+  def apply_gradient(params, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return apply_gradient
+
+
 def make_sgd_step(loss_fn, optimizer, reduce_grads=None):
   """sgd_step(params, opt_state, batch) -> (params, opt_state, loss): forward, backward, update.
 
   `reduce_grads` combines the gradients across devices before the update (data parallelism).
   """
+  gradient, apply_gradient = make_gradient(loss_fn), make_apply_gradient(optimizer)
 
   def sgd_step(params, opt_state, batch):
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    grads, loss = gradient(params, batch)
     if reduce_grads is not None:
       grads = reduce_grads(grads)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params, opt_state = apply_gradient(params, opt_state, grads)
+    return params, opt_state, loss
 
   return sgd_step
 
@@ -71,13 +92,54 @@ def elastic_difference(local, center):
 
 def make_elastic_step(loss_fn, optimizer, eta, rho):
   """One worker's iteration with an elastic exchange: gradient, then Eq. (1) against `center`."""
+  gradient = make_gradient(loss_fn)
 
   def elastic_step(local, opt_state, center, batch):
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(local, batch)
+    grads, loss = gradient(local, batch)
     updates, opt_state = optimizer.update(grads, opt_state, local)
     return elastic_local_update(local, updates, center, eta, rho), opt_state, loss
 
   return elastic_step
+
+
+def make_center_update(eta, rho):
+  """center_update(center, local) -> Eq. (2) for the one worker `local` that exchanges now."""
+
+  def center_update(center, local):
+    return elastic_center_update(center, elastic_difference(local, center), eta, rho)
+
+  return center_update
+
+
+def elastic_stability(eta, rho, num_workers, all_at_once):
+  """None when the elastic coupling is stable, else a one-line warning citing the condition.
+
+  With the gradients left out, Eq. (1)/(2) are a linear map on the gaps W^i - W-bar. Write the
+  moving rate alpha = eta * rho and beta = G * alpha, as Zhang et al. (2015) do (they use
+  beta = 0.9, alpha = beta / G). One worker exchanging at a time (round-robin, asynchronous,
+  Hogwild EASGD) scales its gap by 1 - 2 alpha: stable iff 0 < alpha < 1. All G at once
+  (synchronous EASGD) scales a gap shared by every worker by 1 - alpha - beta and differences
+  between workers by 1 - alpha: stable iff 0 < alpha and alpha + beta < 2.
+  """
+  alpha = eta * rho
+  beta = num_workers * alpha
+  if alpha <= 0:
+    return (
+      f"eta*rho = {alpha:g}: the elastic force is off, the center never moves and the workers "
+      f"train independently; raise --rho above 0 for EASGD"
+    )
+  if all_at_once and alpha + beta >= 2:
+    return (
+      f"alpha + beta = eta*rho*(1+G) = {alpha + beta:g} >= 2 (alpha = eta*rho = {alpha:g}, "
+      f"beta = G*alpha = {beta:g}): synchronous EASGD's elastic exchange is unstable (it needs "
+      f"alpha + beta < 2); lower --rho or --learning_rate"
+    )
+  if not all_at_once and alpha >= 1:
+    return (
+      f"alpha = eta*rho = {alpha:g} >= 1 (beta = G*alpha = {beta:g}): each one-worker exchange "
+      f"overshoots and is unstable (it needs 0 < alpha < 1); lower --rho or --learning_rate"
+    )
+  return None
 
 
 def make_evaluate(loss_fn, batch_size=1000):

@@ -122,6 +122,13 @@ class Sampler:
     index = self.rng.integers(0, len(self.labels), size=batch_size)
     return {"image": self.images[index], "label": self.labels[index]}
 
+  def state(self):
+    """The generator's position, as plain JSON data (for checkpoints)."""
+    return self.rng.bit_generator.state
+
+  def set_state(self, state):
+    self.rng.bit_generator.state = state
+
 
 class ShardedSampler:
   """Data parallelism: the training set split into P parts, device p sampling only from part p.
@@ -145,3 +152,10 @@ class ShardedSampler:
       ]
     )
     return {"image": self.images[index], "label": self.labels[index]}
+
+  def state(self):
+    return [rng.bit_generator.state for rng in self.rngs]
+
+  def set_state(self, state):
+    for rng, position in zip(self.rngs, state, strict=True):
+      rng.bit_generator.state = position

@@ -41,7 +41,7 @@ def worker_devices(num_workers, devices=None):
 
 
 def put(tree, device):
-  """Copy a pytree to `device`. Asynchronous for device arrays: the host does not wait."""
+  """Copy a pytree to `device` (or to a sharding, or a pytree of them). Asynchronous."""
   return jax.device_put(tree, device)
 
 
@@ -51,6 +51,20 @@ def device_of(tree):
   if len(found) != 1:
     raise ValueError(f"expected one device, found {sorted(map(str, found))}")
   return found.pop()
+
+
+def mesh(data, model, axis_names):
+  """The first data * model devices as a (data, model) mesh, for model parallelism."""
+  from jax.sharding import Mesh
+
+  available = jax.devices()
+  if data * model > len(available):
+    raise ConfigError(
+      f"a ({data} data x {model} model) mesh needs {data * model} devices but only "
+      f"{len(available)} {available[0].platform} devices are visible; lower --model_parallel or "
+      f"--num_devices"
+    )
+  return Mesh(np.array(available[: data * model]).reshape(data, model), axis_names)
 
 
 # --- Replicated (pmap) placement: one copy of the state per device, stacked on a leading axis.

@@ -1,5 +1,7 @@
 """What a run leaves in its workdir: config.json, metrics.jsonl, summary.json, accuracy.png.
 
+(Checkpoints, in workdir/checkpoints, are easgd_jax/checkpoints.py's.)
+
 Whole-file outputs are written to a temporary file and renamed, so an interrupted run never
 leaves a half-written file; metrics.jsonl gets one complete line per evaluation, flushed at once.
 """
@@ -56,23 +58,76 @@ def read_metrics(workdir):
 
 
 class MetricsLog:
-  """Appends one JSON object per evaluation to workdir/metrics.jsonl (or just keeps them)."""
+  """Appends one JSON object per evaluation to workdir/metrics.jsonl (or just keeps them).
+
+  `start()` begins a new file; `start(keep_until=step)` continues a resumed run: the rows up to
+  `step` (the checkpoint's) are kept, later ones, written after that checkpoint, are dropped, so
+  the file holds every evaluation exactly once.
+
+  Every row also goes to TensorBoard event files in the workdir (tensorboardX: no TensorFlow
+  needed), one scalar per number; `tensorboard --logdir=WORKDIR` (or a study's runs/) shows them.
+  A resumed run purges the events after its checkpoint's step, as it does with the rows.
+  """
 
   def __init__(self, workdir=None):
-    self.workdir, self.rows = workdir, []
-    if workdir:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(os.path.join(workdir, METRICS), "w")
+    self.workdir, self.rows, self._file, self._events = workdir, [], None, None
+
+  def start(self, keep_until=None):
+    if keep_until is not None:
+      path = os.path.join(self.workdir, METRICS) if self.workdir else None
+      if path and os.path.exists(path):
+        self.rows = [r for r in read_metrics(self.workdir) if r["step"] <= keep_until]
+    if self.workdir:
+      path = os.path.join(self.workdir, METRICS)
+      folder = os.path.dirname(os.path.abspath(path))
+      fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
+      with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps(r, default=_jsonable) + "\n" for r in self.rows)
+      os.replace(tmp, path)
+      self._file = open(path, "a")
+      from tensorboardX import SummaryWriter
+
+      purge = keep_until + 1 if keep_until is not None else None
+      self._events = SummaryWriter(logdir=self.workdir, purge_step=purge, flush_secs=10)
 
   def append(self, row):
     self.rows.append(row)
     if self.workdir:
       self._file.write(json.dumps(row, default=_jsonable) + "\n")
       self._file.flush()
+      for key, value in row.items():
+        if key == "worker_steps":
+          for j, steps in enumerate(value):
+            self._events.add_scalar(f"worker_steps/{j}", steps, global_step=row["step"])
+        elif key != "step" and isinstance(value, int | float):
+          self._events.add_scalar(key, value, global_step=row["step"])
 
   def close(self):
-    if self.workdir:
+    if self._file:
       self._file.close()
+    if self._events:
+      self._events.close()
+
+
+def read_events(workdir):
+  """[(tag, step, value)] from the TensorBoard event files in `workdir`, without TensorFlow."""
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  scalars = []
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset + 12 <= len(data):  # TFRecord: length, crc, payload, crc
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.append((value.tag, event.step, value.simple_value))
+  return scalars
 
 
 def summarize(rows, target_accuracy=None):

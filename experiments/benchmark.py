@@ -1,6 +1,6 @@
 """Benchmark: the cost of Algorithm 1's bookkeeping and how well its devices overlap.
 
-  python experiments/benchmark.py            # about 2 minutes on a 2-core machine
+  python experiments/benchmark.py            # about 8 minutes on a 2-core machine
 
 Prints one table, every ratio measured in this one run (medians over interleaved repeats, so a
 noisy neighbour slows both sides of a ratio alike):
@@ -12,7 +12,11 @@ noisy neighbour slows both sides of a ratio alike):
       does);
   (c) sync_sgd samples/s on 1, 2 and 4 devices, as ratios to 1 device;
   (d) time per iteration of sync_easgd (all 4 workers step) and of round-robin easgd (one
-      worker steps) on 4 devices, and their samples/s.
+      worker steps) on 4 devices, and their samples/s;
+  (e) samples/s of async_sgd, hogwild and async_easgd (worker threads) with 1, 2 and 4 workers,
+      as ratios to 1 worker, and the median staleness of their master updates;
+  (f) model parallelism: SGD step time and parameter bytes per device with every layer split
+      across M in {1, 2, 4} devices, for an MLP with two 4096-wide layers on synthetic 32x32x3.
 """
 
 import os
@@ -28,8 +32,17 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 
-from easgd_jax import data, train  # noqa: E402
-from easgd_jax.algorithms import SGD, RoundRobinEASGD, SyncEASGD, SyncSGD  # noqa: E402
+from easgd_jax import core, data, models, train, workers  # noqa: E402
+from easgd_jax.algorithms import (  # noqa: E402
+  SGD,
+  AsyncEASGD,
+  AsyncSGD,
+  Hogwild,
+  ModelParallelSGD,
+  RoundRobinEASGD,
+  SyncEASGD,
+  SyncSGD,
+)
 from easgd_jax.config import Config  # noqa: E402
 
 CASES = [
@@ -105,6 +118,79 @@ def measure_sync(config, repeats=5, target_seconds=0.5):
   )
 
 
+ASYNC = {
+  "async_sgd": lambda loss_fn, g: AsyncSGD(loss_fn, num_workers=g, learning_rate=0.01),
+  "hogwild": lambda loss_fn, g: Hogwild(loss_fn, num_workers=g, learning_rate=0.01),
+  "async_easgd": lambda loss_fn, g: AsyncEASGD(loss_fn, num_workers=g, learning_rate=0.01, rho=1),
+}
+
+
+def async_run(algorithm, params_host, dataset, batch_size, steps):
+  """(samples/s, staleness median) of one threaded run of `steps` iterations."""
+  samplers = [
+    data.Sampler(dataset.train_images, dataset.train_labels, workers.worker_seed(0, j))
+    for j in range(len(algorithm.devices))
+  ]
+  algorithm.init(params_host)
+  run = workers.Run(
+    algorithm,
+    samplers,
+    steps=steps,
+    eval_every=steps,
+    batch_size=batch_size,
+    fail_fast=True,
+    failure=None,
+  )
+  final = run.run(params_host, lambda snapshot: None)
+  staleness = workers.staleness_summary(run.all_staleness) or {"median": 0.0}
+  return steps * batch_size / final.wall_time_s, staleness["median"]
+
+
+def measure_async(config, steps=600, repeats=3):
+  """(e) every async algorithm with 1, 2, 4 workers, repeats interleaved; medians."""
+  dataset, _, loss_fn, params_host = train.setup(config)
+  contenders = {(name, g): make(loss_fn, g) for name, make in ASYNC.items() for g in (1, 2, 4)}
+  for algorithm in contenders.values():  # compile on every worker's device outside the clock
+    async_run(algorithm, params_host, dataset, config.batch_size, 8 * len(algorithm.devices))
+  rates = {key: [] for key in contenders}
+  staleness = {key: [] for key in contenders}
+  for _ in range(repeats):
+    for key, algorithm in contenders.items():
+      rate, stale = async_run(algorithm, params_host, dataset, config.batch_size, steps)
+      rates[key].append(rate)
+      staleness[key].append(stale)
+  return {
+    key: (statistics.median(rates[key]), statistics.median(staleness[key])) for key in contenders
+  }
+
+
+def measure_model_parallel(batch_size=128, repeats=5, target_seconds=1.0):
+  """(f) ms per step and parameter MiB on one device, for M = 1, 2, 4."""
+  config = Config(dataset="synthetic", synthetic_shape=(32, 32, 3), batch_size=batch_size)
+  dataset = data.load(config)
+  model = models.create("mlp", dataset.num_classes, hidden=(4096, 4096))
+  loss_fn = core.make_loss_fn(model)
+  params_host = models.init_params(model, dataset.image_shape, seed=0)
+  sampler = data.Sampler(dataset.train_images, dataset.train_labels, seed=0)
+  contenders = {
+    m: ModelParallelSGD(loss_fn, data_parallel=1, model_parallel=m, learning_rate=0.01)
+    for m in (1, 2, 4)
+  }
+  seconds = interleaved_medians(
+    contenders, dict.fromkeys(contenders, sampler), params_host, batch_size, repeats, target_seconds
+  )
+  bytes_on_device_0 = {}
+  for m, algorithm in contenders.items():
+    state = algorithm.init(params_host)
+    bytes_on_device_0[m] = sum(
+      shard.data.nbytes
+      for leaf in jax.tree.leaves(state.params)
+      for shard in leaf.addressable_shards
+      if shard.device == algorithm.devices[0]
+    )
+  return seconds, bytes_on_device_0
+
+
 def main():
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
   header = (
@@ -137,6 +223,34 @@ def main():
       f"{rate[2]:>7.0f} ({rate[2] / rate[1]:.2f}x){rate[4]:>7.0f} ({rate[4] / rate[1]:.2f}x)"
       f"{m['sync_easgd_4'] * 1e3:>23.3f}{m['easgd_4'] * 1e3:>9.3f}"
       f"{4 * b / m['sync_easgd_4']:>23.0f}{b / m['easgd_4']:>9.0f}"
+    )
+  print()
+  header = (
+    f"{'(e) dataset/model':<26}{'algorithm':<14}{'samples/s: 1 worker':>20}{'2 workers':>18}"
+    f"{'4 workers':>18}{'staleness median 1/2/4':>25}"
+  )
+  print(header)
+  print("-" * len(header))
+  config = CASES[0]
+  m = measure_async(config)
+  for name in ASYNC:
+    (r1, s1), (r2, s2), (r4, s4) = (m[(name, g)] for g in (1, 2, 4))
+    print(
+      f"{config.dataset + '/' + config.model:<26}{name:<14}{r1:>20.0f}"
+      f"{r2:>9.0f} ({r2 / r1:.2f}x){r4:>9.0f} ({r4 / r1:.2f}x){f'{s1:g} / {s2:g} / {s4:g}':>25}"
+    )
+  print()
+  header = (
+    f"{'(f) model parallel, mlp 4096x4096, batch 128':<46}{'ms/step':>10}{'vs M=1':>9}"
+    f"{'param MiB/device':>18}{'vs M=1':>9}"
+  )
+  print(header)
+  print("-" * len(header))
+  seconds, sizes = measure_model_parallel()
+  for m in (1, 2, 4):
+    print(
+      f"{f'M = {m}':<46}{seconds[m] * 1e3:>10.1f}{seconds[m] / seconds[1]:>9.2f}"
+      f"{sizes[m] / 2**20:>18.1f}{sizes[m] / sizes[1]:>9.2f}"
     )
 
 

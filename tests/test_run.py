@@ -32,9 +32,14 @@ def test_easgd_default_run_reaches_90_percent_and_writes_its_workdir(tmp_path):
   result = run_cli(f"--workdir={workdir}", "--target_accuracy=0.9")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "step 100/2000" in result.stderr  # progress while it trains
-  assert sorted(os.listdir(workdir)) == sorted(
+  files = sorted(os.listdir(workdir))
+  events = [f for f in files if f.startswith("events.out.tfevents.")]
+  assert len(events) == 1  # TensorBoard, beside metrics.jsonl
+  assert sorted(set(files) - set(events)) == sorted(
     [reporting.CONFIG, reporting.METRICS, reporting.SUMMARY, reporting.PLOT, reporting.PARAMS]
+    + ["checkpoints"]
   )
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1000", "1500", "2000"]  # the last 3
   config = json.loads((workdir / reporting.CONFIG).read_text())
   assert config["algorithm"] == "easgd" and config["num_devices"] == 4
   rows = reporting.read_metrics(workdir)
@@ -46,6 +51,10 @@ def test_easgd_default_run_reaches_90_percent_and_writes_its_workdir(tmp_path):
   assert summary["final"]["test_accuracy"] >= 0.90
   assert summary["steps_to_target"] is not None and summary["steps_to_target"] <= 2000
   assert (workdir / reporting.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  accuracy = [
+    (step, value) for tag, step, value in reporting.read_events(workdir) if tag == "test_accuracy"
+  ]
+  assert accuracy == [(r["step"], pytest.approx(r["test_accuracy"])) for r in rows]
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 from test_easgd import BATCH, IMAGE_SHAPE, NUM_CLASSES, assert_params_close
-from test_run import run_cli
 
 from easgd_jax import core, devices, models, reporting, train
 from easgd_jax.algorithms import SGD, RoundRobinEASGD, SyncEASGD, SyncSGD
@@ -19,6 +18,7 @@ from easgd_jax.config import Config
 
 import reference
 from conftest import REPO
+from test_run import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -48,8 +48,7 @@ class RoundRobinEASGD:
     sgd_step = core.make_sgd_step(loss_fn, self.optimizer)
     elastic_step = core.make_elastic_step(loss_fn, self.optimizer, eta, rho)
 
-    def center_update(center, local):
-      return core.elastic_center_update(center, core.elastic_difference(local, center), eta, rho)
+    center_update = core.make_center_update(eta, rho)
 
     def fused_step(local, opt_state, center, batch):
       # Everything on one device: one dispatch instead of two, same arithmetic.

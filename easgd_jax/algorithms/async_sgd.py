@@ -1,0 +1,76 @@
+"""Parameter-server asynchronous SGD: the master applies W <- W - eta * Delta W^i, one at a time.
+
+Every worker loops on its own device, never waiting for the others: read the master's W, compute
+Delta W^i on its own random batch, send it to the master (device 0). The master applies each
+arriving gradient under a lock, so two updates never interleave ("the master uses a lock to avoid
+weight update conflicts, one worker at a time"). A gradient's staleness is the number of master
+updates applied between the read it was computed from and its own application.
+
+`--momentum` keeps a Nesterov trace on the master (optax), updated under the same lock.
+"""
+
+import threading
+import time
+from typing import NamedTuple
+
+import jax
+
+from easgd_jax import core, devices
+
+
+class Update(NamedTuple):
+  """One master update, logged in the order it was applied (for staleness and the tests)."""
+
+  worker: int
+  read_at: int  # master updates done when the worker read W
+  applied_as: int  # this update's number, 1, 2, ...
+  start: float  # perf_counter() entering / leaving the critical section
+  end: float
+
+
+class AsyncSGD:
+  """Master weights on device 0 behind a lock; drive it with `workers.Run` (threads)."""
+
+  def __init__(self, loss_fn, *, num_workers, learning_rate, momentum=0.0, available_devices=None):
+    self.devices = devices.worker_devices(num_workers, available_devices)
+    self.master_device = self.devices[0]
+    self.optimizer = core.local_optimizer(learning_rate, momentum)
+    self._gradient = jax.jit(core.make_gradient(loss_fn))
+    self._apply_gradient = jax.jit(core.make_apply_gradient(self.optimizer))
+    self.lock = threading.Lock()
+
+  def init(self, params_host):
+    self.params = devices.put(params_host, self.master_device)
+    self.opt_state = devices.put(self.optimizer.init(params_host), self.master_device)
+    self.updates, self.log = 0, []
+
+  def init_worker(self, j, params_host):
+    return None  # a worker keeps nothing between iterations: it always starts from the master
+
+  def iterate(self, j, worker_state, batch_host):
+    device = self.devices[j]
+    with self.lock:  # W and its update count, from the same moment
+      params, read_at = self.params, self.updates
+    grads, loss = self._gradient(devices.put(params, device), devices.put(batch_host, device))
+    grads = jax.block_until_ready(devices.put(grads, self.master_device))  # computed and sent
+    with self.lock:
+      start = time.perf_counter()
+      self.params, self.opt_state = self._apply_gradient(self.params, self.opt_state, grads)
+      staleness = self.updates - read_at
+      self.updates += 1
+      self.log.append(Update(j, read_at, self.updates, start, time.perf_counter()))
+    return worker_state, loss, staleness
+
+  def snapshot(self):
+    return self.params  # immutable device arrays: safe to evaluate while updates go on
+
+  def master_state(self):
+    with self.lock:
+      return {"params": self.params, "opt_state": self.opt_state, "updates": self.updates}
+
+  def load_master(self, state):
+    self.params, self.opt_state, self.updates = (
+      state["params"],
+      state["opt_state"],
+      state["updates"],
+    )

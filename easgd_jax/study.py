@@ -1,0 +1,335 @@
+"""Studies: many runs side by side, the comparison tables and plots the EASGD papers make.
+
+A study is a list of `Arm`s (an algorithm with its settings, or one point of a sweep), each run
+for every seed on the same data, model and budget. The budget is counted in *samples*, so an
+algorithm that steps every worker at once (sync_sgd, sync_easgd: P * b samples per iteration) and
+one that steps one worker (b samples) see the same amount of data.
+
+Every run keeps its own workdir (STUDY/runs/ARM/seed_S, ARM the label made a folder name) with
+the usual files; a run whose summary.json exists is finished and skipped, and an unfinished one
+resumes from its checkpoint, so an interrupted study is relaunched with the same command. At
+the end the study writes:
+
+  results.md / results.csv   per arm: final test accuracy (mean ± std over seeds), steps, samples
+                             and seconds to the target accuracy, samples/s, staleness (async)
+  accuracy_vs_samples.png    one curve per arm: mean over seeds, band = min..max
+  accuracy_vs_time.png
+  sweep.png                  for a sweep: final accuracy and samples to target against the
+                             swept value, one line per family
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+
+import numpy as np
+from absl import logging
+
+from easgd_jax import reporting
+from easgd_jax.config import SYNC_ALGORITHMS, Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  label: str  # the row and curve name
+  overrides: dict  # Config fields on top of the study's base config
+  family: str = ""  # sweeps: the line this point belongs to (e.g. "EASGD")
+  swept: float | None = None  # sweeps: the x value of this point
+
+  @property
+  def folder(self):
+    """The label as a folder name: "sgd, model parallel M=4" -> "sgd_model_parallel_M=4"."""
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", self.label).strip("_")
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  name: str
+  arms: tuple
+  base: Config = Config()
+  seeds: tuple = (0, 1, 2)
+  samples: int = 64_000  # the budget: training samples per run
+  eval_samples: int = 3_200  # samples between evaluations
+  target_accuracy: float = 0.95
+  sweep_name: str | None = None  # x-axis label of sweep.png; None: not a sweep
+
+  def config(self, arm, seed):
+    """The run's Config: iterations from the sample budget (P * b samples per sync step)."""
+    config = dataclasses.replace(self.base, seed=seed, **arm.overrides)
+    per_step = config.batch_size * (
+      config.num_devices if config.algorithm in SYNC_ALGORITHMS else 1
+    )
+    steps = max(1, self.samples // per_step)
+    return dataclasses.replace(
+      config,
+      steps=steps,
+      eval_every=max(1, min(steps, self.eval_samples // per_step)),
+      target_accuracy=self.target_accuracy,
+    ).validate()
+
+  def devices_needed(self):
+    return max(max(c.local_devices for c in (self.config(arm, 0) for arm in self.arms)), 1)
+
+
+def run_dir(workdir, arm, seed):
+  return os.path.join(workdir, "runs", arm.folder, f"seed_{seed}")
+
+
+def run(study, workdir):
+  """Run every (arm, seed) not yet finished, then write the tables and plots. Returns the rows."""
+  from easgd_jax import train  # after the caller has set up the devices
+
+  os.makedirs(workdir, exist_ok=True)
+  total = len(study.arms) * len(study.seeds)
+  for index, (arm, seed) in enumerate(
+    ((arm, seed) for arm in study.arms for seed in study.seeds), start=1
+  ):
+    folder = run_dir(workdir, arm, seed)
+    if os.path.exists(os.path.join(folder, reporting.SUMMARY)):
+      logging.info("[%d/%d] %s seed %d: finished earlier, skipped", index, total, arm.label, seed)
+      continue
+    logging.info("[%d/%d] %s seed %d", index, total, arm.label, seed)
+    train.train_and_evaluate(study.config(arm, seed), folder)
+  return report(study, workdir)
+
+
+def load(study, workdir):
+  """{arm label: [(summary, metrics rows) per seed]} from the runs' workdirs."""
+  results = {}
+  for arm in study.arms:
+    runs = []
+    for seed in study.seeds:
+      folder = run_dir(workdir, arm, seed)
+      with open(os.path.join(folder, reporting.SUMMARY)) as f:
+        runs.append((json.load(f), reporting.read_metrics(folder)))
+    results[arm.label] = runs
+  return results
+
+
+def _mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return float(np.mean(values)), float(np.std(values))
+
+
+def rows(study, results):
+  """One row per arm: the table's numbers (means over seeds; None where a seed never got there)."""
+  table = []
+  for arm in study.arms:
+    summaries = [summary for summary, _ in results[arm.label]]
+    accuracy, accuracy_std = _mean_std([s["final"]["test_accuracy"] for s in summaries])
+    reached = [s for s in summaries if s.get("steps_to_target") is not None]
+    staleness = [s["staleness"]["median"] for s in summaries if s.get("staleness")]
+    table.append(
+      {
+        "arm": arm.label,
+        "family": arm.family,
+        "swept": arm.swept,
+        "seeds": len(summaries),
+        "final_accuracy_mean": accuracy,
+        "final_accuracy_std": accuracy_std,
+        "reached_target": f"{len(reached)}/{len(summaries)}",
+        "steps_to_target": _mean_std([s["steps_to_target"] for s in reached])[0],
+        "samples_to_target": _mean_std([s["samples_to_target"] for s in reached])[0],
+        "seconds_to_target": _mean_std([s["seconds_to_target"] for s in reached])[0],
+        "samples_per_s": _mean_std([s["samples_per_s"] for s in summaries])[0],
+        "staleness_median": _mean_std(staleness)[0],
+      }
+    )
+  return table
+
+
+def markdown(study, table):
+  target = f"{study.target_accuracy:.0%}"
+  lines = [
+    f"| run | final test accuracy | reached {target} | steps to {target} | samples to {target} "
+    f"| seconds to {target} | samples/s | staleness (median) |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for row in table:
+    lines.append(
+      f"| {row['arm']} | {row['final_accuracy_mean']:.4f} ± {row['final_accuracy_std']:.4f} "
+      f"| {row['reached_target']} | {_fmt(row['steps_to_target'], '.0f')} "
+      f"| {_fmt(row['samples_to_target'], '.0f')} | {_fmt(row['seconds_to_target'], '.1f')} "
+      f"| {_fmt(row['samples_per_s'], '.0f')} | {_fmt(row['staleness_median'], '.1f')} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def _fmt(value, spec):
+  return "–" if value is None else format(value, spec)
+
+
+def to_csv(table):
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=list(table[0]))
+  writer.writeheader()
+  writer.writerows(table)
+  return out.getvalue()
+
+
+def curves(study, results, x_key):
+  """{arm: (x, mean accuracy, min, max)} over seeds, on the evaluation points all seeds share."""
+  out = {}
+  for arm in study.arms:
+    histories = [rows_ for _, rows_ in results[arm.label]]
+    length = min(len(h) for h in histories)
+    accuracy = np.array([[r["test_accuracy"] for r in h[:length]] for h in histories])
+    x = np.array([[r[x_key] for r in h[:length]] for h in histories]).mean(axis=0)
+    out[arm.label] = (x, accuracy.mean(axis=0), accuracy.min(axis=0), accuracy.max(axis=0))
+  return out
+
+
+def plot_curves(study, results, x_key, xlabel, path):
+  """Test accuracy against `x_key`, one curve (mean, band over seeds) per arm; returns labels."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axis = plt.subplots(figsize=(8, 5))
+  for label, (x, mean, low, high) in curves(study, results, x_key).items():
+    (line,) = axis.plot(x, mean, label=label)
+    axis.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+  axis.axhline(study.target_accuracy, color="grey", linestyle=":", linewidth=1)
+  axis.set_xlabel(xlabel)
+  axis.set_ylabel("test accuracy")
+  axis.set_ylim(max(0.0, axis.get_ylim()[0]), 1.0)
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize=8)
+  axis.set_title(
+    f"{study.name}: {study.base.model} on {study.base.dataset}, {len(study.seeds)} seeds"
+  )
+  labels = [text.get_text() for text in axis.get_legend().get_texts()]
+  _save(fig, path)
+  return labels
+
+
+def plot_sweep(study, table, path):
+  """Final accuracy and samples to target against the swept value, one line per family."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  families = dict.fromkeys(row["family"] for row in table)
+  for family in families:
+    points = sorted((r for r in table if r["family"] == family), key=lambda r: r["swept"])
+    x = [r["swept"] for r in points]
+    left.errorbar(
+      x,
+      [r["final_accuracy_mean"] for r in points],
+      yerr=[r["final_accuracy_std"] for r in points],
+      marker="o",
+      capsize=3,
+      label=family,
+    )
+    right.plot(
+      x,
+      [np.nan if r["samples_to_target"] is None else r["samples_to_target"] for r in points],
+      marker="o",
+      label=family,
+    )
+  left.set_ylabel("final test accuracy (mean ± std)")
+  right.set_ylabel(f"samples to {study.target_accuracy:.0%} (mean)")
+  for axis in (left, right):
+    axis.set_xlabel(study.sweep_name)
+    axis.set_xscale("log", base=2)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+  fig.suptitle(f"{study.name}: {study.base.model} on {study.base.dataset}")
+  _save(fig, path)
+  return list(families)
+
+
+def _save(fig, path):
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  import matplotlib.pyplot as plt
+
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def report(study, workdir):
+  """Write results.md, results.csv and the plots from the finished runs; return the rows."""
+  results = load(study, workdir)
+  table = rows(study, results)
+  _write(os.path.join(workdir, "results.md"), markdown(study, table))
+  _write(os.path.join(workdir, "results.csv"), to_csv(table))
+  plot_curves(study, results, "samples", "training samples", os.path.join(workdir, SAMPLES_PLOT))
+  plot_curves(
+    study,
+    results,
+    "wall_time_s",
+    "wall time (s, evaluation excluded)",
+    os.path.join(workdir, TIME_PLOT),
+  )
+  if study.sweep_name:
+    plot_sweep(study, table, os.path.join(workdir, SWEEP_PLOT))
+  logging.info("%s: results in %s\n%s", study.name, workdir, markdown(study, table))
+  return table
+
+
+SAMPLES_PLOT, TIME_PLOT, SWEEP_PLOT = "accuracy_vs_samples.png", "accuracy_vs_time.png", "sweep.png"
+
+
+def _write(path, text):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def main(make_study):
+  """The absl entry point every experiments/*.py study file calls."""
+  from absl import app, flags
+
+  flags.DEFINE_string("workdir", None, "Folder for the study (each run in runs/ARM/seed_S).")
+  flags.DEFINE_string("dataset", "digits", "digits (offline), mnist, cifar10 or synthetic.")
+  flags.DEFINE_string("data_dir", None, "tensorflow-datasets folder for mnist/cifar10.")
+  flags.DEFINE_string(
+    "model", None, "mlp, lenet or cifar_cnn (default: lenet; cifar_cnn on cifar10)."
+  )
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every arm runs once per seed.")
+  flags.DEFINE_integer("samples", None, "Budget: training samples per run (default: the study's).")
+  flags.DEFINE_float("target_accuracy", None, "Accuracy whose time/samples the table reports.")
+  flags.mark_flag_as_required("workdir")
+  FLAGS = flags.FLAGS
+
+  def _main(argv):
+    import sys
+
+    from easgd_jax.config import ConfigError
+
+    if len(argv) > 1:
+      print(f"error: unexpected arguments {argv[1:]}: every setting is a --flag", file=sys.stderr)
+      sys.exit(2)
+    try:
+      model = FLAGS.model or ("cifar_cnn" if FLAGS.dataset == "cifar10" else "lenet")
+      base = Config(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=model).validate()
+      study = make_study(base)
+      changes = {"seeds": tuple(int(s) for s in FLAGS.seeds)}
+      if FLAGS.samples:
+        changes["samples"] = FLAGS.samples
+      if FLAGS.target_accuracy:
+        changes["target_accuracy"] = FLAGS.target_accuracy
+      study = dataclasses.replace(study, **changes)
+      for arm in study.arms:
+        study.config(arm, 0)  # every run's settings are checked before the first one starts
+      from easgd_jax import devices
+
+      devices.emulate_cpu_devices(study.devices_needed())
+      run(study, FLAGS.workdir)
+    except (ConfigError, ValueError) as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(2)
+
+  flags.FLAGS.set_default("logtostderr", True)
+  app.run(_main)

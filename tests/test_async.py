@@ -1,0 +1,290 @@
+"""The asynchronous family: real threads, checked against their equations by replaying the logs.
+
+Each worker here reads its own fixed list of batches, so once the master's log says in which
+order the updates happened, the whole run can be replayed in NumPy (tests/reference.py).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from easgd_jax import core, models, train, workers
+from easgd_jax.algorithms import SGD, AsyncEASGD, AsyncSGD, RoundRobinEASGD
+from easgd_jax.config import Config, ConfigError
+
+import reference
+from conftest import REPO
+from test_run import run_cli
+
+NUM_CLASSES, IMAGE_SHAPE, BATCH = 3, (4, 4, 1), 6
+
+
+class ListSampler:
+  """Hands out a fixed list of batches in order, like data.Sampler does from its generator."""
+
+  def __init__(self, batches):
+    self.batches, self.taken = batches, 0
+
+  def next(self, batch_size):
+    batch = self.batches[self.taken % len(self.batches)]
+    self.taken += 1
+    return batch
+
+
+@pytest.fixture(scope="module")
+def problem():
+  model = models.create("mlp", NUM_CLASSES, hidden=(7,))
+  params = models.init_params(model, IMAGE_SHAPE, seed=3)
+  rng = np.random.default_rng(1)
+  batches = [
+    [
+      {
+        "image": rng.standard_normal((BATCH, *IMAGE_SHAPE)).astype(np.float32),
+        "label": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
+      }
+      for _ in range(100)
+    ]
+    for _ in range(8)
+  ]  # batches[j] is worker j's stream
+  return core.make_loss_fn(model), params, batches
+
+
+def run_threads(algorithm, params, batches, steps, **kwargs):
+  """Train `algorithm` with len(batches) worker threads for `steps` iterations in total."""
+  algorithm.init(params)
+  run = workers.Run(
+    algorithm,
+    [ListSampler(b) for b in batches],
+    steps=steps,
+    eval_every=kwargs.pop("eval_every", 10**9),
+    batch_size=BATCH,
+    fail_fast=kwargs.pop("fail_fast", False),
+    failure=kwargs.pop("failure", None),
+  )
+  snapshots = []
+  final = run.run(params, snapshots.append)
+  return run, final, snapshots
+
+
+def assert_close(actual, expected_layers, rtol=1e-5, atol=1e-6):
+  jax.tree.map(
+    lambda a, e: np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=atol),
+    actual,
+    reference.from_layers(expected_layers),
+  )
+
+
+def test_async_sgd_with_one_worker_equals_sgd_exactly(problem, cpu_devices):
+  loss_fn, params, batches = problem
+  async_sgd = AsyncSGD(loss_fn, num_workers=1, learning_rate=0.1, available_devices=cpu_devices)
+  run_threads(async_sgd, params, batches[:1], steps=20)
+  sgd = SGD(loss_fn, learning_rate=0.1, device=cpu_devices[0])
+  state = sgd.init(params)
+  for batch in batches[0][:20]:
+    state, _ = sgd.step(state, batch)
+  jax.tree.map(np.testing.assert_array_equal, async_sgd.params, state.params)
+  assert [u.read_at for u in async_sgd.log] == list(range(20))  # one worker: never stale
+
+
+def test_async_sgd_applies_every_gradient_once_one_at_a_time(problem, cpu_devices):
+  loss_fn, params, batches = problem
+  eta, steps = 0.1, 64
+  async_sgd = AsyncSGD(loss_fn, num_workers=8, learning_rate=eta, available_devices=cpu_devices)
+  run, _, _ = run_threads(async_sgd, params, batches, steps=steps)
+  log = async_sgd.log
+  # Exactly `steps` updates, numbered 1..steps in the order applied, and each worker's count of
+  # applied gradients equals the iterations it finished (nothing dropped, nothing twice).
+  assert [u.applied_as for u in log] == list(range(1, steps + 1))
+  assert [sum(u.worker == j for u in log) for j in range(8)] == run.worker_steps
+  assert sum(run.worker_steps) == steps and min(run.worker_steps) >= 1
+  # Never two at once: the critical sections, in time order, do not overlap.
+  for before, after in zip(log, log[1:], strict=False):
+    assert before.end <= after.start
+  # Replay: the k-th update of worker j is its k-th batch's gradient at the W it read.
+  history, taken = [reference.to_layers(params)], [0] * 8
+  for u in log:
+    j = u.worker
+    batch = batches[j][taken[j]]
+    taken[j] += 1
+    grad = reference.mlp_gradient(history[u.read_at], batch["image"], batch["label"])
+    history.append(reference.axpy(-eta, grad, history[-1]))
+  assert_close(async_sgd.params, history[-1])
+  assert max(u.applied_as - 1 - u.read_at for u in log) >= 1  # the workers did run concurrently
+
+
+def test_async_easgd_with_one_worker_equals_round_robin_easgd_exactly(problem, cpu_devices):
+  loss_fn, params, batches = problem
+  kwargs = dict(learning_rate=0.1, rho=0.7, tau=1, available_devices=cpu_devices)
+  async_easgd = AsyncEASGD(loss_fn, num_workers=1, **kwargs)
+  _, final, _ = run_threads(async_easgd, params, batches[:1], steps=20)
+  easgd = RoundRobinEASGD(loss_fn, num_workers=1, **kwargs)
+  state, _ = easgd.run(easgd.init(params), batches[0][:20])
+  jax.tree.map(np.testing.assert_array_equal, async_easgd.center, state.center)
+  jax.tree.map(np.testing.assert_array_equal, final.params, state.center)
+
+
+@pytest.mark.parametrize("tau, momentum", [(1, 0.0), (3, 0.0), (2, 0.9)])
+def test_async_easgd_center_equals_numpy_replay_of_the_exchange_order(
+  problem, cpu_devices, tau, momentum
+):
+  loss_fn, params, batches = problem
+  eta, rho, num_workers, steps = 0.05, 0.5, 6, 60
+  async_easgd = AsyncEASGD(
+    loss_fn,
+    num_workers=num_workers,
+    learning_rate=eta,
+    rho=rho,
+    tau=tau,
+    momentum=momentum,
+    available_devices=cpu_devices,
+  )
+  run, _, _ = run_threads(async_easgd, params, batches[:num_workers], steps=steps)
+  order = [(e.worker, e.worker_step) for e in async_easgd.log]
+  assert len(set(w for w, _ in order)) > 1
+  # Replay: before each logged exchange, the worker takes its local steps since the last one;
+  # the exchange applies Eq. (2) to the center and Eq. (1) with the center read.
+  center = reference.to_layers(params)
+  local = [center] * num_workers
+  velocity = [reference.zeros_like(center)] * num_workers
+  done = [0] * num_workers
+
+  def local_step(j, pull_to=None):
+    batch = batches[j][done[j]]
+    grad = reference.mlp_gradient(local[j], batch["image"], batch["label"])
+    new, velocity[j] = reference.local_step(local[j], velocity[j], grad, eta, momentum)
+    if pull_to is not None:
+      new = reference.axpy(-eta * rho, reference.axpy(-1.0, pull_to, local[j]), new)
+    local[j] = new
+    done[j] += 1
+
+  for j, worker_step in order:
+    while done[j] < worker_step:
+      local_step(j)
+    assert worker_step % tau == 0
+    read = center
+    center = reference.axpy(eta * rho, reference.axpy(-1.0, read, local[j]), center)  # Eq. (2)
+    local_step(j, pull_to=read)  # Eq. (1)
+  assert_close(async_easgd.center, center, rtol=1e-4)
+  assert sum(run.worker_steps) == steps
+
+
+def test_hogwild_workers_write_concurrently_and_still_learn_digits(cpu_devices):
+  summary = train.train_and_evaluate(
+    Config(algorithm="hogwild", num_devices=2, steps=1500, eval_every=500)
+  )
+  log = summary["state"].log
+  by_start = sorted(log, key=lambda w: w.start)
+  overlapping = [
+    (a.worker, b.worker)
+    for i, a in enumerate(by_start)
+    for b in by_start[i + 1 : i + 8]
+    if b.start < a.end and a.worker != b.worker
+  ]
+  assert overlapping, "no two workers' in-place writes overlapped in time"
+  assert summary["final"]["test_accuracy"] >= 0.85
+  assert len(log) == 1500
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["async_sgd", "async_easgd", "hogwild_easgd"])
+def test_four_workers_reach_90_percent_on_digits(cpu_devices, algorithm):
+  summary = train.train_and_evaluate(
+    Config(algorithm=algorithm, num_devices=4, steps=1500, eval_every=500)
+  )
+  assert summary["final"]["test_accuracy"] >= 0.90
+  assert sum(summary["worker_steps"]) == 1500 and min(summary["worker_steps"]) > 0
+  assert summary["staleness"]["median"] >= 0 and summary["history"][-1]["staleness_max"] >= 1
+
+
+def test_evaluation_snapshots_come_while_training(problem, cpu_devices):
+  loss_fn, params, batches = problem
+  async_sgd = AsyncSGD(loss_fn, num_workers=4, learning_rate=0.1, available_devices=cpu_devices)
+  _, final, snapshots = run_threads(async_sgd, params, batches[:4], steps=40, eval_every=10)
+  assert [s.step for s in snapshots] == [10, 20, 30] and final.step == 40
+  assert [len(s.losses) for s in snapshots] == [10, 10, 10] and len(final.losses) == 10
+  assert sum(final.worker_steps) == 40
+
+
+def test_a_failed_worker_is_reported_and_the_others_finish(problem, cpu_devices):
+  loss_fn, params, batches = problem
+  async_sgd = AsyncSGD(loss_fn, num_workers=3, learning_rate=0.1, available_devices=cpu_devices)
+  # Worker 1 fails on its first iteration, which it takes as soon as its thread starts (300
+  # iterations are far more than the others can finish before then).
+  run, final, _ = run_threads(async_sgd, params, batches[:3], steps=300, failure=(1, 0))
+  assert [(f.worker, f.step) for f in run.failures] == [(1, 0)]
+  assert "InjectedFailure" in run.failures[0].error
+  assert final.worker_steps[1] == 0 and sum(final.worker_steps) == 300
+  assert len(async_sgd.log) == 300
+
+
+def test_fail_fast_and_no_workers_left_stop_with_a_clear_error(problem, cpu_devices):
+  loss_fn, params, batches = problem
+  async_sgd = AsyncSGD(loss_fn, num_workers=2, learning_rate=0.1, available_devices=cpu_devices)
+  with pytest.raises(workers.WorkerFailure, match="worker 0 failed at its step 1.*--fail_fast"):
+    run_threads(async_sgd, params, batches[:2], steps=300, failure=(0, 1), fail_fast=True)
+  single = AsyncSGD(loss_fn, num_workers=1, learning_rate=0.1, available_devices=cpu_devices)
+  with pytest.raises(workers.WorkerFailure, match="all 1 workers failed after 3 of 30"):
+    run_threads(single, params, batches[:1], steps=30, failure=(0, 3))
+
+
+def test_injected_failure_from_the_command_line_is_named_in_the_summary(tmp_path):
+  workdir = tmp_path / "run"
+  result = run_cli(
+    "--algorithm=async_easgd",
+    "--num_devices=3",
+    "--steps=300",
+    "--inject_failure=2:5",
+    f"--workdir={workdir}",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert [f["worker"] for f in summary["failed_workers"]] == [2]
+  assert summary["worker_steps"][2] == 5 and sum(summary["worker_steps"]) == 300
+  assert "worker 2 failed at its step 5" in result.stderr
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [100, 200, 300] and "staleness_median" in rows[0]
+
+
+def test_fail_fast_from_the_command_line_exits_1(tmp_path):
+  result = run_cli("--algorithm=async_sgd", "--steps=300", "--inject_failure=1:3", "--fail_fast")
+  assert result.returncode == 1
+  assert "error: worker 1 failed at its step 3" in result.stderr
+
+
+def test_ctrl_c_stops_every_worker(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  process = subprocess.Popen(
+    [sys.executable, os.path.join(REPO, "run.py"), "--algorithm=hogwild_easgd", "--steps=10000000"],
+    env=env,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  for line in process.stderr:  # wait until training is under way
+    if "step 100/" in line:
+      break
+  process.send_signal(signal.SIGINT)
+  start = time.monotonic()
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 130, stderr[-2000:]
+  assert "interrupted: every worker stopped" in stderr
+  assert time.monotonic() - start < 30
+
+
+def test_async_flags_are_checked():
+  with pytest.raises(ConfigError, match="--momentum=0"):
+    Config(algorithm="hogwild", momentum=0.9).validate()
+  with pytest.raises(ConfigError, match="--inject_failure must be WORKER:STEP"):
+    Config(algorithm="async_sgd", num_devices=2, inject_failure="2:1").validate()
+  with pytest.raises(ConfigError, match="--inject_failure must be WORKER:STEP"):
+    Config(algorithm="async_sgd", inject_failure="x").validate()
+  with pytest.raises(ConfigError, match="asynchronous algorithms"):
+    Config(algorithm="easgd", inject_failure="0:1").validate()
+  assert Config(algorithm="hogwild_easgd", inject_failure="1:0").failure_point == (1, 0)

@@ -1,0 +1,131 @@
+"""The study runner on a tiny budget: every arm runs, the tables and plots hold one entry per arm,
+and an interrupted study picks up where it stopped."""
+
+import csv
+import dataclasses
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from easgd_jax import reporting, study
+from easgd_jax.config import ALGORITHMS, Config
+from easgd_jax.config import SYNC_ALGORITHMS as SYNC
+
+from conftest import REPO
+
+
+def experiment(name):
+  path = os.path.join(REPO, "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tiny(make_study, **changes):
+  base = Config(dataset="digits", model="mlp")
+  return dataclasses.replace(make_study(base), samples=320, eval_samples=160, **changes)
+
+
+@pytest.mark.slow
+def test_compare_algorithms_runs_every_algorithm_and_reports_each(tmp_path, cpu_devices):
+  compare = tiny(experiment("compare_algorithms").make_study, seeds=(0, 1))
+  assert {arm.overrides["algorithm"] for arm in compare.arms} == set(ALGORITHMS)
+  table = study.run(compare, str(tmp_path))
+  labels = [arm.label for arm in compare.arms]
+  assert [row["arm"] for row in table] == labels
+  markdown = (tmp_path / "results.md").read_text().splitlines()
+  assert len(markdown) == 2 + len(labels) and all(
+    f"| {label} |" in "".join(markdown) for label in labels
+  )
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["arm"] for r in rows] == labels and all(r["seeds"] == "2" for r in rows)
+  for row in table:
+    assert 0 <= row["final_accuracy_mean"] <= 1 and row["samples_per_s"] > 0
+    is_async = row["arm"] in ("async_sgd", "hogwild", "async_easgd", "hogwild_easgd")
+    assert (row["staleness_median"] is not None) == is_async
+  for plot in (study.SAMPLES_PLOT, study.TIME_PLOT):
+    assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+  results = study.load(compare, str(tmp_path))
+  assert study.plot_curves(compare, results, "samples", "", str(tmp_path / "x.png")) == labels
+  # Every run kept its own workdir, with TensorBoard events beside metrics.jsonl.
+  run = study.run_dir(str(tmp_path), compare.arms[0], 1)
+  assert {"metrics.jsonl", "summary.json", "config.json"} <= set(os.listdir(run))
+  assert any(tag == "test_accuracy" for tag, _, _ in reporting.read_events(run))
+
+
+def test_same_sample_budget_for_every_algorithm():
+  compare = experiment("compare_algorithms").make_study(Config())
+  for arm in compare.arms:
+    config = compare.config(arm, 0)
+    per_step = config.batch_size * (config.num_devices if config.algorithm in SYNC else 1)
+    assert config.steps * per_step == compare.samples and config.target_accuracy == 0.95
+
+
+@pytest.mark.slow
+def test_a_sweep_plots_one_line_per_family(tmp_path, cpu_devices):
+  sweep = tiny(experiment("sweep_rho").make_study, seeds=(0,))
+  table = study.run(sweep, str(tmp_path))
+  assert sorted({row["swept"] for row in table}) == [0.25, 1.0, 4.0, 16.0]
+  assert study.plot_sweep(sweep, table, str(tmp_path / "s.png")) == ["easgd", "sync_easgd"]
+  assert (tmp_path / study.SWEEP_PLOT).exists()
+  for name in ("sweep_tau", "sweep_workers"):  # the other sweeps are well formed
+    other = experiment(name).make_study(Config())
+    assert other.sweep_name and all(other.config(arm, 0) for arm in other.arms)
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  command = [
+    sys.executable,
+    os.path.join(REPO, "experiments", "compare_algorithms.py"),
+    f"--workdir={tmp_path}",
+    "--samples=320",
+    "--seeds=0",
+    "--model=mlp",
+  ]
+  process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+  summaries = lambda: sorted(tmp_path.glob("runs/*/seed_0/summary.json"))  # noqa: E731
+  deadline = time.monotonic() + 300
+  while len(summaries()) < 2:
+    assert process.poll() is None and time.monotonic() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  finished = {path: path.stat().st_mtime_ns for path in summaries()}
+  assert 2 <= len(finished) < 10
+  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stderr.count("finished earlier, skipped") == len(finished)
+  assert {path: path.stat().st_mtime_ns for path in finished} == finished  # not redone
+  assert len(summaries()) == 10
+  assert len((tmp_path / "results.md").read_text().splitlines()) == 12
+
+
+def test_bad_study_flags_exit_2(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, "experiments", "sweep_tau.py"),
+      f"--workdir={tmp_path}/s",
+      "--model=resnet",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+    "error: --model=resnet is unknown; choose one of: mlp, lenet, cifar_cnn"
+  ]
+  assert not (tmp_path / "s").exists()
