@@ -1,7 +1,8 @@
 """Number of workers G in {1, 2, 4, 8}: round-robin, synchronous and asynchronous EASGD.
 
   python experiments/sweep_workers.py --workdir=runs/sweep_workers
-      # digits/lenet, 2 seeds: 24 runs, about 7 minutes on 2 CPU cores
+      # digits/lenet, 2 seeds: 24 runs, ~5 minutes on 2 CPU cores
+      # (estimated at compare_algorithms's measured ~13 s a run)
 
 Same sample budget for every G, so the plots show what extra workers buy per sample; on
 emulated CPU devices the seconds measure overhead, not speed-up (see BENCHMARKS.md).
