@@ -11,7 +11,8 @@ resumes from its checkpoint, so an interrupted study is relaunched with the same
 the end the study writes:
 
   results.md / results.csv   per arm: final test accuracy (mean ± std over seeds), steps, samples
-                             and seconds to the target accuracy, samples/s, staleness (async)
+                             and seconds to the target accuracy, samples/s, staleness (async);
+                             a run that diverges is noted (diverged.json) and counted, not averaged
   accuracy_vs_samples.png    one curve per arm: mean over seeds, band = min..max
   accuracy_vs_time.png
   sweep.png                  for a sweep: final accuracy and samples to target against the
@@ -88,21 +89,31 @@ def run(study, workdir):
     ((arm, seed) for arm in study.arms for seed in study.seeds), start=1
   ):
     folder = run_dir(workdir, arm, seed)
-    if os.path.exists(os.path.join(folder, reporting.SUMMARY)):
+    if any(os.path.exists(os.path.join(folder, name)) for name in (reporting.SUMMARY, DIVERGED)):
       logging.info("[%d/%d] %s seed %d: finished earlier, skipped", index, total, arm.label, seed)
       continue
     logging.info("[%d/%d] %s seed %d", index, total, arm.label, seed)
-    train.train_and_evaluate(study.config(arm, seed), folder)
+    try:
+      train.train_and_evaluate(study.config(arm, seed), folder)
+    except train.DivergenceError as error:  # a result too (e.g. an unstable rho): note it, go on
+      logging.warning("%s seed %d diverged: %s", arm.label, seed, error)
+      _write(os.path.join(folder, DIVERGED), json.dumps({"error": str(error)}) + "\n")
   return report(study, workdir)
 
 
+DIVERGED = "diverged.json"  # in a run's folder: it stopped on a NaN/inf (the message inside)
+
+
 def load(study, workdir):
-  """{arm label: [(summary, metrics rows) per seed]} from the runs' workdirs."""
+  """{arm label: [(summary, metrics rows), or None if it diverged, per seed]} from the runs."""
   results = {}
   for arm in study.arms:
     runs = []
     for seed in study.seeds:
       folder = run_dir(workdir, arm, seed)
+      if os.path.exists(os.path.join(folder, DIVERGED)):
+        runs.append(None)  # counted in the table's "diverged" column, left out of the means
+        continue
       with open(os.path.join(folder, reporting.SUMMARY)) as f:
         runs.append((json.load(f), reporting.read_metrics(folder)))
     results[arm.label] = runs
@@ -120,7 +131,8 @@ def rows(study, results):
   """One row per arm: the table's numbers (means over seeds; None where a seed never got there)."""
   table = []
   for arm in study.arms:
-    summaries = [summary for summary, _ in results[arm.label]]
+    summaries = [run[0] for run in results[arm.label] if run is not None]
+    diverged = len(results[arm.label]) - len(summaries)
     accuracy, accuracy_std = _mean_std([s["final"]["test_accuracy"] for s in summaries])
     reached = [s for s in summaries if s.get("steps_to_target") is not None]
     staleness = [s["staleness"]["median"] for s in summaries if s.get("staleness")]
@@ -129,10 +141,11 @@ def rows(study, results):
         "arm": arm.label,
         "family": arm.family,
         "swept": arm.swept,
-        "seeds": len(summaries),
+        "seeds": len(results[arm.label]),
+        "diverged": diverged,
         "final_accuracy_mean": accuracy,
         "final_accuracy_std": accuracy_std,
-        "reached_target": f"{len(reached)}/{len(summaries)}",
+        "reached_target": f"{len(reached)}/{len(results[arm.label])}",
         "steps_to_target": _mean_std([s["steps_to_target"] for s in reached])[0],
         "samples_to_target": _mean_std([s["samples_to_target"] for s in reached])[0],
         "seconds_to_target": _mean_std([s["seconds_to_target"] for s in reached])[0],
@@ -151,8 +164,14 @@ def markdown(study, table):
     "| --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for row in table:
+    diverged = f"{row['diverged']}/{row['seeds']} diverged"
+    if row["final_accuracy_mean"] is None:
+      accuracy = diverged
+    else:
+      accuracy = f"{row['final_accuracy_mean']:.4f} ± {row['final_accuracy_std']:.4f}"
+      accuracy += f" ({diverged})" if row["diverged"] else ""
     lines.append(
-      f"| {row['arm']} | {row['final_accuracy_mean']:.4f} ± {row['final_accuracy_std']:.4f} "
+      f"| {row['arm']} | {accuracy} "
       f"| {row['reached_target']} | {_fmt(row['steps_to_target'], '.0f')} "
       f"| {_fmt(row['samples_to_target'], '.0f')} | {_fmt(row['seconds_to_target'], '.1f')} "
       f"| {_fmt(row['samples_per_s'], '.0f')} | {_fmt(row['staleness_median'], '.1f')} |"
@@ -176,7 +195,9 @@ def curves(study, results, x_key):
   """{arm: (x, mean accuracy, min, max)} over seeds, on the evaluation points all seeds share."""
   out = {}
   for arm in study.arms:
-    histories = [rows_ for _, rows_ in results[arm.label]]
+    histories = [run[1] for run in results[arm.label] if run is not None]
+    if not histories:
+      continue  # every seed diverged: no curve (the table says so)
     length = min(len(h) for h in histories)
     accuracy = np.array([[r["test_accuracy"] for r in h[:length]] for h in histories])
     x = np.array([[r[x_key] for r in h[:length]] for h in histories]).mean(axis=0)
@@ -223,8 +244,8 @@ def plot_sweep(study, table, path):
     x = [r["swept"] for r in points]
     left.errorbar(
       x,
-      [r["final_accuracy_mean"] for r in points],
-      yerr=[r["final_accuracy_std"] for r in points],
+      [np.nan if r["final_accuracy_mean"] is None else r["final_accuracy_mean"] for r in points],
+      yerr=[0.0 if r["final_accuracy_std"] is None else r["final_accuracy_std"] for r in points],
       marker="o",
       capsize=3,
       label=family,

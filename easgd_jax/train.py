@@ -263,8 +263,8 @@ def _check_losses(pending, algorithm, config, checkpointer):
   for step, values in pending:
     bad = ~np.isfinite(values)
     if bad.any():
-      if len(values) > 1:
-        who = f"worker {int(np.argmax(bad))} (device)"
+      if len(values) > 1:  # one loss per replica: replica i is worker i
+        who = f"worker {int(np.argmax(bad))}"
       elif hasattr(algorithm, "worker"):
         who = f"worker {algorithm.worker(step - 1)[0]}"
       else:

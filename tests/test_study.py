@@ -129,3 +129,26 @@ def test_bad_study_flags_exit_2(tmp_path):
     "error: --model=resnet is unknown; choose one of: mlp, lenet, cifar_cnn"
   ]
   assert not (tmp_path / "s").exists()
+
+
+def test_a_diverging_run_is_reported_and_the_study_goes_on(tmp_path, cpu_devices):
+  arms = (
+    study.Arm("sgd", {"algorithm": "sgd"}),
+    study.Arm("poisoned", {"algorithm": "sgd", "inject_nan": 3}),  # NaN batch at step 3
+  )
+  small = study.Study(
+    name="diverging",
+    arms=arms,
+    base=Config(model="mlp"),
+    seeds=(0,),
+    samples=320,
+    eval_samples=160,
+  )
+  table = study.run(small, str(tmp_path))
+  assert [(row["arm"], row["diverged"]) for row in table] == [("sgd", 0), ("poisoned", 1)]
+  assert table[1]["final_accuracy_mean"] is None
+  assert "| poisoned | 1/1 diverged |" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "runs" / "poisoned" / "seed_0" / study.DIVERGED).exists()
+  results = study.load(small, str(tmp_path))
+  assert study.plot_curves(small, results, "samples", "", str(tmp_path / "c.png")) == ["sgd"]
+  assert [row["arm"] for row in study.run(small, str(tmp_path))] == ["sgd", "poisoned"]  # skipped
