@@ -240,7 +240,15 @@ def plot_sweep(study, table, path):
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
   families = dict.fromkeys(row["family"] for row in table)
   for family in families:
-    points = sorted((r for r in table if r["family"] == family), key=lambda r: r["swept"])
+    points = [r for r in table if r["family"] == family]
+    if all(r["swept"] is None for r in points):  # not swept (e.g. async SGD has no tau): a line
+      accuracy, samples = points[0]["final_accuracy_mean"], points[0]["samples_to_target"]
+      if accuracy is not None:
+        left.axhline(accuracy, linestyle="--", color="grey", label=family)
+      if samples is not None:
+        right.axhline(samples, linestyle="--", color="grey", label=family)
+      continue
+    points = sorted(points, key=lambda r: r["swept"])
     x = [r["swept"] for r in points]
     left.errorbar(
       x,
@@ -318,7 +326,7 @@ def main(make_study):
   flags.DEFINE_string(
     "model", None, "mlp, lenet or cifar_cnn (default: lenet; cifar_cnn on cifar10)."
   )
-  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every arm runs once per seed.")
+  flags.DEFINE_list("seeds", None, "Seeds, e.g. 0,1,2 (default: the study's); one run each.")
   flags.DEFINE_integer("samples", None, "Budget: training samples per run (default: the study's).")
   flags.DEFINE_float("target_accuracy", None, "Accuracy whose time/samples the table reports.")
   flags.mark_flag_as_required("workdir")
@@ -336,7 +344,11 @@ def main(make_study):
       model = FLAGS.model or ("cifar_cnn" if FLAGS.dataset == "cifar10" else "lenet")
       base = Config(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=model).validate()
       study = make_study(base)
-      changes = {"seeds": tuple(int(s) for s in FLAGS.seeds)}
+      changes = {}
+      if FLAGS.seeds:
+        if not all(s.strip().isdigit() for s in FLAGS.seeds):
+          raise ConfigError(f"--seeds must be integers like 0,1,2 (got {','.join(FLAGS.seeds)})")
+        changes["seeds"] = tuple(int(s) for s in FLAGS.seeds)
       if FLAGS.samples:
         changes["samples"] = FLAGS.samples
       if FLAGS.target_accuracy:
@@ -348,7 +360,7 @@ def main(make_study):
 
       devices.emulate_cpu_devices(study.devices_needed())
       run(study, FLAGS.workdir)
-    except (ConfigError, ValueError) as error:
+    except ConfigError as error:
       print(f"error: {error}", file=sys.stderr)
       sys.exit(2)
 

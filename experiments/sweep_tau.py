@@ -2,7 +2,7 @@
 
   python experiments/sweep_tau.py --workdir=runs/sweep_tau
       # digits/lenet, G = 4, tau in {1, 4, 16, 64}, 2 seeds: 18 runs, ~4 minutes on 2 cores
-      # (estimated at compare_algorithms's measured ~13 s a run)
+      # (at the ~11-13 s a digits run measured for sweep_rho and compare_algorithms)
 
 EASGD and EAMSGD (momentum 0.9) exchange with the center on every tau-th step of a worker.
 async_sgd pushes every gradient (it has no tau; DOWNPOUR's accumulated pushes are not

@@ -2,7 +2,7 @@
 
   python experiments/sweep_workers.py --workdir=runs/sweep_workers
       # digits/lenet, 2 seeds: 24 runs, ~5 minutes on 2 CPU cores
-      # (estimated at compare_algorithms's measured ~13 s a run)
+      # (at the ~11-13 s a digits run measured for sweep_rho and compare_algorithms)
 
 Same sample budget for every G, so the plots show what extra workers buy per sample; on
 emulated CPU devices the seconds measure overhead, not speed-up (see BENCHMARKS.md).

@@ -75,6 +75,13 @@ def test_a_sweep_plots_one_line_per_family(tmp_path, cpu_devices):
   assert sorted({row["swept"] for row in table}) == [0.25, 1.0, 4.0, 16.0]
   assert study.plot_sweep(sweep, table, str(tmp_path / "s.png")) == ["easgd", "sync_easgd"]
   assert (tmp_path / study.SWEEP_PLOT).exists()
+  tau = tiny(experiment("sweep_tau").make_study, seeds=(0,))
+  tau_table = study.run(tau, str(tmp_path / "tau"))
+  assert study.plot_sweep(tau, tau_table, str(tmp_path / "t.png")) == [
+    "Async EASGD",
+    "Async EAMSGD",
+    "async SGD",  # not swept: drawn as a reference line
+  ]
   for name in ("sweep_tau", "sweep_workers"):  # the other sweeps are well formed
     other = experiment(name).make_study(Config())
     assert other.sweep_name and all(other.config(arm, 0) for arm in other.arms)
