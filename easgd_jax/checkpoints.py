@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from easgd_jax import devices
 from easgd_jax.config import ConfigError
 
 
@@ -53,7 +54,7 @@ def like(template, host_leaves):
   placed = []
   for leaf, host in zip(leaves, host_leaves, strict=True):
     if isinstance(leaf, jax.Array):
-      placed.append(jax.device_put(np.asarray(host, dtype=leaf.dtype), leaf.sharding))
+      placed.append(devices.put(np.asarray(host, dtype=leaf.dtype), leaf.sharding))
     elif isinstance(leaf, np.ndarray):
       placed.append(np.array(host, dtype=leaf.dtype))
     else:

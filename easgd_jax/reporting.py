@@ -6,6 +6,7 @@ Whole-file outputs are written to a temporary file and renamed, so an interrupte
 leaves a half-written file; metrics.jsonl gets one complete line per evaluation, flushed at once.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -20,18 +21,39 @@ PLOT = "accuracy.png"
 PARAMS = "params.npz"  # the trained weights (the center for EASGD), keyed by their tree path
 
 
-def write_json(path, obj):
-  """Write `obj` as JSON to `path` atomically (temp file in the same folder, then rename)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+@contextlib.contextmanager
+def _atomic(path, suffix):
+  """A temporary path beside `path`, renamed onto it when the block succeeds, removed if not."""
+  fd, tmp = tempfile.mkstemp(
+    dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=suffix
+  )
+  os.close(fd)
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, default=_jsonable)
-      f.write("\n")
+    yield tmp
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def write_text(path, text):
+  """Write `text` to `path` atomically (temp file in the same folder, then rename)."""
+  with _atomic(path, ".txt") as tmp, open(tmp, "w") as f:
+    f.write(text)
+
+
+def write_json(path, obj):
+  write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def save_figure(fig, path):
+  """A matplotlib figure as PNG, atomically; the figure is closed."""
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  with _atomic(path, ".png") as tmp:
+    fig.savefig(tmp, dpi=100)
+  plt.close(fig)
 
 
 def save_params(path, params):
@@ -40,11 +62,8 @@ def save_params(path, params):
     jax.tree_util.keystr(key): np.asarray(leaf)
     for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
   }
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-  with os.fdopen(fd, "wb") as f:
+  with _atomic(path, ".npz") as tmp, open(tmp, "wb") as f:
     np.savez(f, **flat)
-  os.replace(tmp, path)
 
 
 def load_params(path):
@@ -79,11 +98,7 @@ class MetricsLog:
         self.rows = [r for r in read_metrics(self.workdir) if r["step"] <= keep_until]
     if self.workdir:
       path = os.path.join(self.workdir, METRICS)
-      folder = os.path.dirname(os.path.abspath(path))
-      fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
-      with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(r, default=_jsonable) + "\n" for r in self.rows)
-      os.replace(tmp, path)
+      write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in self.rows))
       self._file = open(path, "a")
       from tensorboardX import SummaryWriter
 
@@ -167,13 +182,7 @@ def plot_accuracy(rows, path, title=""):
   for axis in (by_time, by_step):
     axis.grid(alpha=0.3)
   fig.suptitle(title)
-  fig.tight_layout()
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-  os.close(fd)
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
+  save_figure(fig, path)
 
 
 def _jsonable(value):

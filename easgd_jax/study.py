@@ -97,7 +97,7 @@ def run(study, workdir):
       train.train_and_evaluate(study.config(arm, seed), folder)
     except train.DivergenceError as error:  # a result too (e.g. an unstable rho): note it, go on
       logging.warning("%s seed %d diverged: %s", arm.label, seed, error)
-      _write(os.path.join(folder, DIVERGED), json.dumps({"error": str(error)}) + "\n")
+      reporting.write_text(os.path.join(folder, DIVERGED), json.dumps({"error": str(error)}) + "\n")
   return report(study, workdir)
 
 
@@ -226,7 +226,7 @@ def plot_curves(study, results, x_key, xlabel, path):
     f"{study.name}: {study.base.model} on {study.base.dataset}, {len(study.seeds)} seeds"
   )
   labels = [text.get_text() for text in axis.get_legend().get_texts()]
-  _save(fig, path)
+  reporting.save_figure(fig, path)
   return labels
 
 
@@ -272,26 +272,16 @@ def plot_sweep(study, table, path):
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
   fig.suptitle(f"{study.name}: {study.base.model} on {study.base.dataset}")
-  _save(fig, path)
+  reporting.save_figure(fig, path)
   return list(families)
-
-
-def _save(fig, path):
-  fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  import matplotlib.pyplot as plt
-
-  plt.close(fig)
-  os.replace(tmp, path)
 
 
 def report(study, workdir):
   """Write results.md, results.csv and the plots from the finished runs; return the rows."""
   results = load(study, workdir)
   table = rows(study, results)
-  _write(os.path.join(workdir, "results.md"), markdown(study, table))
-  _write(os.path.join(workdir, "results.csv"), to_csv(table))
+  reporting.write_text(os.path.join(workdir, "results.md"), markdown(study, table))
+  reporting.write_text(os.path.join(workdir, "results.csv"), to_csv(table))
   plot_curves(study, results, "samples", "training samples", os.path.join(workdir, SAMPLES_PLOT))
   plot_curves(
     study,
@@ -307,13 +297,6 @@ def report(study, workdir):
 
 
 SAMPLES_PLOT, TIME_PLOT, SWEEP_PLOT = "accuracy_vs_samples.png", "accuracy_vs_time.png", "sweep.png"
-
-
-def _write(path, text):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def main(make_study):
