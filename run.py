@@ -5,9 +5,10 @@
       --seed=0 --workdir=runs/easgd
 
 This file is kept short on purpose: the logic lives in the `easgd_jax` library, which notebooks
-and tests import directly. Exit codes: 0 done; 2 bad settings (one line naming the flag, nothing
-written); 1 divergence or failed workers; 143 / 130 stopped by SIGTERM / SIGINT after saving a
-checkpoint (the same command resumes it).
+and tests import directly. Exit codes: 0 done (also "complete at step N" for a finished run);
+2 bad settings or a workdir in use (one line saying what to change, nothing written); 1
+divergence or failed workers; 3 reserved for a lost parameter-server process; 143 / 130 stopped
+by SIGTERM / SIGINT after saving a checkpoint (the same command resumes it).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import sys
 from absl import app, flags, logging
 
 from easgd_jax import config as config_lib
+from easgd_jax import workdir
 
 DEFAULTS = config_lib.Config()
 FLAGS = flags.FLAGS
@@ -62,7 +64,9 @@ flags.DEFINE_string(
 flags.DEFINE_integer("num_processes", 1, "Multi-process runs: processes taking part.")
 flags.DEFINE_integer("process_id", 0, "Multi-process runs: this process's rank.")
 flags.DEFINE_integer(
-  "heartbeat_timeout_s", DEFAULTS.heartbeat_timeout_s, "A process silent this long ends the run."
+  "heartbeat_timeout_s",
+  DEFAULTS.heartbeat_timeout_s,
+  "A process silent this long, or missing this long at start-up, ends the run.",
 )
 flags.DEFINE_integer(
   "checkpoint_every",
@@ -100,9 +104,13 @@ def config_from_flags():
 
 def main(argv):
   if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}: every setting is a --flag (see --help)")
+    config_lib.exit_bad_input(
+      f"unexpected arguments {argv[1:]}: every setting is a --flag (see --help)"
+    )
   try:
     config = config_from_flags()
+    if FLAGS.workdir and config.process_id == 0:  # process 0 alone writes the workdir
+      workdir.check_workdir(FLAGS.workdir)
     # Emulated CPU devices must be requested before jax touches a device.
     from easgd_jax import devices, train
 
@@ -110,16 +118,18 @@ def main(argv):
     devices.initialize_processes(config)
     summary = train.train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as error:
-    fail(str(error))
-  except (train.DivergenceError, train.workers.WorkerFailure) as error:
+    config_lib.exit_bad_input(error)
+  except KeyboardInterrupt:  # before the clauses below: `train` may not be imported yet
+    print("interrupted: every worker stopped", file=sys.stderr)
+    sys.exit(130)
+  except (train.DivergenceError, train.WorkerFailure) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
   except train.Preempted as stop:
     print(f"stopped: {stop}", file=sys.stderr)
     sys.exit(stop.exit_code)
-  except KeyboardInterrupt:
-    print("interrupted: every worker stopped", file=sys.stderr)
-    sys.exit(130)
+  if summary.get("complete"):  # a finished run, relaunched: train.py said so, nothing was written
+    return
   final = summary["final"]
   logging.info(
     "done: test_accuracy %.4f after %d steps (%.1fs)%s",
@@ -130,11 +140,6 @@ def main(argv):
   )
 
 
-def fail(message):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 if __name__ == "__main__":
   flags.FLAGS.set_default("logtostderr", True)
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

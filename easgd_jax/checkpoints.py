@@ -11,9 +11,19 @@ Orbax writes each checkpoint into a temporary folder and renames it when complet
 killed mid-save leaves the previous checkpoints as they were. Arrays are stored by tensorstore and
 the record as JSON: nothing is ever unpickled. A SHA-256 of every array is stored with it, so a
 checkpoint whose bytes changed on disk is caught even where the format would still parse.
+
+Multi-process runs (`sync_sgd`, `sync_easgd` over JAX's distributed runtime) give every process
+the same workdir, on storage they all share. Every process calls `save` and `restore_latest` at
+the same points with global arrays (sharded across the processes): Orbax writes each process's
+shards and process 0 finalizes the checkpoint. The JSON record is written by process 0 alone, so
+what differs between processes travels as arrays that Orbax saves like the weights: the sampler
+generators as one row per replica (`encode_generators`), and each process's SHA-256 of its own
+shards as one row per process (a 1-process checkpoint keeps whole-array digests in its record).
+A checkpoint any process cannot read or verify is set aside by all of them together.
 """
 
 import hashlib
+import json
 import logging as std_logging
 import os
 import shutil
@@ -22,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from easgd_jax import devices
 from easgd_jax.config import ConfigError
@@ -38,7 +49,24 @@ std_logging.getLogger("absl").addFilter(_QuietOrbax())
 
 FOLDER = "checkpoints"
 SET_ASIDE = "unreadable_checkpoints"  # corrupted checkpoints are moved here, not deleted
-MEANING = ("algorithm", "dataset", "model", "num_devices", "model_parallel", "synthetic_shape")
+# Config fields a resumed run may change: none of them changes the math of the steps already
+# taken. Every other field, including any added later, must equal the workdir's config.json.
+RESUMABLE = frozenset(
+  {
+    "steps",  # may only rise (a lower one on a finished run is "complete")
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "target_accuracy",
+    "heartbeat_timeout_s",
+    "fail_fast",
+    "data_dir",  # where the same dataset is read from
+    "inject_nan",  # fault injection for one launch
+    "inject_failure",
+    "coordinator_address",  # a relaunched cluster may get another port
+    "process_id",  # every process of a multi-process run reads the same config.json
+  }
+)
 
 
 def to_host(tree):
@@ -53,7 +81,9 @@ def like(template, host_leaves):
     raise ValueError(f"checkpoint holds {len(host_leaves)} arrays, the state has {len(leaves)}")
   placed = []
   for leaf, host in zip(leaves, host_leaves, strict=True):
-    if isinstance(leaf, jax.Array):
+    if isinstance(host, jax.Array):  # multi-process: Orbax restored it with the leaf's sharding
+      placed.append(host)
+    elif isinstance(leaf, jax.Array):
       placed.append(devices.put(np.asarray(host, dtype=leaf.dtype), leaf.sharding))
     elif isinstance(leaf, np.ndarray):
       placed.append(np.array(host, dtype=leaf.dtype))
@@ -66,12 +96,105 @@ def _digest(array):
   return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def _record_digest(record):
+  """SHA-256 of the record's canonical JSON, itself left out: catches an edited or torn record."""
+  content = {k: v for k, v in record.items() if k != "record_sha256"}
+  return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def local_rows(array):
+  """This process's rows of an array sharded on its leading axis, in row order, on the host."""
+  if not isinstance(array, jax.Array):
+    return np.asarray(array)
+  if array.ndim == 0:
+    return np.asarray(array.addressable_data(0))
+  shards = sorted(array.addressable_shards, key=lambda s: [i.start or 0 for i in s.index])
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _local_digest(array):
+  """32 bytes of SHA-256 over this process's part of `array` (a host array: all of it)."""
+  return hashlib.sha256(np.ascontiguousarray(local_rows(array)).tobytes()).digest()
+
+
+_WORDS = 4  # uint32 words of a 128-bit PCG64 integer
+
+
+def encode_generators(states):
+  """numpy PCG64 generator states as rows of uint32 words: state, inc, has_uint32, uinteger.
+
+  A multi-process checkpoint carries each process's sampler generators as rows of an array (the
+  JSON record is process 0's alone); `decode_generators` turns the rows back, bit for bit.
+  """
+  rows = []
+  for state in states:
+    if state["bit_generator"] != "PCG64":
+      raise ValueError(f"only PCG64 generators can be encoded, not {state['bit_generator']}")
+    numbers = [state["state"]["state"], state["state"]["inc"]]
+    words = [(n >> (32 * k)) & 0xFFFFFFFF for n in numbers for k in range(_WORDS)]
+    rows.append([*words, state["has_uint32"], state["uinteger"]])
+  return np.array(rows, dtype=np.uint32).reshape(len(rows), 2 * _WORDS + 2)
+
+
+def decode_generators(rows):
+  """The generator states `encode_generators` turned into `rows`, as numpy's state dicts."""
+
+  def number(words):
+    return sum(int(w) << (32 * k) for k, w in enumerate(words))
+
+  return [
+    {
+      "bit_generator": "PCG64",
+      "state": {"state": number(row[:_WORDS]), "inc": number(row[_WORDS : 2 * _WORDS])},
+      "has_uint32": int(row[-2]),
+      "uinteger": int(row[-1]),
+    }
+    for row in np.asarray(rows)
+  ]
+
+
+def _all_processes(flag):
+  """Per process, its `flag` (a bool): a collective, every process calls it at the same point."""
+  return [bool(f) for f in multihost_utils.process_allgather(np.array(flag)).reshape(-1)]
+
+
+def check_shared_workdir(workdir):
+  """ConfigError on every process unless all processes of the run got the same workdir.
+
+  A collective (multi-process runs only): each process's checkpoint shards must land in the
+  folder process 0 finalizes, so the processes must share it.
+  """
+  if jax.process_count() == 1:
+    return
+  path = os.path.abspath(workdir) if workdir else ""
+  mine = np.frombuffer(hashlib.sha256(path.encode()).digest(), np.uint32)
+  everyone = multihost_utils.process_allgather(mine)
+  if not (everyone == everyone[0]).all():
+    raise ConfigError(
+      f"--workdir={workdir or '(unset)'} differs between the processes: every process of a "
+      f"multi-process run needs the same --workdir, on storage all of them share"
+    )
+
+
+def saved_steps(workdir):
+  """Steps of the checkpoints in `workdir`, read from the folder names (nothing is opened)."""
+  folder = os.path.join(workdir, FOLDER)
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
 class Checkpointer:
-  """Saves and restores (arrays, record) pairs under workdir/checkpoints, newest last."""
+  """Saves and restores (arrays, record) pairs under workdir/checkpoints, newest last.
+
+  In a multi-process run every process builds one on the same workdir and calls `save` and
+  `restore_latest` at the same points (see the module docstring).
+  """
 
   def __init__(self, workdir, keep):
     self.workdir = workdir
     self.directory = os.path.abspath(os.path.join(workdir, FOLDER))
+    self.shared = jax.process_count() > 1  # every process writes its own shards
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=False
     )
@@ -81,10 +204,22 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step, arrays, record):
-    """Write checkpoint `step`: `arrays` a list of host arrays, `record` JSON-able."""
-    arrays = [np.asarray(a) for a in arrays]
-    record = dict(record, step=step, sha256=[_digest(a) for a in arrays])
+    """Write checkpoint `step`: `arrays` a list of arrays, `record` JSON-able.
+
+    One process: host arrays. Several: global jax.Arrays sharded across the processes, or host
+    arrays every process holds alike (process 0 writes those, and the record).
+    """
+    if self.shared:
+      arrays = [a if isinstance(a, jax.Array) else np.asarray(a) for a in arrays]
+      record = dict(record, step=step)
+    else:
+      arrays = [np.asarray(a) for a in arrays]
+      record = dict(record, step=step, sha256=[_digest(a) for a in arrays])
+    record = json.loads(json.dumps(record))  # what JsonSave writes, so the digest matches it
+    record["record_sha256"] = _record_digest(record)
     tree = {f"array_{i:05d}": a for i, a in enumerate(arrays)}
+    if self.shared:
+      tree["sha256"] = self._process_digests(arrays)
     self.manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(tree), record=ocp.args.JsonSave(record)),
@@ -92,56 +227,121 @@ class Checkpointer:
     )
     self.manager.wait_until_finished()
 
+  def _process_digests(self, arrays):
+    """A (processes, arrays, 8) uint32 array: row p holds process p's SHA-256 of its shards."""
+    rows = np.frombuffer(b"".join(_local_digest(a) for a in arrays), np.uint32)
+    first_devices = {}
+    for device in jax.devices():
+      first_devices.setdefault(device.process_index, device)
+    heads = [first_devices[p] for p in sorted(first_devices)]  # one device per process
+    return devices.put_replicas(rows.reshape(1, len(arrays), 8), heads)
+
   def restore_latest(self, template_arrays):
     """(arrays, record) of the newest readable checkpoint, or None when there is none.
 
     An unreadable checkpoint (truncated, corrupted, or not matching `template_arrays`) is
-    reported, moved to workdir/unreadable_checkpoints, and the one before it is tried.
+    reported, moved to workdir/unreadable_checkpoints, and the one before it is tried. With
+    several processes a checkpoint is used only if every process read and verified its part.
     """
-    template = {f"array_{i:05d}": np.asarray(a) for i, a in enumerate(template_arrays)}
     for step in sorted(self.steps(), reverse=True):
       try:
-        restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(template), record=ocp.args.JsonRestore()
-          ),
-        )
-        arrays = [np.asarray(restored.state[key]) for key in sorted(template)]
-        record = restored.record
-        if record.get("sha256") != [_digest(a) for a in arrays] or record.get("step") != step:
-          raise ValueError("its arrays do not match the checksums saved with them")
-      except Exception as error:  # any failure to read means: not usable, try the previous one
-        aside = os.path.join(self.workdir, SET_ASIDE, str(step))
-        logging.warning(
-          "checkpoint %d in %s is unreadable (%s: %s); moved to %s, trying the previous one",
-          step,
-          self.directory,
-          type(error).__name__,
-          str(error).splitlines()[0][:200] if str(error) else "",
-          aside,
-        )
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        shutil.rmtree(aside, ignore_errors=True)
-        shutil.move(os.path.join(self.directory, str(step)), aside)
-        self.manager.reload()
-        continue
-      return arrays, record
+        arrays, record = self._read(step, template_arrays)
+        error = None
+      except Exception as caught:  # any failure to read means: not usable, try the previous one
+        arrays, record, error = None, None, caught
+      failed = _all_processes(error is not None) if self.shared else [error is not None]
+      if not any(failed):
+        return arrays, record
+      self._set_aside(step, error, [p for p, bad in enumerate(failed) if bad])
     return None
+
+  def _read(self, step, template_arrays):
+    """The arrays and record of checkpoint `step`, verified; raises when they can't be used.
+
+    Orbax's item handlers are called directly, not CheckpointManager.restore: the manager ends a
+    restore with a barrier, which a process that failed to read would never reach.
+    """
+    template = {f"array_{i:05d}": _template(a) for i, a in enumerate(template_arrays)}
+    if self.shared:
+      template["sha256"] = self._process_digests(template_arrays)
+    folder = self.manager.directory / str(step)
+    restored = ocp.StandardCheckpointHandler().restore(
+      folder / "state", args=ocp.args.StandardRestore(template)
+    )
+    record = ocp.JsonCheckpointHandler().restore(folder / "record")
+    arrays = [restored[f"array_{i:05d}"] for i in range(len(template_arrays))]
+    if self.shared:
+      saved = local_rows(restored["sha256"]).tobytes()
+      if saved != b"".join(_local_digest(a) for a in arrays):
+        raise ValueError("its arrays do not match the checksums saved with them")
+    else:
+      arrays = [np.asarray(a) for a in arrays]
+      if record.get("sha256") != [_digest(a) for a in arrays]:
+        raise ValueError("its arrays do not match the checksums saved with them")
+    if record.get("step") != step:
+      raise ValueError(f"its record is for step {record.get('step')}")
+    if record.get("record_sha256") != _record_digest(record):
+      raise ValueError("its record (samplers, workers, counters) does not match its checksum")
+    return arrays, record
+
+  def _set_aside(self, step, error, failed):
+    """Report checkpoint `step` and move it to workdir/unreadable_checkpoints (process 0 moves)."""
+    aside = os.path.join(self.workdir, SET_ASIDE, str(step))
+    if error is not None:
+      reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    else:
+      reason = f"process(es) {', '.join(map(str, failed))} could not read or verify their part"
+    logging.warning(
+      "checkpoint %d in %s is unreadable (%s); moved to %s, trying the previous one",
+      step,
+      self.directory,
+      reason,
+      aside,
+    )
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.rmtree(aside, ignore_errors=True)
+      shutil.move(os.path.join(self.directory, str(step)), aside)
+    if self.shared:  # nobody lists the folder before process 0 has moved it
+      multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    self.manager.reload()
+
+
+def _template(array):
+  """What Orbax restores into: global arrays keep their sharding, the rest become host arrays."""
+  return (
+    array if isinstance(array, jax.Array) and not array.is_fully_addressable else np.asarray(array)
+  )
 
 
 def check_same_experiment(saved, config):
-  """ConfigError when the workdir's run differs from `config` in a flag that changes its meaning."""
-  for flag in MEANING:
-    old, new = saved.get(flag), config.to_dict()[flag]
-    if isinstance(new, tuple):
-      old = tuple(old) if old is not None else None
-    if old != new:
-      raise ConfigError(
-        f"the workdir holds a run with --{flag}={_flag_value(old)}, not {_flag_value(new)}: "
-        f"use another --workdir, or the same --{flag} to resume it"
-      )
+  """ConfigError naming the first field of `config` that a resume of `saved` cannot honour.
+
+  The rule covers every field of the Config: all must equal the workdir's config.json except
+  those in RESUMABLE; `steps` may rise. A field missing from an older config.json is compared
+  with its default, the value that run used.
+  """
+  defaults = type(config)().to_dict()
+  new_values = config.to_dict()
+  for field, new in new_values.items():
+    old = saved.get(field, defaults[field])
+    if isinstance(new, tuple) and isinstance(old, list):
+      old = tuple(old)
+    if field == "steps" or field in RESUMABLE or old == new:
+      continue
+    raise ConfigError(
+      f"the workdir holds a run with --{field}={_flag_value(old)}, not {_flag_value(new)}: "
+      f"use another --workdir, or the same --{field} to resume it"
+    )
+  unknown = sorted(set(saved) - set(new_values))
+  if unknown:
+    raise ConfigError(
+      f"the workdir's config.json has fields this version does not know ({', '.join(unknown)}): "
+      f"it was written by another version; use another --workdir"
+    )
 
 
 def _flag_value(value):
-  return ",".join(map(str, value)) if isinstance(value, tuple) else value
+  if isinstance(value, tuple | list):
+    return ",".join(map(str, value))
+  return "(unset)" if value is None else value

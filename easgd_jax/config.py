@@ -6,6 +6,8 @@ Each field's name is the name of its flag, so an error can tell the user which f
 """
 
 import dataclasses
+import math
+import sys
 
 ALGORITHMS = (
   "sgd",
@@ -23,10 +25,41 @@ MODEL_PARALLEL_ALGORITHMS = ("sgd", "sync_sgd")  # --model_parallel > 1 (a data 
 ASYNC_ALGORITHMS = ("async_sgd", "hogwild", "async_easgd", "hogwild_easgd")  # worker threads
 DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 MODELS = ("mlp", "lenet", "cifar_cnn")
+# Upper bounds, so a typo fails here with a message instead of hanging or crashing later: the
+# CPU backend creates 4096 emulated devices in a second, 16384 in 25 s, 100000 in many minutes.
+MAX_DEVICES = 4096
+MAX_SEED = 2**32 - 1  # jax.random.key keeps only 32 bits with x64 off: 2**32 would equal seed 0
+MAX_TIMEOUT_S = 24 * 3600
 
 
 class ConfigError(ValueError):
   """A setting the run cannot use; the message is one line naming the flag to change."""
+
+
+# Exit codes of every entry point (run.py, experiments/*.py): 0 complete, 1 the run failed
+# (divergence, failed workers), BAD_INPUT (nothing written), 128 + signal when stopped by
+# SIGINT (130) or SIGTERM (143).
+BAD_INPUT = 2
+
+
+def exit_bad_input(message):
+  """Exit with BAD_INPUT after one line on stderr, `error: MESSAGE`."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(BAD_INPUT)
+
+
+def parse_flags(argv):
+  """The entry points' `app.run(main, flags_parser=parse_flags)`: absl's errors exit BAD_INPUT.
+
+  absl's own parser answers a flag it rejects (--steps=abc, an unknown or a missing required
+  flag) with two lines and exit 1; this makes it one `error:` line and exit 2 like any bad input.
+  """
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    exit_bad_input(error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,16 +96,17 @@ class Config:
     _one_of("algorithm", self.algorithm, ALGORITHMS)
     _one_of("dataset", self.dataset, DATASETS)
     _one_of("model", self.model, MODELS)
-    _at_least("num_devices", self.num_devices, 1)
-    _at_least("batch_size", self.batch_size, 1)
+    _in_range("num_devices", self.num_devices, 1, MAX_DEVICES)
+    _at_least("batch_size", self.batch_size, 1)  # data.load checks it against the training set
     _at_least("tau", self.tau, 1)
     _at_least("steps", self.steps, 1)
     _at_least("eval_every", self.eval_every, 1)
     _at_least("synthetic_train_size", self.synthetic_train_size, 2)
-    if not self.learning_rate > 0:
-      raise ConfigError(f"--learning_rate must be > 0 (got {self.learning_rate})")
-    if not self.rho >= 0:
-      raise ConfigError(f"--rho must be >= 0 (got {self.rho})")
+    _in_range("seed", self.seed, 0, MAX_SEED)
+    if not (_is_number(self.learning_rate) and self.learning_rate > 0):
+      raise ConfigError(f"--learning_rate must be a finite number > 0 (got {self.learning_rate})")
+    if not (_is_number(self.rho) and self.rho >= 0):
+      raise ConfigError(f"--rho must be a finite number >= 0 (got {self.rho})")
     if not 0 <= self.momentum < 1:
       raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
     self._validate_processes()
@@ -92,8 +126,8 @@ class Config:
     return self
 
   def _validate_processes(self):
-    _at_least("num_processes", self.num_processes, 1)
-    _at_least("heartbeat_timeout_s", self.heartbeat_timeout_s, 1)
+    _in_range("num_processes", self.num_processes, 1, MAX_DEVICES)
+    _in_range("heartbeat_timeout_s", self.heartbeat_timeout_s, 1, MAX_TIMEOUT_S)
     if not isinstance(self.process_id, int) or not 0 <= self.process_id < self.num_processes:
       raise ConfigError(
         f"--process_id must be in 0..{self.num_processes - 1} for --num_processes="
@@ -103,6 +137,12 @@ class Config:
       return
     if not self.coordinator_address:
       raise ConfigError("--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0")
+    host, _, port = self.coordinator_address.rpartition(":")
+    if not (host and port.isdigit() and 1 <= int(port) <= 65535):
+      raise ConfigError(
+        f"--coordinator_address must be HOST:PORT with PORT in 1..65535, e.g. 127.0.0.1:12345 "
+        f"(got {self.coordinator_address})"
+      )
     if self.algorithm not in SYNC_ALGORITHMS:
       raise ConfigError(
         f"--algorithm={self.algorithm} runs in one process; multi-process runs support "
@@ -134,7 +174,7 @@ class Config:
       )
 
   def _validate_model_parallel(self):
-    _at_least("model_parallel", self.model_parallel, 1)
+    _in_range("model_parallel", self.model_parallel, 1, MAX_DEVICES)
     if self.model_parallel == 1:
       return
     if self.algorithm not in MODEL_PARALLEL_ALGORITHMS:
@@ -182,3 +222,16 @@ def _one_of(flag, value, choices):
 def _at_least(flag, value, minimum):
   if not isinstance(value, int) or value < minimum:
     raise ConfigError(f"--{flag} must be an integer >= {minimum} (got {value})")
+
+
+def _in_range(flag, value, minimum, maximum):
+  if not isinstance(value, int) or not minimum <= value <= maximum:
+    raise ConfigError(f"--{flag} must be an integer in {minimum}..{maximum} (got {value})")
+
+
+def _is_number(value):
+  """A finite real number (not inf, not NaN, not a bool or a string)."""
+  try:
+    return not isinstance(value, bool) and math.isfinite(value)
+  except TypeError:
+    return False

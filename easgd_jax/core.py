@@ -7,9 +7,14 @@ Symbols follow the seed: eta (learning rate), rho (elastic coefficient), W^i (`l
 W-bar (`center`), Delta W (`grads`).
 """
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from easgd_jax.config import EASGD_ALGORITHMS
 
 
 def make_loss_fn(model):
@@ -142,6 +147,21 @@ def elastic_stability(eta, rho, num_workers, all_at_once):
   return None
 
 
+def divergence_advice(config):
+  """What to change after a NaN/inf loss, for the run's DivergenceError message.
+
+  An EASGD run whose elastic coupling breaks its stability condition (elastic_stability: alpha < 1
+  for one-at-a-time exchanges, alpha + beta < 2 for synchronous ones) is told that condition with
+  its values; any other run is told to lower the learning rate.
+  """
+  eta, rho = config.learning_rate, config.rho
+  if config.algorithm in EASGD_ALGORITHMS and eta * rho > 0:  # rho = 0 is uncoupled, not unstable
+    unstable = elastic_stability(eta, rho, config.num_devices, config.algorithm == "sync_easgd")
+    if unstable:
+      return f"{unstable} (now --rho={rho:g}, --learning_rate={eta:g})"
+  return f"lower --learning_rate (now {eta})"
+
+
 def make_evaluate(loss_fn, batch_size=1000):
   """evaluate(params, images, labels) -> (mean loss, accuracy), in fixed-size chunks."""
 
@@ -162,3 +182,28 @@ def make_evaluate(loss_fn, batch_size=1000):
     return float(total_loss) / count, float(total_correct) / count
 
   return evaluate
+
+
+def check_hyperparameters(*, learning_rate, momentum=0.0, rho=None, tau=None, **counts):
+  """Raises a ValueError naming the first bad argument, before an algorithm is built on it.
+
+  Every algorithm's constructor calls this, so a notebook's `tau=0` fails here with a message,
+  not later as a ZeroDivisionError inside a step. `counts` are worker or device counts
+  (num_workers=..., num_devices=...), each an integer >= 1; rho and tau are checked when given.
+  """
+  if not (_is_finite(learning_rate) and learning_rate > 0):
+    raise ValueError(f"learning_rate (eta) must be a finite number > 0 (got {learning_rate!r})")
+  if not (_is_finite(momentum) and 0 <= momentum < 1):
+    raise ValueError(f"momentum (delta) must be a number in [0, 1) (got {momentum!r})")
+  if rho is not None and not (_is_finite(rho) and rho >= 0):
+    raise ValueError(f"rho must be a finite number >= 0 (got {rho!r})")
+  for name, value in (({} if tau is None else {"tau": tau}) | counts).items():
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+      raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+
+
+def _is_finite(value):
+  try:
+    return not isinstance(value, bool) and math.isfinite(value)
+  except TypeError:  # not a number at all
+    return False

@@ -6,6 +6,8 @@ model was trained with.
 """
 
 import dataclasses
+import math
+import os
 
 import numpy as np
 
@@ -35,10 +37,17 @@ def load(config) -> Dataset:
   if config.dataset == "digits":
     splits, num_classes = _digits(), 10
   elif config.dataset == "synthetic":
-    splits, num_classes = _synthetic(tuple(config.synthetic_shape), config.synthetic_train_size), 10
+    shape, size = tuple(config.synthetic_shape), config.synthetic_train_size
+    check_memory(synthetic_bytes(shape, size), "--synthetic_shape / --synthetic_train_size")
+    splits, num_classes = _synthetic(shape, size), 10
   else:
     splits, num_classes = _tfds(config.dataset, config.data_dir), 10
   (x_train, y_train), (x_test, y_test) = splits
+  if config.batch_size > len(y_train):  # before a sampler tries to draw such a batch
+    raise DataError(
+      f"--batch_size={config.batch_size} is larger than the training set ({len(y_train)} "
+      f"{config.dataset} examples); lower --batch_size"
+    )
   x_train, x_test = normalize(x_train, x_test)
   return Dataset(
     config.dataset,
@@ -71,6 +80,41 @@ def _digits(test_fraction=0.2):
   num_test = int(len(labels) * test_fraction)
   test, train = order[:num_test], order[num_test:]
   return (images[train], labels[train]), (images[test], labels[test])
+
+
+def synthetic_bytes(image_shape, num_train):
+  """Bytes of host memory that loading the synthetic dataset needs at its peak.
+
+  32 bytes a value: the float32 images, and beside them normalize's float64 copy, its two
+  float64 temporaries and its float32 result.
+  """
+  values = (num_train + max(num_train // 4, 1)) * math.prod(image_shape)
+  return values * 32
+
+
+def available_bytes():
+  """Host memory the kernel can give us now (MemAvailable), or None where it can't be read."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def check_memory(needed, flags):
+  """DataError naming `flags` when `needed` bytes are more than the host has free."""
+  free = available_bytes()
+  if free is not None and needed > free:
+    raise DataError(
+      f"{flags} need about {needed / 2**30:,.1f} GiB of host memory but {free / 2**30:,.1f} GiB "
+      f"is available; lower them"
+    )
 
 
 def _synthetic(image_shape, num_train, num_classes=10, seed=0):

@@ -4,11 +4,34 @@ Everything else asks this module for devices and never calls `jax.device_put` it
 from per-device placement to a mesh (`shard_map`) later touches this file only.
 """
 
+import logging as std_logging
+import socket
+import time
+
 import jax
 import numpy as np
 from absl import logging
 
 from easgd_jax.config import ConfigError
+
+
+class _QuietTPUProbe(std_logging.Filter):
+  """Drop jax's INFO line "Unable to initialize backend 'tpu'" (no libtpu: not a TPU host).
+
+  With JAX_PLATFORMS unset jax tries every platform it knows, which is how it finds a GPU or a
+  TPU when there is one, and logs that line on every machine without a TPU. Only it goes: a
+  GPU that fails to initialize is still reported, a platform asked for in JAX_PLATFORMS still
+  raises, and train.py's start-up line names the devices the run uses.
+  """
+
+  def filter(self, record):
+    return not (
+      record.levelno <= std_logging.INFO
+      and record.getMessage().startswith("Unable to initialize backend 'tpu'")
+    )
+
+
+std_logging.getLogger("jax._src.xla_bridge").addFilter(_QuietTPUProbe())
 
 
 def emulate_cpu_devices(count):
@@ -76,16 +99,47 @@ def initialize_processes(config):
   """Join a multi-process run (JAX's distributed runtime; gloo collectives on CPU)."""
   if config.num_processes == 1:
     return
+  if config.process_id != 0:
+    wait_for_coordinator(config.coordinator_address, config.heartbeat_timeout_s)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
     config.coordinator_address,
     num_processes=config.num_processes,
     process_id=config.process_id,
+    # Processes that never all show up end the run as a silent one does, not after 300 s.
+    initialization_timeout=config.heartbeat_timeout_s,
     heartbeat_timeout_seconds=config.heartbeat_timeout_s,
     # A process that fails must not wait minutes at the exit barrier for peers stuck in a
     # collective with it: give up on the barrier as soon as on a silent peer.
     shutdown_timeout_seconds=config.heartbeat_timeout_s,
   )
+
+
+def wait_for_coordinator(address, timeout_s):
+  """Return once something listens at `address` (HOST:PORT); ConfigError after `timeout_s`.
+
+  jax.distributed.initialize in a process other than 0 retries for its whole timeout and then
+  aborts the process with a C++ stack trace; a plain TCP probe first turns "process 0 is not
+  there" into one line.
+  """
+  host, _, port = address.rpartition(":")
+  host = host.strip("[]")  # an IPv6 address: [::1]:12345
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1):
+        return
+    except socket.gaierror as error:
+      raise ConfigError(
+        f"--coordinator_address={address}: unknown host {host} ({error.strerror})"
+      ) from None
+    except OSError:
+      if time.monotonic() >= deadline:
+        raise ConfigError(
+          f"nothing answers at --coordinator_address={address} after --heartbeat_timeout_s="
+          f"{timeout_s}: start process 0 first, or check the address"
+        ) from None
+      time.sleep(0.2)
 
 
 def replica_devices(count):

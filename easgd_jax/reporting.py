@@ -9,7 +9,6 @@ leaves a half-written file; metrics.jsonl gets one complete line per evaluation,
 import contextlib
 import json
 import os
-import tempfile
 
 import jax
 import numpy as np
@@ -19,15 +18,19 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 PLOT = "accuracy.png"
 PARAMS = "params.npz"  # the trained weights (the center for EASGD), keyed by their tree path
+APPLIED = "applied_updates.json"  # async family: (worker, its step) of every applied iteration
 
 
 @contextlib.contextmanager
 def _atomic(path, suffix):
-  """A temporary path beside `path`, renamed onto it when the block succeeds, removed if not."""
-  fd, tmp = tempfile.mkstemp(
-    dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=suffix
-  )
-  os.close(fd)
+  """A temporary path beside `path`, renamed onto it when the block succeeds, removed if not.
+
+  The temporary file is created as open() creates any file, mode 0o666 less the umask (0644
+  under umask 022); tempfile.mkstemp's 0600 would survive the rename.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  tmp = os.path.join(folder, f".tmp-{os.urandom(8).hex()}{suffix}")
+  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
   try:
     yield tmp
     os.replace(tmp, path)
@@ -72,8 +75,24 @@ def load_params(path):
 
 
 def read_metrics(workdir):
-  with open(os.path.join(workdir, METRICS)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The rows of workdir/metrics.jsonl; a torn line (a write cut by power loss) is dropped."""
+  from absl import logging
+
+  rows = []
+  path = os.path.join(workdir, METRICS)
+  with open(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        if not isinstance(row, dict) or "step" not in row:
+          raise ValueError("not a metrics row")
+      except ValueError as error:
+        logging.warning("%s line %d is damaged (%s); dropped", path, number, error)
+        continue
+      rows.append(row)
+  return rows
 
 
 class MetricsLog:

@@ -31,6 +31,7 @@ from absl import logging
 
 from easgd_jax import reporting
 from easgd_jax.config import SYNC_ALGORITHMS, Config
+from easgd_jax.workdir import Lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +61,12 @@ class Study:
   def config(self, arm, seed):
     """The run's Config: iterations from the sample budget (P * b samples per sync step)."""
     config = dataclasses.replace(self.base, seed=seed, **arm.overrides)
-    per_step = config.batch_size * (
-      config.num_devices if config.algorithm in SYNC_ALGORITHMS else 1
-    )
+    # Batches per step: one per data-parallel replica, and a model-parallel mesh (P / M) x M
+    # has P / M of them (config.mesh_shape; sgd's mesh is 1 x M).
+    replicas = config.num_devices if config.algorithm in SYNC_ALGORITHMS else 1
+    if config.model_parallel > 1:
+      replicas = config.mesh_shape[0]
+    per_step = config.batch_size * replicas
     steps = max(1, self.samples // per_step)
     return dataclasses.replace(
       config,
@@ -83,7 +87,11 @@ def run(study, workdir):
   """Run every (arm, seed) not yet finished, then write the tables and plots. Returns the rows."""
   from easgd_jax import train  # after the caller has set up the devices
 
-  os.makedirs(workdir, exist_ok=True)
+  with Lock(workdir):  # one study per workdir; each run also locks its own folder
+    return _run_all(study, workdir, train)
+
+
+def _run_all(study, workdir, train):
   total = len(study.arms) * len(study.seeds)
   for index, (arm, seed) in enumerate(
     ((arm, seed) for arm in study.arms for seed in study.seeds), start=1
@@ -303,6 +311,8 @@ def main(make_study):
   """The absl entry point every experiments/*.py study file calls."""
   from absl import app, flags
 
+  from easgd_jax.config import parse_flags
+
   flags.DEFINE_string("workdir", None, "Folder for the study (each run in runs/ARM/seed_S).")
   flags.DEFINE_string("dataset", "digits", "digits (offline), mnist, cifar10 or synthetic.")
   flags.DEFINE_string("data_dir", None, "tensorflow-datasets folder for mnist/cifar10.")
@@ -318,34 +328,51 @@ def main(make_study):
   def _main(argv):
     import sys
 
-    from easgd_jax.config import ConfigError
+    from easgd_jax.config import MAX_SEED, ConfigError, exit_bad_input
+    from easgd_jax.workdir import check_workdir
 
     if len(argv) > 1:
-      print(f"error: unexpected arguments {argv[1:]}: every setting is a --flag", file=sys.stderr)
-      sys.exit(2)
+      exit_bad_input(f"unexpected arguments {argv[1:]}: every setting is a --flag")
     try:
       model = FLAGS.model or ("cifar_cnn" if FLAGS.dataset == "cifar10" else "lenet")
       base = Config(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model=model).validate()
       study = make_study(base)
       changes = {}
       if FLAGS.seeds:
-        if not all(s.strip().isdigit() for s in FLAGS.seeds):
-          raise ConfigError(f"--seeds must be integers like 0,1,2 (got {','.join(FLAGS.seeds)})")
+        if not all(s.strip().isdigit() and int(s) <= MAX_SEED for s in FLAGS.seeds):
+          raise ConfigError(
+            f"--seeds must be integers in 0..{MAX_SEED} like 0,1,2 (got {','.join(FLAGS.seeds)})"
+          )
         changes["seeds"] = tuple(int(s) for s in FLAGS.seeds)
-      if FLAGS.samples:
+      if FLAGS.samples is not None:  # --samples=0 is refused, not taken for "the default"
+        if FLAGS.samples < 1:
+          raise ConfigError(f"--samples must be an integer >= 1 (got {FLAGS.samples})")
         changes["samples"] = FLAGS.samples
-      if FLAGS.target_accuracy:
+      if FLAGS.target_accuracy is not None:
         changes["target_accuracy"] = FLAGS.target_accuracy
       study = dataclasses.replace(study, **changes)
-      for arm in study.arms:
-        study.config(arm, 0)  # every run's settings are checked before the first one starts
-      from easgd_jax import devices
-
-      devices.emulate_cpu_devices(study.devices_needed())
-      run(study, FLAGS.workdir)
+      for arm in study.arms:  # every run's settings are checked before the first one starts
+        for seed in study.seeds:
+          study.config(arm, seed)
+      check_workdir(FLAGS.workdir)
     except ConfigError as error:
+      exit_bad_input(error)
+    from easgd_jax import devices, train
+
+    devices.emulate_cpu_devices(study.devices_needed())
+    try:
+      run(study, FLAGS.workdir)
+    except ConfigError as error:  # e.g. another study holds the workdir
+      exit_bad_input(error)
+    except KeyboardInterrupt:
+      print("interrupted: the same command resumes the study", file=sys.stderr)
+      sys.exit(130)
+    except train.Preempted as stop:  # SIGTERM / SIGINT: the current run saved a checkpoint
+      print(f"stopped: {stop}", file=sys.stderr)
+      sys.exit(stop.exit_code)
+    except train.WorkerFailure as error:
       print(f"error: {error}", file=sys.stderr)
-      sys.exit(2)
+      sys.exit(1)
 
   flags.FLAGS.set_default("logtostderr", True)
-  app.run(_main)
+  app.run(_main, flags_parser=parse_flags)

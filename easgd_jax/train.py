@@ -1,23 +1,18 @@
 """train_and_evaluate(config, workdir): every algorithm's training run, with the same outputs.
 
-Step-wise algorithms run in one loop that only dispatches work: it samples a host batch, hands it
-to the algorithm and keeps the loss (still on device). It waits for the devices only at
-evaluation points, where it pulls the losses, scores the center (or the single model) on the test
-set and writes one metrics row. The asynchronous family trains in worker threads
-(`easgd_jax.workers`) while this thread scores the master's snapshots as they arrive.
+This module owns the run's frame: the workdir (its lock, the resume rules, the finished-run
+check), the data, model and algorithm, evaluation and the outputs. The training itself is one of
+two loops: `train_steps` for the algorithms a host loop steps (dispatching without waiting, and
+syncing with the devices only at evaluation and checkpoint points), `train_async` for the
+asynchronous family, whose worker threads (`easgd_jax.workers`) train while the main thread
+scores the master's snapshots. `failures` holds how a run stops early.
 """
 
-import contextlib
-import dataclasses
 import json
 import math
 import os
-import signal
-import threading
-import time
 
 import jax
-import numpy as np
 from absl import logging
 
 from easgd_jax import (
@@ -26,27 +21,17 @@ from easgd_jax import (
   core,
   data,
   devices,
+  failures,
   models,
   partitioning,
   reporting,
-  workers,
+  train_async,
+  train_steps,
 )
+from easgd_jax import workdir as workdir_lib
 from easgd_jax.config import ASYNC_ALGORITHMS, EASGD_ALGORITHMS, SYNC_ALGORITHMS, ConfigError
-
-
-class DivergenceError(RuntimeError):
-  """Training produced a NaN or infinite loss or weight."""
-
-
-class Preempted(Exception):
-  """SIGTERM or SIGINT arrived; a checkpoint of the current step was saved."""
-
-  def __init__(self, signum, step, workdir):
-    self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
-    super().__init__(
-      f"{signal.Signals(signum).name} at step {step}; checkpoint saved in "
-      f"{os.path.join(workdir, checkpoints.FOLDER)}: run the same command to resume"
-    )
+from easgd_jax.failures import DivergenceError, Preempted  # noqa: F401  (run.py, studies, tests)
+from easgd_jax.workers import WorkerFailure  # noqa: F401  (run.py, studies)
 
 
 def setup(config):
@@ -61,18 +46,107 @@ def setup(config):
 def train_and_evaluate(config, workdir=None):
   """Train as `config` says; write results into `workdir` (if given); return the summary.
 
-  With a workdir the run checkpoints itself and, relaunched with the same workdir, resumes from
-  its newest readable checkpoint.
+  With a workdir the run holds the workdir's lock, checkpoints itself and, relaunched with the
+  same workdir, resumes from its newest readable checkpoint; a finished run stays finished.
+  The resume order: (1) check the flags against the workdir's config.json (nothing written yet);
+  (2) a finished run with its outputs returns them untouched; (3) otherwise build the run,
+  restore the newest readable checkpoint and train from there to --steps; a checkpoint at or past
+  --steps only (re)writes the final outputs.
   """
   config = config.validate()
+  checkpoints.check_shared_workdir(workdir)  # multi-process: all save their shards in one folder
+  writes = workdir if workdir and jax.process_index() == 0 else None  # process 0 writes results
+  lock = workdir_lib.Lock(workdir) if writes else None
+  try:
+    if writes and os.path.isdir(writes):
+      lock.acquire()  # before reading anything, so a live run's files are never mixed with ours
+    # Every process of a multi-process run reads the shared workdir and so takes the same way:
+    # until they all meet in the Checkpointer, nothing in it changes but config.json (atomically).
+    finished = _check_resume(config, workdir)
+    if finished is not None and _outputs_complete(workdir):
+      logging.info("complete at step %d; results in %s (raise --steps to train on)", *finished)
+      return _finished_summary(workdir)
+    summary = _train(config, writes, lock, finished, checkpoint_dir=workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+  return summary
+
+
+def _check_resume(config, workdir):
+  """(step, workdir) when the workdir's run is finished at or past --steps, else None.
+
+  Raises ConfigError (nothing written) for a config.json that can't be read or a flag that a
+  resume can't honour, including a lower --steps on a run that is not finished.
+  """
+  path = workdir and os.path.join(workdir, reporting.CONFIG)
+  if not path or not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as error:
+    raise ConfigError(
+      f"{path} is damaged ({type(error).__name__}: {str(error)[:80]}); move it away to start "
+      f"over, or use another --workdir"
+    ) from None
+  checkpoints.check_same_experiment(saved, config)
+  done = max([*checkpoints.saved_steps(workdir), _summary_step(workdir)])
+  old_steps = saved.get("steps", config.steps)
+  if done >= old_steps and config.steps <= done:
+    return done, workdir
+  if config.steps < old_steps:
+    raise ConfigError(
+      f"the workdir holds an unfinished run with --steps={old_steps}, not {config.steps}: "
+      f"--steps may only rise on resume; use --steps={old_steps} (or more), or another --workdir"
+    )
+  return None
+
+
+def _summary_step(workdir):
+  try:
+    with open(os.path.join(workdir, reporting.SUMMARY)) as f:
+      return int(json.load(f)["steps"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return 0
+
+
+def _outputs_complete(workdir):
+  names = (reporting.SUMMARY, reporting.PARAMS, reporting.METRICS)
+  return all(os.path.exists(os.path.join(workdir, name)) for name in names) and _summary_step(
+    workdir
+  )
+
+
+def _finished_summary(workdir):
+  with open(os.path.join(workdir, reporting.SUMMARY)) as f:
+    summary = json.load(f)
+  summary.update(complete=True, history=reporting.read_metrics(workdir), state=None)
+  return summary
+
+
+def _train(config, workdir, lock, finished, checkpoint_dir=None):
+  """Build the run, resume or start it, train to --steps and write the outputs.
+
+  `workdir` is where results go (process 0's only); `checkpoint_dir` the workdir every process
+  of the run checkpoints into.
+  """
   dataset, _, loss_fn, params_host = setup(config)
   algorithm = algorithms.create(config, loss_fn)
   if config.model_parallel > 1:  # a layer that does not split evenly: say so before any output
     partitioning.check_divisible(params_host, config.model_parallel)
   is_async = config.algorithm in ASYNC_ALGORITHMS
   sampler = None if is_async else make_sampler(config, dataset, algorithm)  # checks --batch_size
-  workdir = workdir if jax.process_index() == 0 else None  # process 0 alone writes results
-  checkpointer = _prepare_workdir(config, workdir)
+  checkpointer = None
+  if workdir:
+    if lock._file is None:
+      lock.acquire()
+    if finished is None:  # a finished run's config.json stays as it was
+      reporting.write_json(os.path.join(workdir, reporting.CONFIG), config.to_dict())
+  if checkpoint_dir:  # every process of a multi-process run: each saves its own shards
+    checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints)
   logging.info(
     "%s on %s (%s, %d train / %d test), model %s, devices: %s",
     config.algorithm,
@@ -102,9 +176,9 @@ def train_and_evaluate(config, workdir=None):
     """Score `params` on the test set, stop on divergence, write one metrics row."""
     test_loss, test_accuracy = evaluate(params, test_images, test_labels)
     if not math.isfinite(test_loss):
-      raise DivergenceError(
+      raise failures.DivergenceError(
         f"test loss is {test_loss} at step {step}: the weights diverged; "
-        f"{_advice(config, checkpointer)}"
+        f"{failures.advice(config, checkpointer)}"
       )
     row = {
       "step": step,
@@ -126,244 +200,33 @@ def train_and_evaluate(config, workdir=None):
       wall_time_s,
     )
 
+  if is_async:  # compile the evaluation now, or the first one would lag the workers by far
+    evaluate(params_host, test_images, test_labels)
+
   try:
-    with _stop_signals(enabled=checkpointer is not None) as stop:
-      if is_async:
-        final_params, state, extra = _train_async(
-          config, dataset, algorithm, params_host, record, log, checkpointer, stop
-        )
-      else:
-        final_params, state, extra = _train_steps(
-          config, sampler, algorithm, params_host, record, log, checkpointer, stop
-        )
+    with failures.stop_signals(enabled=checkpointer is not None) as stop:
+      train = train_async.train if is_async else train_steps.train
+      source = dataset if is_async else sampler
+      final_params, state, extra = train(
+        config, source, algorithm, params_host, record, log, checkpointer, stop
+      )
   finally:
     log.close()
 
   summary = reporting.summarize(log.rows, config.target_accuracy)
   summary["algorithm"] = config.algorithm
+  iterations, seconds = extra.pop("throughput")
+  # Training time only: compilation (each launch's first step) and pauses left out.
+  summary["samples_per_s"] = iterations * samples_per_step / seconds if seconds > 0 else None
   summary.update(extra)
   if workdir:
-    reporting.write_json(os.path.join(workdir, reporting.SUMMARY), summary)
     title = f"{config.algorithm} / {config.model} / {config.dataset}"
     reporting.plot_accuracy(log.rows, os.path.join(workdir, reporting.PLOT), title)
     reporting.save_params(os.path.join(workdir, reporting.PARAMS), final_params)
+    reporting.write_json(os.path.join(workdir, reporting.SUMMARY), summary)  # last: "complete"
   summary["history"] = log.rows
   summary["state"] = state
   return summary
-
-
-def _prepare_workdir(config, workdir):
-  """Check that `workdir` holds this experiment (or none), write config.json, open checkpoints."""
-  if not workdir:
-    return None
-  config_path = os.path.join(workdir, reporting.CONFIG)
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      checkpoints.check_same_experiment(json.load(f), config)  # before anything is written
-  os.makedirs(workdir, exist_ok=True)
-  reporting.write_json(config_path, config.to_dict())
-  if config.num_processes > 1:
-    logging.warning("multi-process runs write no checkpoints; a relaunch starts from step 0")
-    return None
-  return checkpoints.Checkpointer(workdir, config.keep_checkpoints)
-
-
-class _StopRequest:
-  """Signal handler that only notes the signal: the loop saves a checkpoint, then stops."""
-
-  def __init__(self):
-    self.signum = None
-
-  def __call__(self, signum, frame):
-    self.signum = signum
-
-
-@contextlib.contextmanager
-def _stop_signals(enabled):
-  request = _StopRequest()
-  if not enabled or threading.current_thread() is not threading.main_thread():
-    yield request
-    return
-  previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield request
-  finally:
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
-
-
-def _advice(config, checkpointer):
-  latest = checkpointer and max(checkpointer.steps(), default=None)
-  kept = f"; the last good checkpoint (step {latest}) is kept" if latest else ""
-  return f"lower --learning_rate (now {config.learning_rate}){kept}"
-
-
-def _train_steps(config, sampler, algorithm, params_host, record, log, checkpointer, stop):
-  """The step-wise loop: dispatch steps, wait for the devices only at evaluation points."""
-  max_in_flight = getattr(algorithm, "max_in_flight", None)
-  state = algorithm.init(params_host)
-  start, train_seconds, pending = 0, 0.0, []  # pending: (step, loss) since the last metrics row
-  restored = checkpointer and checkpointer.restore_latest(checkpoints.to_host(state))
-  if restored:
-    arrays, saved = restored
-    state = checkpoints.like(state, arrays)
-    sampler.set_state(saved["sampler"])
-    start, train_seconds = saved["step"], saved["train_seconds"]
-    pending = [(step, np.asarray(values, np.float32)) for step, values in saved["pending_losses"]]
-    logging.info("resuming from the checkpoint at step %d of %d", start, config.steps)
-  log.start(keep_until=start if restored else None)
-  clock = time.perf_counter()
-  for step in range(start + 1, config.steps + 1):
-    batch = sampler.next(config.batch_size)
-    if step == config.inject_nan:
-      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
-    state, loss = algorithm.step(state, batch)
-    pending.append((step, loss))
-    if max_in_flight and step % max_in_flight == 0:
-      jax.block_until_ready(loss)  # CPU collectives: keep the queue short (devices.max_in_flight)
-    evaluate_now = step % config.eval_every == 0 or step == config.steps
-    save_now = checkpointer is not None and (
-      (config.checkpoint_every and step % config.checkpoint_every == 0)
-      or step == config.steps
-      or stop.signum is not None
-    )
-    if not (evaluate_now or save_now):
-      continue
-    pending = [(s, _host_values(loss)) for s, loss in pending]  # the loop's only wait
-    train_seconds += time.perf_counter() - clock  # evaluation and checkpoints are left out
-    _check_losses(pending, algorithm, config, checkpointer)
-    if evaluate_now:
-      train_loss = float(np.mean(np.concatenate([v for _, v in pending])))
-      record(step, algorithm.eval_params(state), train_loss, train_seconds)
-      pending = []
-    if save_now:
-      arrays = checkpoints.to_host(state)
-      _check_weights(arrays, step, config, checkpointer)
-      saved = {
-        "sampler": sampler.state(),
-        "train_seconds": train_seconds,
-        "pending_losses": [(s, v.tolist()) for s, v in pending],
-      }
-      checkpointer.save(step, arrays, saved)
-    if stop.signum is not None:
-      raise Preempted(stop.signum, step, checkpointer.workdir)
-    clock = time.perf_counter()
-  return algorithm.eval_params(state), state, {}
-
-
-def _host_values(loss):
-  """This process's part of a step's loss, flat: one value, or one per local device."""
-  if isinstance(loss, np.ndarray):
-    return loss.reshape(-1)
-  return np.concatenate([np.asarray(s.data).reshape(-1) for s in loss.addressable_shards])
-
-
-def _check_losses(pending, algorithm, config, checkpointer):
-  """DivergenceError naming the first step, and its worker, whose loss is NaN/inf."""
-  for step, values in pending:
-    bad = ~np.isfinite(values)
-    if bad.any():
-      if len(values) > 1:  # one loss per replica: replica i is worker i
-        who = f"worker {int(np.argmax(bad))}"
-      elif hasattr(algorithm, "worker"):
-        who = f"worker {algorithm.worker(step - 1)[0]}"
-      else:
-        who = "the only worker"
-      raise DivergenceError(
-        f"loss is {values[bad][0]} at step {step} ({who}): the run diverged; "
-        f"{_advice(config, checkpointer)}"
-      )
-
-
-def _check_weights(arrays, step, config, checkpointer):
-  for array in arrays:
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-      raise DivergenceError(
-        f"weights are NaN/inf at step {step}: the run diverged; {_advice(config, checkpointer)}"
-      )
-
-
-def _train_async(config, dataset, algorithm, params_host, record, log, checkpointer, stop):
-  """Worker threads train; this thread evaluates the master's snapshots as they come."""
-  samplers = [
-    data.Sampler(dataset.train_images, dataset.train_labels, workers.worker_seed(config.seed, j))
-    for j in range(config.num_devices)
-  ]
-  run = workers.Run(
-    algorithm,
-    samplers,
-    steps=config.steps,
-    eval_every=config.eval_every,
-    batch_size=config.batch_size,
-    fail_fast=config.fail_fast,
-    failure=config.failure_point,
-    checkpoint_every=config.checkpoint_every,
-    nan_at=config.inject_nan,
-    save_state=checkpointer is not None,
-  )
-  algorithm.init(params_host)
-  template = {
-    "master": algorithm.master_state(),
-    "workers": [algorithm.init_worker(j, params_host) for j in range(config.num_devices)],
-  }
-  restored = checkpointer and checkpointer.restore_latest(checkpoints.to_host(template))
-  offset = 0.0  # training seconds before this launch
-  if restored:
-    arrays, saved = restored
-    state = checkpoints.like(template, arrays)
-    algorithm.load_master(state["master"])
-    run.restore(saved["step"], saved["worker_steps"], state["workers"], saved["samplers"])
-    run.losses, offset = saved["pending_losses"], saved["train_seconds"]
-    logging.info(
-      "resuming from the checkpoint at step %d of %d (asynchronous: the continuation is not "
-      "bitwise the uninterrupted run)",
-      saved["step"],
-      config.steps,
-    )
-  log.start(keep_until=saved["step"] if restored else None)
-
-  def on_snapshot(snapshot):
-    if snapshot.evaluate:
-      staleness = workers.staleness_summary(snapshot.staleness)
-      train_loss = float(np.mean(snapshot.losses)) if snapshot.losses else float("nan")
-      record(
-        snapshot.step,
-        snapshot.params,
-        train_loss,
-        offset + snapshot.wall_time_s,
-        staleness_median=staleness and staleness["median"],
-        staleness_max=staleness and staleness["max"],
-        worker_steps=snapshot.worker_steps,
-      )
-    if snapshot.state is not None and checkpointer is not None:
-      arrays = checkpoints.to_host({k: snapshot.state[k] for k in ("master", "workers")})
-      _check_weights(arrays, snapshot.step, config, checkpointer)
-      saved = {
-        "samplers": snapshot.state["samplers"],
-        "worker_steps": snapshot.worker_steps,
-        "train_seconds": offset + snapshot.wall_time_s,
-        "pending_losses": [] if snapshot.evaluate else list(snapshot.losses),
-      }
-      checkpointer.save(snapshot.step, arrays, saved)
-
-  final = run.run(params_host, on_snapshot, should_stop=lambda: stop.signum is not None)
-  if run.diverged:
-    j, own_step, iteration, loss = run.diverged
-    raise DivergenceError(
-      f"loss is {loss} at step {iteration} (worker {j}, its step {own_step}): the run diverged; "
-      f"{_advice(config, checkpointer)}"
-    )
-  on_snapshot(final)
-  if run.stopped:
-    raise Preempted(stop.signum, final.step, checkpointer.workdir)
-  for failure in run.failures:
-    logging.warning("%s; the run went on with the other workers", failure.describe())
-  extra = {
-    "staleness": workers.staleness_summary(run.all_staleness),
-    "worker_steps": final.worker_steps,
-    "failed_workers": [dataclasses.asdict(f) for f in run.failures],
-  }
-  return final.params, algorithm, extra
 
 
 def make_sampler(config, dataset, algorithm):

@@ -1,6 +1,8 @@
 """Benchmark: the cost of Algorithm 1's bookkeeping and how well its devices overlap.
 
-  python experiments/benchmark.py            # about 8 minutes on a 2-core machine
+  python experiments/benchmark.py            # about 14 minutes on a 2-core machine
+  python experiments/benchmark.py --only=hogwild --torch_python=/tmp/torchvenv/bin/python
+                                             # (g) alone, about 6 minutes
 
 Prints one table, every ratio measured in this one run (medians over interleaved repeats, so a
 noisy neighbour slows both sides of a ratio alike):
@@ -16,12 +18,21 @@ noisy neighbour slows both sides of a ratio alike):
   (e) samples/s of async_sgd, hogwild and async_easgd (worker threads) with 1, 2 and 4 workers,
       as ratios to 1 worker, and the median staleness of their master updates;
   (f) model parallelism: SGD step time and parameter bytes per device with every layer split
-      across M in {1, 2, 4} devices, for an MLP with two 4096-wide layers on synthetic 32x32x3.
+      across M in {1, 2, 4} devices, for an MLP with two 4096-wide layers on synthetic 32x32x3;
+  (g) samples/s of hogwild, async_sgd and async_easgd with 2 and 4 workers beside the PyTorch
+      Hogwild pattern (experiments/torch_hogwild.py: share_memory, torch.multiprocessing, one SGD
+      optimizer per process, no lock) on the same model and batch, as ratios to PyTorch, with
+      both sides' thread settings. PyTorch is optional and lives in its own venv
+      (experiments/requirements-torch.txt); without it the PyTorch column is left out.
 """
 
+import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 # Four emulated CPU devices; set before jax touches a device.
@@ -29,6 +40,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 
@@ -141,9 +153,10 @@ def async_run(algorithm, params_host, dataset, batch_size, steps):
     fail_fast=True,
     failure=None,
   )
-  final = run.run(params_host, lambda snapshot: None)
+  run.run(params_host, lambda snapshot: None)
   staleness = workers.staleness_summary(run.all_staleness) or {"median": 0.0}
-  return steps * batch_size / final.wall_time_s, staleness["median"]
+  iterations, seconds = run.throughput()  # each worker's first iteration left out
+  return iterations * batch_size / seconds, staleness["median"]
 
 
 def measure_async(config, steps=600, repeats=3):
@@ -191,8 +204,81 @@ def measure_model_parallel(batch_size=128, repeats=5, target_seconds=1.0):
   return seconds, bytes_on_device_0
 
 
-def main():
-  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+TORCH_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_hogwild.py")
+VS_TORCH = ("hogwild", "async_sgd", "async_easgd")
+
+
+def torch_run(torch_python, data_path, model, num_workers, batch_size, steps, threads):
+  """samples/s of one experiments/torch_hogwild.py run (a fresh process; start-up not timed)."""
+  command = [torch_python, TORCH_SCRIPT, f"--data={data_path}", f"--model={model}"]
+  command += [f"--workers={num_workers}", f"--steps={steps}", f"--batch_size={batch_size}"]
+  command += [f"--threads={threads}", "--learning_rate=0.01"]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+  if result.returncode:
+    raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+  return json.loads(result.stdout.splitlines()[-1])["samples_per_s"]
+
+
+def measure_hogwild(model, torch_python, torch_threads, repeats=5, target_seconds=1.0):
+  """(g) {(name, G): median samples/s} for VS_TORCH and "torch", G in (2, 4), on digits."""
+  config = Config(dataset="digits", model=model, batch_size=32)
+  b = config.batch_size
+  dataset, _, loss_fn, params_host = train.setup(config)
+  contenders = {(name, g): ASYNC[name](loss_fn, g) for g in (2, 4) for name in VS_TORCH}
+  for algorithm in contenders.values():  # compile on every worker's device outside the clock
+    async_run(algorithm, params_host, dataset, b, 8 * len(algorithm.devices))
+  # One iteration count for every contender of a model: 1 s of hogwild, 2-3 s of the others.
+  probe, _ = async_run(contenders[("hogwild", 2)], params_host, dataset, b, 200)
+  steps = max(200, int(probe * target_seconds / b))
+  rates = {key: [] for key in contenders}
+  with tempfile.TemporaryDirectory() as tmp:
+    data_path = os.path.join(tmp, "train.npz")
+    np.savez(data_path, train_images=dataset.train_images, train_labels=dataset.train_labels)
+    for _ in range(repeats):  # interleaved, so drift on the machine hits every contender alike
+      for g in (2, 4):
+        if torch_python:
+          rate = torch_run(torch_python, data_path, model, g, b, steps, torch_threads)
+          rates.setdefault(("torch", g), []).append(rate)
+        for name in VS_TORCH:
+          rate, _ = async_run(contenders[(name, g)], params_host, dataset, b, steps)
+          rates[(name, g)].append(rate)
+  return {key: statistics.median(r) for key, r in rates.items()}, steps
+
+
+def print_hogwild(torch_python, torch_threads, repeats):
+  header = (
+    f"{'(g) digits/model':<18}{'workers':>8}{'it/run':>8}{'pytorch samples/s':>19}"
+    + "".join(f"{name + ' (vs pytorch)':>26}" for name in VS_TORCH)
+  )
+  print(header)
+  print("-" * len(header))
+  for model in ("mlp", "lenet"):
+    m, steps = measure_hogwild(model, torch_python, torch_threads, repeats)
+    for g in (2, 4):
+      torch_rate = m.get(("torch", g))
+      row = f"{model:<18}{g:>8}{steps:>8}{f'{torch_rate:.0f}' if torch_rate else 'n/a':>19}"
+      for name in VS_TORCH:
+        rate = m[(name, g)]
+        ratio = f"({rate / torch_rate:.2f}x)" if torch_rate else ""
+        row += f"{f'{rate:.0f} {ratio}':>26}"
+      print(row)
+  cpu_devices = len(jax.devices())
+  print(
+    f"batch 32, eta 0.01, samples/s medians of {repeats} interleaved repeats, PyTorch and JAX "
+    f"alike.\n  jax: one process, G worker threads, worker j on emulated CPU device j of "
+    f"{cpu_devices}; XLA:CPU's one intra-op thread pool ({os.cpu_count()} cores) serves them all; "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
+  if torch_python:
+    print(
+      f"  pytorch: G processes (fork), torch.set_num_threads({torch_threads}) in each, "
+      f"{torch_python}"
+    )
+  else:
+    print("  pytorch: not run (pass --torch_python=PYTHON of a venv with torch)")
+
+
+def print_bookkeeping():
   header = (
     f"{'dataset/model':<26}{'batch':>6}{'sgd ms/it':>11}{'easgd1 ms/it':>14}"
     f"{'easgd2 ms/it':>14}{'(a) 1dev/sgd':>14}{'(b) it/s 2dev/1dev':>20}"
@@ -207,6 +293,9 @@ def main():
       f"{m['easgd_1'] / m['sgd']:>14.3f}{m['easgd_1'] / m['easgd_2']:>20.2f}"
     )
   print()
+
+
+def print_sync():
   header = (
     f"{'dataset/model':<26}{'batch/dev':>10}{'(c) sync_sgd samples/s: 1dev':>30}"
     f"{'2dev':>14}{'4dev':>14}{'(d) ms/it sync_easgd4':>23}{'easgd4':>9}"
@@ -225,6 +314,9 @@ def main():
       f"{4 * b / m['sync_easgd_4']:>23.0f}{b / m['easgd_4']:>9.0f}"
     )
   print()
+
+
+def print_async():
   header = (
     f"{'(e) dataset/model':<26}{'algorithm':<14}{'samples/s: 1 worker':>20}{'2 workers':>18}"
     f"{'4 workers':>18}{'staleness median 1/2/4':>25}"
@@ -240,6 +332,9 @@ def main():
       f"{r2:>9.0f} ({r2 / r1:.2f}x){r4:>9.0f} ({r4 / r1:.2f}x){f'{s1:g} / {s2:g} / {s4:g}':>25}"
     )
   print()
+
+
+def print_model_parallel():
   header = (
     f"{'(f) model parallel, mlp 4096x4096, batch 128':<46}{'ms/step':>10}{'vs M=1':>9}"
     f"{'param MiB/device':>18}{'vs M=1':>9}"
@@ -252,6 +347,37 @@ def main():
       f"{f'M = {m}':<46}{seconds[m] * 1e3:>10.1f}{seconds[m] / seconds[1]:>9.2f}"
       f"{sizes[m] / 2**20:>18.1f}{sizes[m] / sizes[1]:>9.2f}"
     )
+  print()
+
+
+SECTIONS = ("bookkeeping", "sync", "async", "model_parallel", "hogwild")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)}")
+  parser.add_argument(
+    "--torch_python",
+    default=os.environ.get("TORCH_PYTHON"),
+    help="python of a venv with torch (experiments/requirements-torch.txt), for (g)",
+  )
+  parser.add_argument("--torch_threads", type=int, default=1, help="per PyTorch process, (g)")
+  parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of (g)")
+  args = parser.parse_args()
+  only = args.only.split(",")
+  if unknown := set(only) - set(SECTIONS):
+    parser.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+  if "bookkeeping" in only:
+    print_bookkeeping()
+  if "sync" in only:
+    print_sync()
+  if "async" in only:
+    print_async()
+  if "model_parallel" in only:
+    print_model_parallel()
+  if "hogwild" in only:
+    print_hogwild(args.torch_python, args.torch_threads, args.repeats)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 from easgd_jax import checkpoints, core, reporting, train
 from easgd_jax.config import Config, ConfigError
 
-from conftest import REPO
+from conftest import REPO, child_process
 
 STEPWISE = {
   "sgd": [],
@@ -39,7 +39,8 @@ def cli_env(tmp_path_factory):
 
 
 def launch(env, workdir, *args):
-  return subprocess.Popen(
+  """run.py in its own process group (conftest.child_process): a context manager."""
+  return child_process(
     [sys.executable, os.path.join(REPO, "run.py"), *args, f"--workdir={workdir}"],
     env=env,
     stderr=subprocess.PIPE,
@@ -47,8 +48,10 @@ def launch(env, workdir, *args):
   )
 
 
-def finish(process, timeout=300):
-  _, stderr = process.communicate(timeout=timeout)
+def finish(launched, timeout=300):
+  """Wait for a `launch`ed run; returns (exit code, stderr). Its group is killed on the way out."""
+  with launched as process:
+    _, stderr = process.communicate(timeout=timeout)
   return process.returncode, stderr
 
 
@@ -62,16 +65,17 @@ def latest_checkpoint(workdir):
 def interrupt(env, workdir, args, signum, rng, every=EVERY):
   """Launch; once it has saved 1 or 2 new checkpoints, send `signum` a random moment later."""
   target = latest_checkpoint(workdir) + every * rng.choice([1, 2])
-  process = launch(env, workdir, *args)
-  deadline = time.monotonic() + 240
-  while latest_checkpoint(workdir) < target:
-    assert process.poll() is None, process.communicate()[1][-2000:]
-    assert time.monotonic() < deadline, "no checkpoint was written"
-    time.sleep(0.01)
-  time.sleep(rng.uniform(0.0, 0.1))  # mid-step, mid-save or mid-evaluation
-  assert process.poll() is None, "the run ended before it could be interrupted"
-  process.send_signal(signum)
-  return finish(process)
+  with launch(env, workdir, *args) as process:
+    deadline = time.monotonic() + 240
+    while latest_checkpoint(workdir) < target:
+      assert process.poll() is None, process.communicate()[1][-2000:]
+      assert time.monotonic() < deadline, "no checkpoint was written"
+      time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.1))  # mid-step, mid-save or mid-evaluation
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+  return process.returncode, stderr
 
 
 def same_params(a, b):

@@ -55,8 +55,8 @@ def test_sampler_is_seeded_and_resumable_from_its_generator_state():
 
 @pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_tfds_datasets_through_data_source(name, shape):
-  with tfds.testing.mock_data(num_examples=20):
-    dataset = data.load(Config(dataset=name))
+  with tfds.testing.mock_data(num_examples=20):  # --batch_size may not exceed the 20 examples
+    dataset = data.load(Config(dataset=name, batch_size=8))
   assert dataset.image_shape == shape and dataset.num_classes == 10
   assert len(dataset.train_labels) == 20 and dataset.train_images.dtype == np.float32
 

@@ -140,7 +140,8 @@ def test_model_parallel_flags_are_checked():
 @pytest.mark.slow
 def test_sgd_split_four_ways_reaches_90_percent_on_digits(tmp_path):
   workdir = tmp_path / "run"
-  result = run_cli("--algorithm=sgd", "--model_parallel=4", f"--workdir={workdir}")
+  # 1000 steps: 0.98 from step 800 on (seed 0), a wide margin over the 0.90 asked.
+  result = run_cli("--algorithm=sgd", "--model_parallel=4", "--steps=1000", f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-2000:]
   summary = train.reporting.read_metrics(workdir)[-1]
   assert summary["test_accuracy"] >= 0.90

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,20 +9,13 @@ import pytest
 from easgd_jax import reporting, train
 from easgd_jax.config import Config, ConfigError
 
-from conftest import REPO
+from conftest import REPO, child_env, run_process
 
 
 def run_cli(*args, cwd=REPO, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # run.py sets up its own emulated devices
-  return subprocess.run(
-    [sys.executable, os.path.join(REPO, "run.py"), *args],
-    cwd=cwd,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+  """run.py with `args` in a process of its own, killed with its group if it outlives `timeout`."""
+  command = [sys.executable, os.path.join(REPO, "run.py"), *args]
+  return run_process(command, cwd=cwd, env=child_env(), timeout=timeout)
 
 
 @pytest.mark.slow

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from easgd_jax import reporting, study
+from easgd_jax import algorithms, core, models, reporting, study
 from easgd_jax.config import ALGORITHMS, Config
 from easgd_jax.config import SYNC_ALGORITHMS as SYNC
 
-from conftest import REPO
+from conftest import REPO, child_env, child_process, run_process
 
 
 def experiment(name):
@@ -68,6 +68,24 @@ def test_same_sample_budget_for_every_algorithm():
     assert config.steps * per_step == compare.samples and config.target_accuracy == 0.95
 
 
+def test_model_parallel_arms_get_the_same_sample_budget(cpu_devices):
+  """A (P / M) x M mesh steps P / M batches at once, not P: the budget counts what train does."""
+  arms = (
+    study.Arm("sgd", {"algorithm": "sgd"}),
+    study.Arm("sync_sgd", {"algorithm": "sync_sgd", "num_devices": 8}),
+    study.Arm("sgd, M=4", {"algorithm": "sgd", "model_parallel": 4}),
+    study.Arm("sync_sgd 4 x 2", {"algorithm": "sync_sgd", "num_devices": 8, "model_parallel": 2}),
+    study.Arm("sync_sgd 2 x 4", {"algorithm": "sync_sgd", "num_devices": 8, "model_parallel": 4}),
+  )
+  budget = study.Study(name="budget", arms=arms, base=Config(model="mlp"), samples=32 * 8 * 10)
+  loss_fn = core.make_loss_fn(models.create("mlp", 10))
+  for arm in arms:
+    config = budget.config(arm, 0)
+    replicas = algorithms.create(config, loss_fn).replicas  # batches one step consumes
+    assert config.steps * config.batch_size * replicas == budget.samples, arm.label
+  assert [budget.config(arm, 0).steps for arm in arms] == [80, 10, 80, 20, 40]
+
+
 @pytest.mark.slow
 def test_a_sweep_plots_one_line_per_family(tmp_path, cpu_devices):
   sweep = tiny(experiment("sweep_rho").make_study, seeds=(0,))
@@ -89,8 +107,7 @@ def test_a_sweep_plots_one_line_per_family(tmp_path, cpu_devices):
 
 @pytest.mark.slow
 def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = child_env()
   command = [
     sys.executable,
     os.path.join(REPO, "experiments", "compare_algorithms.py"),
@@ -99,17 +116,17 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path):
     "--seeds=0",
     "--model=mlp",
   ]
-  process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
   summaries = lambda: sorted(tmp_path.glob("runs/*/seed_0/summary.json"))  # noqa: E731
-  deadline = time.monotonic() + 300
-  while len(summaries()) < 2:
-    assert process.poll() is None and time.monotonic() < deadline
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  with child_process(command, env=env, stderr=subprocess.DEVNULL) as process:
+    deadline = time.monotonic() + 300
+    while len(summaries()) < 2:
+      assert process.poll() is None and time.monotonic() < deadline
+      time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
   finished = {path: path.stat().st_mtime_ns for path in summaries()}
   assert 2 <= len(finished) < 10
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  result = run_process(command, env=env, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stderr.count("finished earlier, skipped") == len(finished)
   assert {path: path.stat().st_mtime_ns for path in finished} == finished  # not redone
@@ -118,18 +135,14 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path):
 
 
 def test_bad_study_flags_exit_2(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  result = subprocess.run(
+  result = run_process(
     [
       sys.executable,
       os.path.join(REPO, "experiments", "sweep_tau.py"),
       f"--workdir={tmp_path}/s",
       "--model=resnet",
     ],
-    env=env,
-    capture_output=True,
-    text=True,
+    env=child_env(),
     timeout=120,
   )
   assert result.returncode == 2 and result.stderr.strip().splitlines() == [

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from easgd_jax import core, devices
+from easgd_jax.algorithms.hogwild import SharedBuffer, on_device
 
 
 class WorkerState(NamedTuple):
@@ -50,6 +51,9 @@ class AsyncEASGD:
   def __init__(
     self, loss_fn, *, num_workers, learning_rate, rho, tau=1, momentum=0.0, available_devices=None
   ):
+    core.check_hyperparameters(
+      learning_rate=learning_rate, momentum=momentum, rho=rho, tau=tau, num_workers=num_workers
+    )
     self.devices = devices.worker_devices(num_workers, available_devices)
     self.master_device = self.devices[0]
     self.tau, self.eta, self.rho = tau, learning_rate, rho
@@ -69,7 +73,7 @@ class AsyncEASGD:
     return WorkerState(devices.put(params_host, device), devices.put(opt_state, device), 0, 0)
 
   def iterate(self, j, worker, batch_host):
-    batch = devices.put(batch_host, self.devices[j])
+    batch = batch_host  # goes to W^i's device inside the jitted call: no device_put in Python
     if worker.step % self.tau:  # a local step between exchanges
       local, opt_state, loss = self._sgd_step(worker.local, worker.opt_state, batch)
       return worker._replace(local=local, opt_state=opt_state, step=worker.step + 1), loss, None
@@ -102,33 +106,59 @@ class AsyncEASGD:
 
 
 class HogwildEASGD(AsyncEASGD):
-  """The same exchange with no lock: the center is a host buffer every worker updates in place."""
+  """The same exchange with no lock: the center is a host buffer every worker updates in place.
+
+  An exchange is one jitted call and one NumPy write. The call reads the shared center where it
+  lies (in place on a CPU device, see hogwild.py), takes the worker's Eq. (1) step against that
+  read and returns Eq. (2)'s increment eta * rho * (W^i - W-bar_read); the worker then adds the
+  increment to the shared center in place, without a lock. Both equations use the same read, so
+  the elastic force moves W^i and W-bar by equal and opposite amounts, as in Eq. (1)/(2); an
+  exchange by another worker between the read and the write is added to, not overwritten.
+  """
+
+  _layout = None  # the parameter layout the exchange steps were jitted for
 
   def init(self, params_host):
-    self.center = jax.tree.map(lambda x: np.array(x, dtype=np.float32), params_host)
+    self.shared = SharedBuffer(params_host)
+    self.center = self.shared.tree  # W-bar as a parameter pytree: views of the shared buffer
     self.exchanges, self.log = 0, []
     self._count_lock = threading.Lock()  # the exchange counter only; never the center
-    self._eta_rho = np.float32(self.eta * self.rho)
+    if self._layout != self.shared.layout:  # jit once per parameter layout
+      self._layout = self.shared.layout
+      by_device = {d: on_device(self._hogwild_exchange, d) for d in set(self.devices)}
+      self._exchange_steps = [by_device[d] for d in self.devices]
 
-  def _exchange(self, j, worker):
-    local = jax.device_get(worker.local)
+  def _hogwild_exchange(self, local, opt_state, center_flat, batch):
+    """Eq. (1) against the center read, and Eq. (2)'s increment to the center, flat."""
+    center = self.shared.unravel(center_flat)
+    new_local, opt_state, loss = self._elastic_step(local, opt_state, center, batch)
+    gap = self.shared.ravel(core.elastic_difference(local, center))  # W^i - W-bar_read
+    return new_local, opt_state, loss, self.eta * self.rho * gap
+
+  def iterate(self, j, worker, batch_host):
+    if worker.step % self.tau:  # a local step between exchanges
+      return super().iterate(j, worker, batch_host)
+    c = self.shared.flat
     before = self.exchanges
-    center = jax.tree.map(np.copy, self.center)  # unlocked read: may mix concurrent updates
+    # Unlocked read of the center: it may mix concurrent updates.
+    step = self._exchange_steps[j]
+    local, opt_state, loss, increment = step(worker.local, worker.opt_state, c, batch_host)
+    increment = np.asarray(increment)  # waits for it: the write needs it
     start = time.perf_counter()
-    for c, w in zip(jax.tree.leaves(self.center), jax.tree.leaves(local), strict=True):
-      c += self._eta_rho * (w - c)  # Eq. (2) in place, no lock
+    np.add(c, increment, out=c)  # Eq. (2) in place, no lock
     end = time.perf_counter()
     with self._count_lock:
       self.exchanges += 1
       self.log.append(Exchange(j, worker.step, start, end))
-    return center, before
+    staleness = before - worker.last_seen
+    return WorkerState(local, opt_state, worker.step + 1, before + 1), loss, staleness
 
   def snapshot(self):
-    return jax.tree.map(np.copy, self.center)
+    return self.shared.copy()
 
   def master_state(self):
     return {"center": self.snapshot(), "exchanges": self.exchanges}
 
   def load_master(self, state):
-    jax.tree.map(np.copyto, self.center, state["center"])
+    self.shared.load(state["center"])
     self.exchanges = state["exchanges"]

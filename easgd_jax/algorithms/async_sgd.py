@@ -32,6 +32,9 @@ class AsyncSGD:
   """Master weights on device 0 behind a lock; drive it with `workers.Run` (threads)."""
 
   def __init__(self, loss_fn, *, num_workers, learning_rate, momentum=0.0, available_devices=None):
+    core.check_hyperparameters(
+      learning_rate=learning_rate, momentum=momentum, num_workers=num_workers
+    )
     self.devices = devices.worker_devices(num_workers, available_devices)
     self.master_device = self.devices[0]
     self.optimizer = core.local_optimizer(learning_rate, momentum)
@@ -51,7 +54,8 @@ class AsyncSGD:
     device = self.devices[j]
     with self.lock:  # W and its update count, from the same moment
       params, read_at = self.params, self.updates
-    grads, loss = self._gradient(devices.put(params, device), devices.put(batch_host, device))
+    # The NumPy batch goes to the device of the weights inside the jitted call.
+    grads, loss = self._gradient(devices.put(params, device), batch_host)
     grads = jax.block_until_ready(devices.put(grads, self.master_device))  # computed and sent
     with self.lock:
       start = time.perf_counter()

@@ -40,6 +40,9 @@ class RoundRobinEASGD:
   def __init__(
     self, loss_fn, *, num_workers, learning_rate, rho, tau=1, momentum=0.0, available_devices=None
   ):
+    core.check_hyperparameters(
+      learning_rate=learning_rate, momentum=momentum, rho=rho, tau=tau, num_workers=num_workers
+    )
     self.num_workers, self.tau = num_workers, tau
     self.devices = devices.worker_devices(num_workers, available_devices)
     self.center_device = self.devices[0]

@@ -1,16 +1,26 @@
 """Hogwild: asynchronous SGD with the lock removed; workers write the shared W at the same time.
 
-W is one set of NumPy arrays in host memory shared by every worker thread. A worker copies it
-(without a lock, so the copy can mix two updates), computes Delta W^i on its own device, brings it
-back and subtracts eta * Delta W^i from the shared arrays *in place*, with no lock: NumPy releases
-the GIL inside the in-place subtraction, so several workers really do write at once.
+W is one flat float32 NumPy buffer in host memory, shared by every worker thread (`SharedBuffer`;
+`params` views it as the parameter pytree). A worker iteration is one jitted call and one NumPy
+write:
 
-What can go wrong, and why Hogwild tolerates it: two workers that write the same array element at
-the same moment can lose one of the two increments (read-modify-write race), and a reader can see
-some layers before and some after an update. Each lost or mixed update is a small, bounded
-perturbation of one SGD step; Niu et al. show SGD still converges when such collisions are
-sparse or rare, and here they are rare because a write takes microseconds and a gradient
-milliseconds. The test suite checks that writes do overlap and that accuracy still gets there.
+  eta * Delta W^i, loss = scaled_gradient(W, batch)    # reads W where it lies, without a lock
+  W <- W - eta * Delta W^i                             # np.subtract(..., out=W): in place, no lock
+
+On a CPU device the jitted call reads the shared buffer itself: XLA:CPU uses a 64-byte-aligned
+NumPy argument in place, so there is no copy of W on the way in, and `np.asarray` of the result
+is a view of XLA's output, so none on the way out either (an accelerator copies both ways, as it
+must). The loss stays on the device; the one host sync per iteration is the write waiting for its
+gradient. NumPy releases the GIL inside the subtraction, so several workers really do write at
+once.
+
+What can go wrong, and why Hogwild tolerates it: two workers that write the same element at the
+same moment can lose one of the two increments (read-modify-write race), and a gradient can be
+computed from a W that another worker is halfway through writing. Each lost or mixed update is a
+small, bounded perturbation of one SGD step; Niu et al. show SGD still converges when such
+collisions are sparse or rare, and here they are rare because a write takes microseconds and a
+gradient much longer. The test suite checks that writes do overlap and that accuracy still gets
+there.
 
 Plain SGD only: a momentum trace shared without a lock would need its own analysis.
 """
@@ -20,44 +30,102 @@ import time
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from easgd_jax import core, devices
+
+ALIGNMENT = 64  # bytes; XLA:CPU copies a less aligned NumPy argument instead of using it in place
+
+
+class SharedBuffer:
+  """A pytree of float32 arrays laid out end to end in one flat, aligned NumPy buffer.
+
+  `flat` is the buffer the workers read and write in place; `tree` is the same memory as the
+  parameter pytree (NumPy views); `unravel` and `ravel` convert inside a jitted function.
+  """
+
+  def __init__(self, params_host):
+    leaves, self.treedef = jax.tree.flatten(params_host)
+    self.shapes = [np.shape(leaf) for leaf in leaves]
+    self.bounds = np.cumsum([0] + [int(np.prod(s)) for s in self.shapes]).tolist()
+    raw = np.empty(self.bounds[-1] * 4 + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    self.flat = raw[start : start + self.bounds[-1] * 4].view(np.float32)
+    self.tree = self.unravel(self.flat)
+    for view, leaf in zip(jax.tree.leaves(self.tree), leaves, strict=True):
+      view[...] = leaf
+
+  @property
+  def layout(self):
+    return self.treedef, tuple(self.shapes)
+
+  def unravel(self, flat):
+    """The pytree whose leaves are consecutive slices of `flat` (views, for a NumPy `flat`)."""
+    parts = zip(self.bounds, self.bounds[1:], self.shapes, strict=False)
+    return jax.tree.unflatten(self.treedef, [flat[a:b].reshape(s) for a, b, s in parts])
+
+  def ravel(self, tree):
+    """`tree`'s leaves end to end, in the buffer's order (inside a jitted function)."""
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+  def copy(self):
+    return jax.tree.map(np.copy, self.tree)
+
+  def load(self, tree):
+    jax.tree.map(np.copyto, self.tree, tree)  # the buffer stays the same
+
+
+def on_device(fn, device):
+  """`fn` jitted to run on `device`, taking its NumPy arguments from where they lie in host
+  memory: in place on a CPU device when aligned, copied to an accelerator."""
+  return jax.jit(fn, in_shardings=SingleDeviceSharding(device))
 
 
 class Write(NamedTuple):
   """One unlocked in-place write, logged for staleness and for the overlap test."""
 
   worker: int
-  read_at: int  # writes finished when the worker copied W
+  read_at: int  # writes finished when the worker started reading W
   start: float  # perf_counter() around the in-place subtraction
   end: float
 
 
 class Hogwild:
   def __init__(self, loss_fn, *, num_workers, learning_rate, available_devices=None):
+    core.check_hyperparameters(learning_rate=learning_rate, num_workers=num_workers)
     self.devices = devices.worker_devices(num_workers, available_devices)
-    self.eta = np.float32(learning_rate)
-    self._gradient = jax.jit(core.make_gradient(loss_fn))
+    self.eta = learning_rate
+    self._gradient = core.make_gradient(loss_fn)
+    self._layout, self._steps = None, None
     # Counts finished writes for the staleness statistic only; the weights never take it.
     self._count_lock = threading.Lock()
 
   def init(self, params_host):
-    self.params = jax.tree.map(lambda x: np.array(x, dtype=np.float32), params_host)
+    self.shared = SharedBuffer(params_host)
+    self.params = self.shared.tree  # W as a parameter pytree: views of the shared buffer
     self.updates, self.log = 0, []
+    if self._layout != self.shared.layout:  # jit once per parameter layout, not per run
+      self._layout = self.shared.layout
+      by_device = {d: on_device(self._scaled_gradient, d) for d in set(self.devices)}
+      self._steps = [by_device[d] for d in self.devices]
+
+  def _scaled_gradient(self, weights, batch):
+    """eta * Delta W^i as one flat array, and the loss, from the flat W read."""
+    grads, loss = self._gradient(self.shared.unravel(weights), batch)
+    return self.eta * self.shared.ravel(grads), loss
 
   def init_worker(self, j, params_host):
     return None
 
   def iterate(self, j, worker_state, batch_host):
-    device = self.devices[j]
+    w = self.shared.flat
     read_at = self.updates
-    params = jax.tree.map(np.copy, self.params)  # unlocked read: may mix concurrent writes
-    grads, loss = self._gradient(devices.put(params, device), devices.put(batch_host, device))
-    grads = jax.device_get(grads)
+    update, loss = self._steps[j](w, batch_host)  # unlocked read: may mix concurrent writes
+    update = np.asarray(update)  # waits for the gradient: the write needs it
     start = time.perf_counter()
-    for w, g in zip(jax.tree.leaves(self.params), jax.tree.leaves(grads), strict=True):
-      np.subtract(w, self.eta * g, out=w)  # W <- W - eta * Delta W^i, in place, no lock
+    np.subtract(w, update, out=w)  # W <- W - eta * Delta W^i, in place, no lock
     end = time.perf_counter()
     with self._count_lock:
       staleness = self.updates - read_at
@@ -66,11 +134,11 @@ class Hogwild:
     return worker_state, loss, staleness
 
   def snapshot(self):
-    return jax.tree.map(np.copy, self.params)
+    return self.shared.copy()
 
   def master_state(self):
     return {"params": self.snapshot(), "updates": self.updates}
 
   def load_master(self, state):
-    jax.tree.map(np.copyto, self.params, state["params"])  # the shared buffer stays the same
+    self.shared.load(state["params"])
     self.updates = state["updates"]

@@ -24,6 +24,12 @@ class ModelParallelState(NamedTuple):
 
 class ModelParallelSGD:
   def __init__(self, loss_fn, *, data_parallel, model_parallel, learning_rate, momentum=0.0):
+    core.check_hyperparameters(
+      learning_rate=learning_rate,
+      momentum=momentum,
+      data_parallel=data_parallel,
+      model_parallel=model_parallel,
+    )
     self.mesh = devices.mesh(data_parallel, model_parallel, (partitioning.DATA, partitioning.MODEL))
     self.devices = list(self.mesh.devices.flat)
     self.model_parallel = model_parallel

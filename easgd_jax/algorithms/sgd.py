@@ -17,6 +17,7 @@ class SGD:
   replicas = 1  # one batch per iteration
 
   def __init__(self, loss_fn, *, learning_rate, momentum=0.0, device=None):
+    core.check_hyperparameters(learning_rate=learning_rate, momentum=momentum)
     self.device = device or jax.devices()[0]
     self.devices = [self.device]
     self.optimizer = core.local_optimizer(learning_rate, momentum)

@@ -27,6 +27,9 @@ class SyncEASGDState(NamedTuple):
 
 class SyncEASGD:
   def __init__(self, loss_fn, *, num_devices, learning_rate, rho, tau=1, momentum=0.0):
+    core.check_hyperparameters(
+      learning_rate=learning_rate, momentum=momentum, rho=rho, tau=tau, num_devices=num_devices
+    )
     self.devices = devices.replica_devices(num_devices)
     self.replicas = num_devices
     self.local_ids = devices.local_replica_ids(self.devices)

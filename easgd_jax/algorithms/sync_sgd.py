@@ -22,6 +22,9 @@ class SyncSGDState(NamedTuple):
 
 class SyncSGD:
   def __init__(self, loss_fn, *, num_devices, learning_rate, momentum=0.0):
+    core.check_hyperparameters(
+      learning_rate=learning_rate, momentum=momentum, num_devices=num_devices
+    )
     self.devices = devices.replica_devices(num_devices)
     self.replicas = num_devices  # per-device batches per step, across all processes
     self.local_ids = devices.local_replica_ids(self.devices)

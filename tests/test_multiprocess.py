@@ -1,0 +1,168 @@
+"""Multi-process runs: checkpoints in the shared workdir, exact resume after SIGKILL, the loss.
+
+Every run here is two `run.py` processes on this machine, each with 2 emulated CPU devices (4 in
+all), given the same workdir as two machines on shared storage would be. The processes share the
+tests' compilation cache (conftest.child_env), so a launch costs seconds after the first.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from test_sync import two_process_command
+
+from easgd_jax import checkpoints, reporting
+
+from conftest import REPO, child_env, child_process, run_process
+
+HEARTBEAT_S = 10
+SHORT = [
+  "--model=mlp",
+  "--num_devices=4",
+  "--steps=300",
+  "--eval_every=25",
+  "--checkpoint_every=25",
+  f"--heartbeat_timeout_s={HEARTBEAT_S}",
+]
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start(workdir, port, process_id, flags, log_path):
+  """One process of a 2-process run.py, its output in `log_path` (a conftest.child_process)."""
+  command = two_process_command(process_id, port, workdir, *flags)
+  env = child_env(PYTHONUNBUFFERED="1")
+  with open(log_path, "w") as log:
+    with child_process(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT) as process:
+      yield process
+
+
+def run_pair(workdir, flags, name, timeout=300):
+  """Both processes to the end: (exit codes, logs)."""
+  port = free_port()
+  logs = [f"{workdir}.{name}.{i}.log" for i in range(2)]
+  with contextlib.ExitStack() as stack:
+    procs = [stack.enter_context(start(workdir, port, i, flags, logs[i])) for i in range(2)]
+    for process in procs:
+      process.wait(timeout=timeout)
+  return [p.returncode for p in procs], [open(path).read() for path in logs]
+
+
+def rows_without_time(workdir):
+  return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in read_rows(workdir)]
+
+
+def read_rows(workdir):
+  with open(os.path.join(workdir, reporting.METRICS)) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def flip_a_byte_of_process_1(workdir, step):
+  """Corrupt process 1's shards in checkpoint `step`: only process 1 reads them."""
+  folder = os.path.join(workdir, checkpoints.FOLDER, str(step), "state", "ocdbt.process_1", "d")
+  path = max((os.path.join(folder, name) for name in os.listdir(folder)), key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "algorithm, flags, victim, corrupt",
+  [("sync_sgd", [], 1, False), ("sync_easgd", ["--tau=2"], 0, True)],
+)
+def test_a_killed_process_relaunched_resumes_bitwise(tmp_path, algorithm, flags, victim, corrupt):
+  """SIGKILL one process after a checkpoint; the other stops; the same commands finish the run.
+
+  With `corrupt`, process 1's part of the newest checkpoint is damaged too: every process sets
+  that checkpoint aside together and resumes from the one before.
+  """
+  flags = [f"--algorithm={algorithm}", *flags, *SHORT]
+  whole = tmp_path / "whole"
+  codes, logs = run_pair(whole, flags, "run")
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+
+  killed = tmp_path / "killed"
+  port = free_port()
+  logs = [f"{killed}.first.{i}.log" for i in range(2)]
+  with contextlib.ExitStack() as stack:
+    procs = [stack.enter_context(start(killed, port, i, flags, logs[i])) for i in range(2)]
+    deadline = time.monotonic() + 240
+    while max(checkpoints.saved_steps(killed), default=0) < 50:
+      alive = all(p.poll() is None for p in procs)
+      assert alive and time.monotonic() < deadline, open(logs[0]).read()[-3000:]
+      time.sleep(0.02)
+    procs[victim].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    survivor = procs[1 - victim]
+    survivor.wait(timeout=120)
+    waited = time.monotonic() - killed_at
+  assert survivor.returncode != 0, open(logs[1 - victim]).read()[-3000:]
+  assert waited < HEARTBEAT_S + 20, waited  # it notices the dead peer, it does not hang
+  saved = max(checkpoints.saved_steps(killed))
+  assert 50 <= saved < 300  # killed mid-run
+  if corrupt:
+    flip_a_byte_of_process_1(killed, saved)
+
+  codes, logs = run_pair(killed, flags, "again")  # the same commands, on a fresh port
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  resumed = saved - 25 if corrupt else saved
+  for log in logs:  # every process resumed, none started over
+    assert f"resuming from the checkpoint at step {resumed} of 300" in log, log[-3000:]
+  assert os.path.isdir(killed / checkpoints.SET_ASIDE / str(saved)) == corrupt
+  one = reporting.load_params(whole / reporting.PARAMS)
+  two = reporting.load_params(killed / reporting.PARAMS)
+  assert one.keys() == two.keys()
+  for key in one:
+    np.testing.assert_array_equal(two[key], one[key])  # bitwise
+  assert rows_without_time(killed) == rows_without_time(whole)
+  assert [r["step"] for r in read_rows(killed)] == list(range(25, 301, 25))
+
+
+@pytest.mark.slow
+def test_train_loss_is_the_mean_over_the_devices_of_every_process(tmp_path):
+  # Process 1's devices see other data parts than process 0's, so their losses differ.
+  flags = ["--algorithm=sync_sgd", "--model=mlp", "--num_devices=4", "--steps=10"]
+  flags.append("--eval_every=5")
+  single = run_process(
+    [sys.executable, os.path.join(REPO, "run.py"), *flags, f"--workdir={tmp_path / 'one'}"],
+    timeout=300,
+    cwd=REPO,
+    env=child_env(),
+  )
+  assert single.returncode == 0, single.stderr[-3000:]
+  codes, logs = run_pair(tmp_path / "two", flags, "run")
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  one, two = read_rows(tmp_path / "one"), read_rows(tmp_path / "two")
+  assert [r["step"] for r in two] == [5, 10]
+  for row_one, row_two in zip(one, two, strict=True):
+    np.testing.assert_allclose(row_two["train_loss"], row_one["train_loss"], rtol=1e-6)
+
+
+def test_processes_given_different_workdirs_all_exit_2_and_write_nothing(tmp_path):
+  flags = ["--algorithm=sync_sgd", "--num_devices=4", f"--heartbeat_timeout_s={HEARTBEAT_S}"]
+  port = free_port()
+  workdirs = [tmp_path / f"run_{i}" for i in range(2)]
+  logs = [tmp_path / f"run_{i}.log" for i in range(2)]
+  with contextlib.ExitStack() as stack:
+    procs = [stack.enter_context(start(workdirs[i], port, i, flags, logs[i])) for i in range(2)]
+    for process in procs:
+      process.wait(timeout=120)
+  for process, log in zip(procs, logs, strict=True):
+    assert process.returncode == 2, log.read_text()[-3000:]
+    assert "differs between the processes" in log.read_text()
+  assert not any(w.exists() for w in workdirs)

@@ -1,0 +1,344 @@
+"""The workdir under pressure: finished runs stay finished, one run per workdir, resume refuses
+what it cannot honour, torn and damaged files, and asynchronous checkpoints that hold one instant.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from test_async import BATCH, ListSampler, problem  # noqa: F401  (problem: a fixture)
+
+from easgd_jax import checkpoints, reporting, train, workdir, workers
+from easgd_jax.algorithms import AsyncSGD
+from easgd_jax.config import Config, ConfigError
+
+from conftest import REPO, child_env, kill_group, run_process
+
+SMALL = dict(model="mlp", steps=40, eval_every=20, checkpoint_every=20)
+
+
+def files_of(folder):
+  """{relative path: (bytes, mode)} of every file under `folder`."""
+  found = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        found[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mode)
+  return found
+
+
+@pytest.fixture(scope="module")
+def cli_env():
+  return child_env()
+
+
+RUN = os.path.join(REPO, "run.py")
+
+
+def start(env, *args):
+  """run.py in its own process group; every caller kills the group in a `finally`."""
+  return subprocess.Popen(
+    [sys.executable, RUN, *args],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+
+
+@pytest.mark.parametrize("algorithm", ["sgd", "async_sgd"])
+def test_a_finished_run_stays_finished_and_writes_nothing(tmp_path, cpu_devices, algorithm):
+  config = Config(algorithm=algorithm, num_devices=2, **SMALL)
+  first = train.train_and_evaluate(config, str(tmp_path))
+  before = files_of(tmp_path)
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again["complete"] and again["final"] == first["final"]
+  assert files_of(tmp_path) == before  # not a byte, not a mode changed
+  # A lower --steps on the finished run: complete too, and config.json keeps its steps.
+  lower = train.train_and_evaluate(
+    Config(algorithm=algorithm, num_devices=2, **SMALL | {"steps": 20}), str(tmp_path)
+  )
+  assert lower["complete"] and files_of(tmp_path) == before
+
+
+@pytest.mark.parametrize("algorithm", ["easgd", "async_easgd"])
+def test_a_kill_after_the_final_checkpoint_is_completed_by_the_relaunch(
+  tmp_path, cpu_devices, algorithm
+):
+  config = Config(algorithm=algorithm, num_devices=2, **SMALL)
+  train.train_and_evaluate(config, str(tmp_path))
+  params = reporting.load_params(tmp_path / reporting.PARAMS)
+  rows = reporting.read_metrics(tmp_path)
+  for name in (reporting.SUMMARY, reporting.PARAMS):  # as if SIGKILLed just before writing them
+    os.remove(tmp_path / name)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert reporting.read_metrics(tmp_path) == rows  # no extra row
+  assert summary["final"] == rows[-1] and os.path.exists(tmp_path / reporting.SUMMARY)
+  rewritten = reporting.load_params(tmp_path / reporting.PARAMS)
+  assert all(np.array_equal(params[k], rewritten[k]) for k in params)
+  assert train.train_and_evaluate(config, str(tmp_path))["complete"]
+
+
+def test_a_relaunched_finished_run_exits_0_from_the_command_line(tmp_path, cli_env):
+  args = [
+    "--algorithm=async_sgd",
+    "--model=mlp",
+    "--steps=40",
+    "--eval_every=20",
+    f"--workdir={tmp_path}",
+  ]
+  for _ in range(2):
+    result = run_process([sys.executable, RUN, *args], env=cli_env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+  stderr = result.stderr
+  assert "complete at step 40" in stderr and "Traceback" not in stderr
+  assert [r["step"] for r in reporting.read_metrics(tmp_path)] == [20, 40]
+
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from easgd_jax import workdir
+lock = workdir.Lock({path!r}).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(path):
+  process = subprocess.Popen(
+    [sys.executable, "-c", HOLD.format(repo=REPO, path=str(path))],
+    stdout=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+  assert process.stdout.readline().strip() == "held"
+  return process
+
+
+def test_one_run_per_workdir_and_a_dead_holders_lock_is_taken_over(tmp_path, cli_env):
+  holder = hold_lock(tmp_path)
+  try:
+    with pytest.raises(workdir.Busy, match=f"pid {holder.pid}"):
+      workdir.Lock(str(tmp_path)).acquire()
+    started = time.monotonic()
+    run = start(cli_env, "--algorithm=sgd", "--steps=10", f"--workdir={tmp_path}")
+    try:
+      _, stderr = run.communicate(timeout=120)
+    finally:
+      kill_group(run)
+    assert run.returncode == 2 and time.monotonic() - started < 60
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and f"pid {holder.pid}" in lines[-1], stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == [".lock"]  # nothing written beside the lock
+  finally:
+    kill_group(holder)  # SIGKILL: its lock is left behind ...
+  with workdir.Lock(str(tmp_path)):  # ... and taken over
+    pass
+
+
+def test_a_study_on_a_held_workdir_exits_2(tmp_path, cli_env):
+  holder = hold_lock(tmp_path)
+  try:
+    study = run_process(
+      [sys.executable, os.path.join(REPO, "experiments", "sweep_rho.py"), f"--workdir={tmp_path}"],
+      env=cli_env,
+      timeout=120,
+    )
+  finally:
+    kill_group(holder)
+  assert study.returncode == 2, study.stderr[-2000:]
+  assert f"pid {holder.pid}" in study.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+  "change, field",
+  [
+    (dict(momentum=0.9), "momentum"),
+    (dict(learning_rate=0.1), "learning_rate"),
+    (dict(rho=2.0), "rho"),
+    (dict(tau=2), "tau"),
+    (dict(batch_size=16), "batch_size"),
+    (dict(seed=1), "seed"),
+    (dict(synthetic_train_size=100), "synthetic_train_size"),
+    (dict(steps=30), "steps"),  # lower, on an unfinished run
+  ],
+)
+def test_resume_refuses_every_change_but_the_allowlist(tmp_path, cpu_devices, change, field):
+  config = Config(algorithm="easgd", num_devices=2, **SMALL | {"steps": 60})
+  train.train_and_evaluate(Config(**config.to_dict() | {"steps": 40}), str(tmp_path))
+  with open(tmp_path / reporting.CONFIG) as f:
+    saved = json.load(f)
+  saved["steps"] = 60  # as if the first launch had asked for 60 and been stopped at 40
+  reporting.write_json(str(tmp_path / reporting.CONFIG), saved)
+  before = files_of(tmp_path)
+  with pytest.raises(ConfigError, match=f"--{field}=") as error:
+    train.train_and_evaluate(Config(**config.to_dict() | change), str(tmp_path))
+  assert "\n" not in str(error.value)
+  assert files_of(tmp_path) == before
+  # The allowlisted fields change freely (and a field an older config.json lacks is its default).
+  del saved["inject_failure"]
+  reporting.write_json(str(tmp_path / reporting.CONFIG), saved)
+  allowed = dict(eval_every=10, checkpoint_every=10, keep_checkpoints=5, target_accuracy=0.5)
+  summary = train.train_and_evaluate(Config(**config.to_dict() | allowed), str(tmp_path))
+  assert summary["steps"] == 60
+
+
+def test_a_damaged_config_json_is_one_line(tmp_path, cpu_devices):
+  (tmp_path / reporting.CONFIG).write_text('{"algorithm": "easgd", "ste')
+  with pytest.raises(ConfigError, match="config.json is damaged") as error:
+    train.train_and_evaluate(Config(**SMALL), str(tmp_path))
+  assert "\n" not in str(error.value)
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, cpu_devices):
+  config = Config(algorithm="sgd", **SMALL)
+  whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+  train.train_and_evaluate(Config(**config.to_dict() | {"steps": 20}), str(tmp_path))
+  with open(tmp_path / reporting.METRICS, "a") as f:
+    f.write('{"step": 40, "samples": 12')  # power lost mid-write
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert [r["step"] for r in summary["history"]] == [20, 40]
+  timeless = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
+  assert timeless(reporting.read_metrics(tmp_path)) == timeless(whole["history"])
+
+
+def test_a_damaged_checkpoint_record_falls_back_to_the_previous_checkpoint(tmp_path, cpu_devices):
+  config = Config(algorithm="easgd", num_devices=2, **SMALL | {"steps": 60})
+  train.train_and_evaluate(config, str(tmp_path / "whole"))
+  train.train_and_evaluate(Config(**config.to_dict() | {"steps": 40}), str(tmp_path))
+  record = tmp_path / checkpoints.FOLDER / "40" / "record" / "metadata"
+  text = record.read_text()
+  assert '"train_seconds": ' in text
+  record.write_text(text.replace('"train_seconds": ', '"train_seconds": 1', 1))  # still JSON
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert os.path.isdir(tmp_path / checkpoints.SET_ASIDE / "40")
+  params = reporting.load_params(tmp_path / reporting.PARAMS)
+  expected = reporting.load_params(tmp_path / "whole" / reporting.PARAMS)
+  assert all(np.array_equal(params[k], expected[k]) for k in params)  # resumed from 20, exactly
+  assert [r["step"] for r in summary["history"]] == [20, 40, 60]
+
+
+class SlowSnapshots(AsyncSGD):
+  """Counts the evaluation snapshots alive at once (each is freed once it was scored)."""
+
+  live = peak = 0
+
+  def snapshot(self):
+    SlowSnapshots.live += 1
+    SlowSnapshots.peak = max(SlowSnapshots.peak, SlowSnapshots.live)
+    return super().snapshot()
+
+
+def test_at_most_one_evaluation_in_flight_and_no_loss_is_lost(problem, cpu_devices):  # noqa: F811
+  loss_fn, params, batches = problem
+  algorithm = SlowSnapshots(
+    loss_fn, num_workers=4, learning_rate=0.1, available_devices=cpu_devices
+  )
+  algorithm.init(params)
+  run = workers.Run(
+    algorithm,
+    [ListSampler(b) for b in batches[:4]],
+    steps=200,
+    eval_every=1,
+    batch_size=BATCH,
+    fail_fast=True,
+    failure=None,
+  )
+  scored = []
+
+  def slow_evaluation(snapshot):
+    time.sleep(0.05)  # slower than an iteration: points come faster than they can be scored
+    scored.append(snapshot)
+    SlowSnapshots.live -= 1
+
+  final = run.run(params, slow_evaluation)
+  assert SlowSnapshots.peak <= 2  # the one being scored, and the final one
+  assert len(scored) + run.evaluations_skipped == 199 and run.evaluations_skipped > 0
+  assert sum(s.skipped for s in scored) + final.skipped == run.evaluations_skipped
+  assert sum(len(s.losses) for s in scored) + len(final.losses) == 200  # every loss in a row
+  assert all(isinstance(v, float) for s in scored for v in s.losses)
+
+
+def peak_rss_mb(pid):
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return 0.0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_busy_async_run_within_30_s_with_bounded_memory(tmp_path, cli_env):
+  args = [
+    "--algorithm=async_easgd",
+    "--dataset=synthetic",
+    "--synthetic_shape=32,32,3",
+    "--model=cifar_cnn",
+    "--eval_every=1",
+    "--steps=2000",
+    f"--workdir={tmp_path}",
+  ]
+  process = start(cli_env, *args)
+  try:
+    for line in process.stderr:  # evaluations are under way: the backlog would build now
+      if re.search(r"step \d+/2000", line):
+        break
+    time.sleep(5)
+    peak = peak_rss_mb(process.pid)
+    process.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    took = time.monotonic() - stopped
+  finally:
+    kill_group(process)
+  assert process.returncode == 143, stderr[-2000:]
+  assert took < 30 and peak < 2048, (took, peak)
+  assert "checkpoint saved" in stderr
+  assert checkpoints.saved_steps(tmp_path)
+
+
+def test_async_checkpoints_apply_every_iteration_once_across_five_sigkills(tmp_path, cli_env):
+  steps, every = 400, 40
+  args = [
+    "--algorithm=async_sgd",
+    "--model=mlp",
+    f"--steps={steps}",
+    f"--eval_every={every}",
+    f"--checkpoint_every={every}",
+    f"--workdir={tmp_path}",
+  ]
+  rng = random.Random(0)
+  for _ in range(5):
+    target = max(checkpoints.saved_steps(tmp_path), default=0) + every * rng.choice([1, 2])
+    process = start(cli_env, *args)
+    try:
+      deadline = time.monotonic() + 240
+      while max(checkpoints.saved_steps(tmp_path), default=0) < target:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.005)
+      time.sleep(rng.uniform(0.0, 0.05))  # mid-iteration, mid-save or mid-evaluation
+    finally:
+      kill_group(process)  # SIGKILL
+  result = run_process([sys.executable, RUN, *args], env=cli_env, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / reporting.APPLIED) as f:
+    applied = [tuple(pair) for pair in json.load(f)["applied"]]
+  assert len(applied) == steps and len(set(applied)) == steps  # each exactly once
+  with open(tmp_path / reporting.SUMMARY) as f:
+    worker_steps = json.load(f)["worker_steps"]
+  for j, count in enumerate(worker_steps):  # worker j's steps 0..n_j-1, none missing
+    assert sorted(s for w, s in applied if w == j) == list(range(count))
+  assert [r["step"] for r in reporting.read_metrics(tmp_path)] == list(
+    range(every, steps + 1, every)
+  )
