@@ -216,8 +216,10 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
   summary = reporting.summarize(log.rows, config.target_accuracy)
   summary["algorithm"] = config.algorithm
   iterations, seconds = extra.pop("throughput")
-  # Training time only: compilation (each launch's first step) and pauses left out.
-  summary["samples_per_s"] = iterations * samples_per_step / seconds if seconds > 0 else None
+  # Training time only: compilation (each launch's first step) and pauses left out. A run too
+  # short to have steps after its warm-up keeps summarize's samples / wall time.
+  if iterations > 0 and seconds > 0:
+    summary["samples_per_s"] = iterations * samples_per_step / seconds
   summary.update(extra)
   if workdir:
     title = f"{config.algorithm} / {config.model} / {config.dataset}"

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from easgd_jax import reporting, train
+from easgd_jax import workdir as workdir_lib
 from easgd_jax.config import Config, ConfigError
 
 from conftest import REPO, child_env, run_process
@@ -29,7 +30,7 @@ def test_easgd_default_run_reaches_90_percent_and_writes_its_workdir(tmp_path):
   assert len(events) == 1  # TensorBoard, beside metrics.jsonl
   assert sorted(set(files) - set(events)) == sorted(
     [reporting.CONFIG, reporting.METRICS, reporting.SUMMARY, reporting.PLOT, reporting.PARAMS]
-    + ["checkpoints"]
+    + ["checkpoints", workdir_lib.Lock.NAME]
   )
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1000", "1500", "2000"]  # the last 3
   config = json.loads((workdir / reporting.CONFIG).read_text())
