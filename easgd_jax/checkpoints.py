@@ -49,38 +49,49 @@ std_logging.getLogger("absl").addFilter(_QuietOrbax())
 
 FOLDER = "checkpoints"
 SET_ASIDE = "unreadable_checkpoints"  # corrupted checkpoints are moved here, not deleted
-# Config fields a resumed run may change: none of them changes the math of the steps already
-# taken. Every other field, including any added later, must equal the workdir's config.json.
-RESUMABLE = frozenset(
-  {
-    "steps",  # may only rise (a lower one on a finished run is "complete")
-    "eval_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "target_accuracy",
-    "heartbeat_timeout_s",
-    "fail_fast",
-    "data_dir",  # where the same dataset is read from
-    "inject_nan",  # fault injection for one launch
-    "inject_failure",
-    "coordinator_address",  # a relaunched cluster may get another port
-    "process_id",  # every process of a multi-process run reads the same config.json
-  }
-)
+
+
+FORMAT = 2  # arrays stored under their pytree path names; 1 (no "format"): by position
+
+
+class OlderCheckpoint(ConfigError):
+  """A checkpoint written by an older version, which this one cannot resume."""
+
+
+def path_name(path):
+  """A pytree path as a name: `center/Dense_0/kernel`, `locals/3/Dense_0/bias`."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def named(tree):
+  """{path name: leaf} of every leaf of `tree`, in the tree's order."""
+  return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def to_host(tree):
-  """Every leaf of `tree` as a NumPy array (device arrays gathered, ints as 0-d arrays)."""
-  return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+  """{path name: NumPy array} of `tree` (device arrays gathered, ints as 0-d arrays)."""
+  return {name: np.asarray(leaf) for name, leaf in named(tree).items()}
 
 
-def like(template, host_leaves):
-  """`host_leaves` placed exactly like `template`'s leaves (same devices, same shardings)."""
-  leaves, treedef = jax.tree.flatten(template)
-  if len(leaves) != len(host_leaves):
-    raise ValueError(f"checkpoint holds {len(host_leaves)} arrays, the state has {len(leaves)}")
+def like(template, arrays):
+  """`arrays` ({path name: array}) placed exactly like `template`'s leaves (same devices,
+  same shardings), as `template`'s pytree."""
+  names = named(template)
+  missing = sorted(set(names) - set(arrays))
+  if missing:
+    raise ValueError(f"the checkpoint has no {missing[0]} ({len(missing)} arrays missing)")
+  treedef = jax.tree.structure(template)
   placed = []
-  for leaf, host in zip(leaves, host_leaves, strict=True):
+  for name, leaf in names.items():
+    host = arrays[name]
     if isinstance(host, jax.Array):  # multi-process: Orbax restored it with the leaf's sharding
       placed.append(host)
     elif isinstance(leaf, jax.Array):
@@ -92,8 +103,35 @@ def like(template, host_leaves):
   return jax.tree.unflatten(treedef, placed)
 
 
+def _nest(flat):
+  """{"a/b/c": x} -> {"a": {"b": {"c": x}}}: Orbax stores nested dicts under their names."""
+  nested = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = nested
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return nested
+
+
+def _unnest(nested, prefix=""):
+  flat = {}
+  for key, value in nested.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_unnest(value, f"{name}/"))
+    else:
+      flat[name] = value
+  return flat
+
+
 def _digest(array):
   return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _digests(arrays):
+  return {name: _digest(a) for name, a in arrays.items()}
 
 
 def _record_digest(record):
@@ -204,22 +242,22 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step, arrays, record):
-    """Write checkpoint `step`: `arrays` a list of arrays, `record` JSON-able.
+    """Write checkpoint `step`: `arrays` {path name: array}, `record` JSON-able.
 
     One process: host arrays. Several: global jax.Arrays sharded across the processes, or host
     arrays every process holds alike (process 0 writes those, and the record).
     """
     if self.shared:
-      arrays = [a if isinstance(a, jax.Array) else np.asarray(a) for a in arrays]
-      record = dict(record, step=step)
+      arrays = {k: a if isinstance(a, jax.Array) else np.asarray(a) for k, a in arrays.items()}
+      record = dict(record, step=step, format=FORMAT)
     else:
-      arrays = [np.asarray(a) for a in arrays]
-      record = dict(record, step=step, sha256=[_digest(a) for a in arrays])
+      arrays = {k: np.asarray(a) for k, a in arrays.items()}
+      record = dict(record, step=step, format=FORMAT, sha256=_digests(arrays))
     record = json.loads(json.dumps(record))  # what JsonSave writes, so the digest matches it
     record["record_sha256"] = _record_digest(record)
-    tree = {f"array_{i:05d}": a for i, a in enumerate(arrays)}
+    tree = {"arrays": _nest(arrays)}
     if self.shared:
-      tree["sha256"] = self._process_digests(arrays)
+      tree["sha256"] = self._process_digests(list(arrays.values()))
     self.manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(tree), record=ocp.args.JsonSave(record)),
@@ -239,11 +277,15 @@ class Checkpointer:
   def restore_latest(self, template_arrays):
     """(arrays, record) of the newest readable checkpoint, or None when there is none.
 
+    `template_arrays` is {path name: array}, like `arrays`. A checkpoint written by an older
+    version raises OlderCheckpoint (one line: resume it with that version, or start over).
+
     An unreadable checkpoint (truncated, corrupted, or not matching `template_arrays`) is
     reported, moved to workdir/unreadable_checkpoints, and the one before it is tried. With
     several processes a checkpoint is used only if every process read and verified its part.
     """
     for step in sorted(self.steps(), reverse=True):
+      self._check_format(step)
       try:
         arrays, record = self._read(step, template_arrays)
         error = None
@@ -255,28 +297,42 @@ class Checkpointer:
       self._set_aside(step, error, [p for p, bad in enumerate(failed) if bad])
     return None
 
+  def _check_format(self, step):
+    try:
+      record = ocp.JsonCheckpointHandler().restore(self.manager.directory / str(step) / "record")
+    except Exception:  # unreadable: _read reports it and sets the checkpoint aside
+      return
+    if isinstance(record, dict) and "step" in record and record.get("format") != FORMAT:
+      raise OlderCheckpoint(
+        f"checkpoint {step} in {self.directory} was written by an older easgd_jax (format "
+        f"{record.get('format', 1)}, arrays stored by position; this version stores them by name "
+        f"and reads format {FORMAT}): resume it with the version that wrote it, or use another "
+        f"--workdir"
+      )
+
   def _read(self, step, template_arrays):
     """The arrays and record of checkpoint `step`, verified; raises when they can't be used.
 
     Orbax's item handlers are called directly, not CheckpointManager.restore: the manager ends a
     restore with a barrier, which a process that failed to read would never reach.
     """
-    template = {f"array_{i:05d}": _template(a) for i, a in enumerate(template_arrays)}
+    template = {"arrays": _nest({k: _template(a) for k, a in template_arrays.items()})}
     if self.shared:
-      template["sha256"] = self._process_digests(template_arrays)
+      template["sha256"] = self._process_digests(list(template_arrays.values()))
     folder = self.manager.directory / str(step)
     restored = ocp.StandardCheckpointHandler().restore(
       folder / "state", args=ocp.args.StandardRestore(template)
     )
     record = ocp.JsonCheckpointHandler().restore(folder / "record")
-    arrays = [restored[f"array_{i:05d}"] for i in range(len(template_arrays))]
+    arrays = _unnest(restored["arrays"])
+    arrays = {name: arrays[name] for name in template_arrays}  # the template's order
     if self.shared:
       saved = local_rows(restored["sha256"]).tobytes()
-      if saved != b"".join(_local_digest(a) for a in arrays):
+      if saved != b"".join(_local_digest(a) for a in arrays.values()):
         raise ValueError("its arrays do not match the checksums saved with them")
     else:
-      arrays = [np.asarray(a) for a in arrays]
-      if record.get("sha256") != [_digest(a) for a in arrays]:
+      arrays = {k: np.asarray(a) for k, a in arrays.items()}
+      if record.get("sha256") != _digests(arrays):
         raise ValueError("its arrays do not match the checksums saved with them")
     if record.get("step") != step:
       raise ValueError(f"its record is for step {record.get('step')}")
@@ -312,36 +368,3 @@ def _template(array):
   return (
     array if isinstance(array, jax.Array) and not array.is_fully_addressable else np.asarray(array)
   )
-
-
-def check_same_experiment(saved, config):
-  """ConfigError naming the first field of `config` that a resume of `saved` cannot honour.
-
-  The rule covers every field of the Config: all must equal the workdir's config.json except
-  those in RESUMABLE; `steps` may rise. A field missing from an older config.json is compared
-  with its default, the value that run used.
-  """
-  defaults = type(config)().to_dict()
-  new_values = config.to_dict()
-  for field, new in new_values.items():
-    old = saved.get(field, defaults[field])
-    if isinstance(new, tuple) and isinstance(old, list):
-      old = tuple(old)
-    if field == "steps" or field in RESUMABLE or old == new:
-      continue
-    raise ConfigError(
-      f"the workdir holds a run with --{field}={_flag_value(old)}, not {_flag_value(new)}: "
-      f"use another --workdir, or the same --{field} to resume it"
-    )
-  unknown = sorted(set(saved) - set(new_values))
-  if unknown:
-    raise ConfigError(
-      f"the workdir's config.json has fields this version does not know ({', '.join(unknown)}): "
-      f"it was written by another version; use another --workdir"
-    )
-
-
-def _flag_value(value):
-  if isinstance(value, tuple | list):
-    return ",".join(map(str, value))
-  return "(unset)" if value is None else value

@@ -3,26 +3,14 @@
 `run.py` builds a `Config` from absl flags; a notebook builds one directly
 (`Config(algorithm="easgd", steps=300)`) or edits the defaults with `dataclasses.replace`.
 Each field's name is the name of its flag, so an error can tell the user which flag to change.
+What an algorithm supports (data parallelism, model parallelism, which inner optimizers) is
+declared by the algorithm itself and looked up in `easgd_jax.algorithms.REGISTRY`.
 """
 
 import dataclasses
 import math
 import sys
 
-ALGORITHMS = (
-  "sgd",
-  "easgd",
-  "sync_sgd",
-  "sync_easgd",
-  "async_sgd",
-  "hogwild",
-  "async_easgd",
-  "hogwild_easgd",
-)
-SYNC_ALGORITHMS = ("sync_sgd", "sync_easgd")  # every device steps at once, through pmap
-EASGD_ALGORITHMS = ("easgd", "sync_easgd", "async_easgd", "hogwild_easgd")
-MODEL_PARALLEL_ALGORITHMS = ("sgd", "sync_sgd")  # --model_parallel > 1 (a data x model mesh)
-ASYNC_ALGORITHMS = ("async_sgd", "hogwild", "async_easgd", "hogwild_easgd")  # worker threads
 DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 MODELS = ("mlp", "lenet", "cifar_cnn")
 # Upper bounds, so a typo fails here with a message instead of hanging or crashing later: the
@@ -64,16 +52,24 @@ def parse_flags(argv):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  algorithm: str = "easgd"  # one of ALGORITHMS
+  algorithm: str = "easgd"  # a name in easgd_jax.algorithms.REGISTRY
   dataset: str = "digits"  # one of DATASETS; digits is offline (ships with scikit-learn)
   data_dir: str | None = None  # tensorflow-datasets directory for mnist / cifar10
   model: str = "lenet"  # one of MODELS
   num_devices: int = 4  # G: EASGD workers, one per device (shared when devices are fewer)
   batch_size: int = 32  # b: samples per worker per iteration
   learning_rate: float = 0.05  # eta
-  rho: float = 1.0  # elastic coefficient; eta * rho is the moving rate of Eq. (1)/(2)
-  tau: int = 1  # communication period: elastic exchange on every tau-th step of a worker
-  momentum: float = 0.0  # delta: Nesterov momentum of the local steps (EAMSGD when > 0)
+  rho: float | None = None  # elastic coefficient (1.0 when unset): alpha = eta * rho
+  alpha: float | None = None  # the moving rate of Eq. (1)/(2) itself (instead of --rho)
+  tau: int = 1  # communication period: exchange (or average) every tau-th step of a worker
+  momentum: float = 0.0  # delta of the momentum optimizers (Nesterov alone: EAMSGD)
+  optimizer: str | None = None  # inner optimizer; unset: nesterov if --momentum > 0, else sgd
+  lr_schedule: str = "constant"  # constant, cosine or warmup_cosine (optax schedules)
+  decay_steps: int | None = None  # steps the schedule spans; fixed at the first launch
+  warmup_steps: int = 0  # warmup_cosine: linear warm-up steps
+  weight_decay: float = 1e-4  # adamw's decoupled weight decay
+  outer_learning_rate: float = 0.7  # diloco: the outer Nesterov SGD's learning rate
+  outer_momentum: float = 0.9  # diloco: its momentum
   steps: int = 2000  # T: iterations (one worker step each for round-robin EASGD)
   eval_every: int = 100  # iterations between evaluations of the center on the test set
   seed: int = 0  # parameter initialization and batch sampling
@@ -90,10 +86,11 @@ class Config:
   model_parallel: int = 1  # M: devices each layer is split across (sgd, sync_sgd)
   fail_fast: bool = False  # async family: stop the run when a worker fails (default: carry on)
   inject_failure: str | None = None  # async family: "J:S" makes worker J raise at its step S
+  progress_every_s: int = 30  # seconds between progress lines on stderr (0: none)
 
   def validate(self) -> "Config":
     """Returns self, or raises ConfigError naming the first bad flag."""
-    _one_of("algorithm", self.algorithm, ALGORITHMS)
+    _one_of("algorithm", self.algorithm, tuple(_registry()))
     _one_of("dataset", self.dataset, DATASETS)
     _one_of("model", self.model, MODELS)
     _in_range("num_devices", self.num_devices, 1, MAX_DEVICES)
@@ -105,15 +102,16 @@ class Config:
     _in_range("seed", self.seed, 0, MAX_SEED)
     if not (_is_number(self.learning_rate) and self.learning_rate > 0):
       raise ConfigError(f"--learning_rate must be a finite number > 0 (got {self.learning_rate})")
-    if not (_is_number(self.rho) and self.rho >= 0):
-      raise ConfigError(f"--rho must be a finite number >= 0 (got {self.rho})")
-    if not 0 <= self.momentum < 1:
+    if not (_is_number(self.momentum) and 0 <= self.momentum < 1):
       raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
+    self._validate_elastic()
+    self._validate_optimizer()
     self._validate_processes()
     self._validate_async()
     self._validate_model_parallel()
     _at_least("checkpoint_every", self.checkpoint_every, 0)
     _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+    _in_range("progress_every_s", self.progress_every_s, 0, MAX_TIMEOUT_S)
     if self.inject_nan is not None:
       _at_least("inject_nan", self.inject_nan, 1)
     if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
@@ -124,6 +122,56 @@ class Config:
         f"--synthetic_shape must be three positive sizes H,W,C (got {','.join(map(str, shape))})"
       )
     return self
+
+  def _validate_elastic(self):
+    if self.rho is not None and self.alpha is not None:
+      raise ConfigError(
+        f"--alpha={self.alpha} and --rho={self.rho} both set the moving rate (alpha = "
+        f"learning_rate * rho); give one of them"
+      )
+    if self.rho is not None and not (_is_number(self.rho) and self.rho >= 0):
+      raise ConfigError(f"--rho must be a finite number >= 0 (got {self.rho})")
+    if self.alpha is not None and not (_is_number(self.alpha) and self.alpha >= 0):
+      raise ConfigError(f"--alpha must be a finite number >= 0 (got {self.alpha})")
+
+  def _validate_optimizer(self):
+    from easgd_jax.optimizers import OPTIMIZERS, SCHEDULES
+
+    if self.optimizer is not None:
+      _one_of("optimizer", self.optimizer, OPTIMIZERS)
+    accepted = _registry()[self.algorithm].optimizers
+    if self.inner_optimizer not in accepted:
+      raise ConfigError(
+        f"--algorithm={self.algorithm} accepts --optimizer={' or '.join(accepted)} (got "
+        f"{self.inner_optimizer}): an unlocked in-place write has no optimizer state"
+      )
+    if self.inner_optimizer in ("momentum", "nesterov") and not self.momentum:
+      raise ConfigError(f"--optimizer={self.inner_optimizer} needs --momentum in (0, 1), e.g. 0.9")
+    _one_of("lr_schedule", self.lr_schedule, SCHEDULES)
+    schedules = _registry()[self.algorithm].schedules
+    if self.lr_schedule not in schedules:
+      raise ConfigError(
+        f"--algorithm={self.algorithm} accepts --lr_schedule={' or '.join(schedules)} (got "
+        f"{self.lr_schedule}): its unlocked writes keep no step count"
+      )
+    if self.decay_steps is not None:
+      _at_least("decay_steps", self.decay_steps, 1)
+    _at_least("warmup_steps", self.warmup_steps, 0)
+    if self.lr_schedule == "warmup_cosine" and self.warmup_steps >= (
+      self.decay_steps or self.steps
+    ):
+      raise ConfigError(
+        f"--warmup_steps={self.warmup_steps} must be below --decay_steps (or --steps) "
+        f"{self.decay_steps or self.steps}"
+      )
+    if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+      raise ConfigError(f"--weight_decay must be a finite number >= 0 (got {self.weight_decay})")
+    if not (_is_number(self.outer_learning_rate) and self.outer_learning_rate > 0):
+      raise ConfigError(
+        f"--outer_learning_rate must be a finite number > 0 (got {self.outer_learning_rate})"
+      )
+    if not (_is_number(self.outer_momentum) and 0 <= self.outer_momentum < 1):
+      raise ConfigError(f"--outer_momentum must be in [0, 1) (got {self.outer_momentum})")
 
   def _validate_processes(self):
     _in_range("num_processes", self.num_processes, 1, MAX_DEVICES)
@@ -143,10 +191,11 @@ class Config:
         f"--coordinator_address must be HOST:PORT with PORT in 1..65535, e.g. 127.0.0.1:12345 "
         f"(got {self.coordinator_address})"
       )
-    if self.algorithm not in SYNC_ALGORITHMS:
+    if not _registry()[self.algorithm].data_parallel:
+      supported = [name for name, cls in _registry().items() if cls.data_parallel]
       raise ConfigError(
         f"--algorithm={self.algorithm} runs in one process; multi-process runs support "
-        f"{', '.join(SYNC_ALGORITHMS)}"
+        f"{', '.join(supported)}"
       )
     if self.num_devices % self.num_processes:
       raise ConfigError(
@@ -155,16 +204,12 @@ class Config:
       )
 
   def _validate_async(self):
-    if self.algorithm == "hogwild" and self.momentum:
-      raise ConfigError(
-        "--algorithm=hogwild applies plain SGD updates without a lock; use --momentum=0 "
-        "(or async_sgd / async_easgd / hogwild_easgd for momentum)"
-      )
     if self.inject_failure is None:
       return
-    if self.algorithm not in ASYNC_ALGORITHMS:
+    if _registry()[self.algorithm].driven_by != "workers":
+      concurrent = [name for name, cls in _registry().items() if cls.driven_by == "workers"]
       raise ConfigError(
-        f"--inject_failure applies to the asynchronous algorithms ({', '.join(ASYNC_ALGORITHMS)})"
+        f"--inject_failure applies to the asynchronous algorithms ({', '.join(concurrent)})"
       )
     worker, step = self.failure_point or (-1, -1)
     if not (0 <= worker < self.num_devices and step >= 0):
@@ -177,23 +222,49 @@ class Config:
     _in_range("model_parallel", self.model_parallel, 1, MAX_DEVICES)
     if self.model_parallel == 1:
       return
-    if self.algorithm not in MODEL_PARALLEL_ALGORITHMS:
+    if not _registry()[self.algorithm].model_parallel:
+      supported = [name for name, cls in _registry().items() if cls.model_parallel]
       raise ConfigError(
         f"--model_parallel={self.model_parallel} supports --algorithm="
-        f"{' or '.join(MODEL_PARALLEL_ALGORITHMS)} (got {self.algorithm}); use --model_parallel=1"
+        f"{' or '.join(supported)} (got {self.algorithm}); use --model_parallel=1"
       )
     if self.num_processes > 1:
       raise ConfigError("--model_parallel > 1 runs in one process; use --num_processes=1")
-    if self.algorithm == "sync_sgd" and self.num_devices % self.model_parallel:
+    if _registry()[self.algorithm].data_parallel and self.num_devices % self.model_parallel:
       raise ConfigError(
         f"--num_devices={self.num_devices} must be a multiple of --model_parallel="
         f"{self.model_parallel} (the mesh is num_devices / model_parallel data x model_parallel)"
       )
 
   @property
+  def moving_rate(self):
+    """alpha of Eq. (1)/(2): --alpha, or eta * rho from --rho (1.0 when unset) and eta."""
+    if self.alpha is not None:
+      return self.alpha
+    return self.learning_rate * (1.0 if self.rho is None else self.rho)
+
+  @property
+  def elastic_flags(self):
+    """The flags that set alpha, as a user gave them (for messages)."""
+    if self.alpha is not None:
+      return f"--alpha={self.alpha:g}"
+    return (
+      f"--rho={1.0 if self.rho is None else self.rho:g}, --learning_rate={self.learning_rate:g}"
+    )
+
+  @property
+  def inner_optimizer(self):
+    """--optimizer, or its default: the algorithm's own, else nesterov with --momentum, else sgd."""
+    if self.optimizer is not None:
+      return self.optimizer
+    default = getattr(_registry().get(self.algorithm), "default_optimizer", None)
+    return default or ("nesterov" if self.momentum else "sgd")
+
+  @property
   def mesh_shape(self):
     """(data, model) devices for model-parallel runs: sgd uses (1, M), sync_sgd (P / M, M)."""
-    data = self.num_devices // self.model_parallel if self.algorithm == "sync_sgd" else 1
+    data_parallel = _registry()[self.algorithm].data_parallel
+    data = self.num_devices // self.model_parallel if data_parallel else 1
     return data, self.model_parallel
 
   @property
@@ -212,6 +283,12 @@ class Config:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+
+def _registry():
+  from easgd_jax.algorithms import REGISTRY  # they declare what they support; config is below
+
+  return REGISTRY
 
 
 def _one_of(flag, value, choices):

@@ -1,10 +1,10 @@
-"""The shared step core: loss, gradient, the local optimizer step and the elastic updates.
+"""The shared step core: loss, gradient, the local optimizer step, evaluation.
 
 Every algorithm is built from these pure functions over parameter pytrees, so SGD, round-robin
 EASGD and the other variants differ only in which of them they call, where and when.
 
-Symbols follow the seed: eta (learning rate), rho (elastic coefficient), W^i (`local`),
-W-bar (`center`), Delta W (`grads`).
+Symbols follow the seed: eta (learning rate), W^i (`local`), W-bar (`center`), Delta W
+(`grads`). The elastic terms of Eq. (1)/(2) are optax transformations in `elastic.py`.
 """
 
 import math
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from easgd_jax.config import EASGD_ALGORITHMS
+from easgd_jax import optimizers
 
 
 def make_loss_fn(model):
@@ -29,10 +29,8 @@ def make_loss_fn(model):
 
 
 def local_optimizer(learning_rate, momentum=0.0):
-  """W <- W - eta * Delta W, with optax doing the optimizer math (Nesterov momentum when > 0)."""
-  if momentum:
-    return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
-  return optax.sgd(learning_rate)
+  """W <- W - eta * Delta W, or Nesterov momentum (EAMSGD's local step) when momentum > 0."""
+  return optimizers.create("nesterov" if momentum else "sgd", learning_rate, momentum)
 
 
 def make_gradient(loss_fn):
@@ -72,77 +70,45 @@ def make_sgd_step(loss_fn, optimizer, reduce_grads=None):
   return sgd_step
 
 
-def elastic_local_update(local, updates, center, eta, rho):
-  """Eq. (1): W^i <- W^i - eta * (Delta W^i + rho * (W^i - W-bar)).
-
-  `updates` is the optimizer's -eta * Delta W^i, so plain SGD gives exactly Eq. (1) and
-  momentum gives its EAMSGD form, both from the same line.
-  """
-  return jax.tree.map(lambda w, u, c: w + u - eta * rho * (w - c), local, updates, center)
-
-
-def elastic_center_update(center, differences, eta, rho):
-  """Eq. (2): W-bar <- W-bar + eta * rho * sum_i (W^i - W-bar).
-
-  `differences` is sum_i (W^i - W-bar) over the workers that exchange now: one worker in
-  round-robin EASGD, a collective sum over devices in synchronous EASGD.
-  """
-  return jax.tree.map(lambda c, d: c + eta * rho * d, center, differences)
-
-
-def elastic_difference(local, center):
-  """W^i - W-bar, the quantity both Eq. (1) and Eq. (2) are driven by."""
-  return jax.tree.map(jnp.subtract, local, center)
-
-
-def make_elastic_step(loss_fn, optimizer, eta, rho):
-  """One worker's iteration with an elastic exchange: gradient, then Eq. (1) against `center`."""
+def make_elastic_step(loss_fn, local_tx):
+  """elastic_step(params, opt_state, center, batch) -> (params, opt_state, loss): the gradient,
+  then Eq. (1) through `local_tx` (an elastic.elastic transformation) against `center`."""
   gradient = make_gradient(loss_fn)
 
-  def elastic_step(local, opt_state, center, batch):
-    grads, loss = gradient(local, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, local)
-    return elastic_local_update(local, updates, center, eta, rho), opt_state, loss
+  def elastic_step(params, opt_state, center, batch):
+    grads, loss = gradient(params, batch)
+    updates, opt_state = local_tx.update(grads, opt_state, params, center=center)
+    return optax.apply_updates(params, updates), opt_state, loss
 
   return elastic_step
 
 
-def make_center_update(eta, rho):
-  """center_update(center, local) -> Eq. (2) for the one worker `local` that exchanges now."""
-
-  def center_update(center, local):
-    return elastic_center_update(center, elastic_difference(local, center), eta, rho)
-
-  return center_update
-
-
-def elastic_stability(eta, rho, num_workers, all_at_once):
+def elastic_stability(alpha, num_workers, all_at_once):
   """None when the elastic coupling is stable, else a one-line warning citing the condition.
 
-  With the gradients left out, Eq. (1)/(2) are a linear map on the gaps W^i - W-bar. Write the
-  moving rate alpha = eta * rho and beta = G * alpha, as Zhang et al. (2015) do (they use
-  beta = 0.9, alpha = beta / G). One worker exchanging at a time (round-robin, asynchronous,
+  With the gradients left out, Eq. (1)/(2) are a linear map on the gaps x^i - W-bar. With the
+  moving rate alpha (eta * rho) and beta = G * alpha, as Zhang et al. (2015) write them (they use
+  beta = 0.9, alpha = beta / G): one worker exchanging at a time (round-robin, asynchronous,
   Hogwild EASGD) scales its gap by 1 - 2 alpha: stable iff 0 < alpha < 1. All G at once
   (synchronous EASGD) scales a gap shared by every worker by 1 - alpha - beta and differences
   between workers by 1 - alpha: stable iff 0 < alpha and alpha + beta < 2.
   """
-  alpha = eta * rho
   beta = num_workers * alpha
   if alpha <= 0:
     return (
-      f"eta*rho = {alpha:g}: the elastic force is off, the center never moves and the workers "
-      f"train independently; raise --rho above 0 for EASGD"
+      f"alpha = {alpha:g}: the elastic force is off, the center never moves and the workers "
+      f"train independently; raise --rho (or --alpha) above 0 for EASGD"
     )
   if all_at_once and alpha + beta >= 2:
     return (
-      f"alpha + beta = eta*rho*(1+G) = {alpha + beta:g} >= 2 (alpha = eta*rho = {alpha:g}, "
-      f"beta = G*alpha = {beta:g}): synchronous EASGD's elastic exchange is unstable (it needs "
-      f"alpha + beta < 2); lower --rho or --learning_rate"
+      f"alpha + beta = alpha*(1+G) = {alpha + beta:g} >= 2 (alpha = {alpha:g}, beta = G*alpha = "
+      f"{beta:g}): synchronous EASGD's elastic exchange is unstable (it needs alpha + beta < 2); "
+      f"lower --rho (or --alpha) or --learning_rate"
     )
   if not all_at_once and alpha >= 1:
     return (
-      f"alpha = eta*rho = {alpha:g} >= 1 (beta = G*alpha = {beta:g}): each one-worker exchange "
-      f"overshoots and is unstable (it needs 0 < alpha < 1); lower --rho or --learning_rate"
+      f"alpha = {alpha:g} >= 1 (beta = G*alpha = {beta:g}): each one-worker exchange overshoots "
+      f"and is unstable (it needs 0 < alpha < 1); lower --rho (or --alpha) or --learning_rate"
     )
   return None
 
@@ -150,16 +116,19 @@ def elastic_stability(eta, rho, num_workers, all_at_once):
 def divergence_advice(config):
   """What to change after a NaN/inf loss, for the run's DivergenceError message.
 
-  An EASGD run whose elastic coupling breaks its stability condition (elastic_stability: alpha < 1
+  An elastic run whose coupling breaks its stability condition (elastic_stability: alpha < 1
   for one-at-a-time exchanges, alpha + beta < 2 for synchronous ones) is told that condition with
   its values; any other run is told to lower the learning rate.
   """
-  eta, rho = config.learning_rate, config.rho
-  if config.algorithm in EASGD_ALGORITHMS and eta * rho > 0:  # rho = 0 is uncoupled, not unstable
-    unstable = elastic_stability(eta, rho, config.num_devices, config.algorithm == "sync_easgd")
+  from easgd_jax.algorithms import REGISTRY  # the algorithms are built on this module
+
+  kind = REGISTRY[config.algorithm]
+  alpha = config.moving_rate
+  if kind.elastic and alpha > 0:  # alpha = 0 is uncoupled, not unstable
+    unstable = elastic_stability(alpha, config.num_devices, kind.all_at_once)
     if unstable:
-      return f"{unstable} (now --rho={rho:g}, --learning_rate={eta:g})"
-  return f"lower --learning_rate (now {eta})"
+      return f"{unstable} (now {config.elastic_flags})"
+  return f"lower --learning_rate (now {config.learning_rate})"
 
 
 def make_evaluate(loss_fn, batch_size=1000):
@@ -184,7 +153,26 @@ def make_evaluate(loss_fn, batch_size=1000):
   return evaluate
 
 
-def check_hyperparameters(*, learning_rate, momentum=0.0, rho=None, tau=None, **counts):
+def inner_or_default(optimizer, learning_rate, momentum=0.0):
+  """`optimizer` when given, else plain SGD at `learning_rate` (Nesterov when `momentum` > 0)."""
+  if optimizer is not None:
+    return optimizer
+  check_hyperparameters(learning_rate=learning_rate, momentum=momentum)
+  return local_optimizer(learning_rate, momentum)
+
+
+def moving_rate(alpha=None, learning_rate=None, rho=None):
+  """alpha of Eq. (1)/(2), checked: `alpha` itself, or learning_rate * rho (rho 1.0 if unset)."""
+  if alpha is not None:
+    if not (_is_finite(alpha) and alpha >= 0):  # elastic_stability warns when it is too large
+      raise ValueError(f"alpha must be a finite number >= 0 (got {alpha!r})")
+    return alpha
+  rho = 1.0 if rho is None else rho
+  check_hyperparameters(learning_rate=learning_rate, rho=rho)
+  return learning_rate * rho
+
+
+def check_hyperparameters(*, learning_rate=1.0, momentum=0.0, rho=None, tau=None, **counts):
   """Raises a ValueError naming the first bad argument, before an algorithm is built on it.
 
   Every algorithm's constructor calls this, so a notebook's `tau=0` fails here with a message,

@@ -2,6 +2,14 @@
 
 Everything else asks this module for devices and never calls `jax.device_put` itself, so moving
 from per-device placement to a mesh (`shard_map`) later touches this file only.
+
+Workers and devices: the workers are the G replicas of an algorithm (EASGD's W^j, a data-parallel
+replica), and `--num_devices` counts them. The devices are what they are placed on: the
+accelerators, or on a CPU-only machine the CPU devices `emulate_cpu_devices` makes. Several
+workers may share one device (`worker_devices`: worker j on device j mod D, with a warning), but
+the data-parallel algorithms need one device per replica (their pmap runs one replica on each),
+and a model-parallel mesh one per shard: with too few, `replica_devices` and `mesh` raise
+ConfigError.
 """
 
 import logging as std_logging
@@ -37,18 +45,26 @@ std_logging.getLogger("jax._src.xla_bridge").addFilter(_QuietTPUProbe())
 def emulate_cpu_devices(count):
   """Make the CPU backend expose `count` devices; call before jax first touches a device.
 
-  Harmless on accelerator machines (it only shapes the CPU backend). If the backend is already
-  up with fewer devices (e.g. a notebook that ran jax first), the caller gets a clear error.
+  Harmless on accelerator machines (it only shapes the CPU backend). The count replaces any
+  XLA_FLAGS=--xla_force_host_platform_device_count, smaller or larger. If the backend is already
+  up (e.g. a notebook that ran jax first), this changes nothing and raises nothing: the devices
+  stay as they are, and a shortfall shows later, where it matters: workers then share devices
+  (`worker_devices` warns), and the algorithms that need one device per replica raise ConfigError
+  (`replica_devices`, `mesh`).
   """
   try:
     jax.config.update("jax_num_cpu_devices", max(count, 1))
   except RuntimeError:
-    pass  # backend already initialized: keep whatever it has; worker_devices reports shortfalls
-  # XLA_FLAGS=--xla_force_host_platform_device_count (set by the tests) wins if it asks for more.
+    pass  # backend already initialized: keep whatever it has (see the docstring)
 
 
 def worker_devices(num_workers, devices=None):
-  """Worker j runs on device j mod D; returns the list, logging when workers must share."""
+  """The device of each of `num_workers` workers: worker j runs on device j mod D.
+
+  D counts `devices` (default: all of `jax.devices()`). With fewer devices than workers the
+  workers share devices that way and this only logs a warning; it raises ConfigError only when
+  there is no device at all.
+  """
   devices = list(devices if devices is not None else jax.devices())
   if not devices:
     raise ConfigError("no JAX devices are visible; check the jax installation")
@@ -186,6 +202,12 @@ def replicate(tree_host, replicas):
 def first_replica(tree):
   """The copy on this process's first replica device, as a plain single-device array."""
   return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
+
+
+def local_replicas(tree):
+  """This process's copies of a replicated (pmap) pytree, one single-device pytree each."""
+  count = len(jax.tree.leaves(tree)[0].addressable_shards)
+  return [jax.tree.map(lambda x, i=i: x.addressable_shards[i].data[0], tree) for i in range(count)]
 
 
 def max_in_flight(replicas):

@@ -61,17 +61,18 @@ def advice(config, checkpointer):
   return f"{core.divergence_advice(config)}{kept}"
 
 
-def check_losses(pending, algorithm, config, checkpointer):
-  """DivergenceError naming the first step, and its worker, whose loss is NaN/inf."""
-  for step, values in pending:
+def check_losses(losses, config, checkpointer):
+  """DivergenceError naming the first step, and its worker, whose loss is NaN/inf.
+
+  `losses`: (step, values, who) with one value, or one per replica (replica i is worker i);
+  `who` names the worker when the engine knows it.
+  """
+  for step, values, who in sorted(losses, key=lambda entry: entry[0]):
+    values = np.ravel(values)
     bad = ~np.isfinite(values)
     if bad.any():
-      if len(values) > 1:  # one loss per replica: replica i is worker i
-        who = f"worker {int(np.argmax(bad))}"
-      elif hasattr(algorithm, "worker"):
-        who = f"worker {algorithm.worker(step - 1)[0]}"
-      else:
-        who = "the only worker"
+      if who is None:
+        who = f"worker {int(np.argmax(bad))}" if len(values) > 1 else "the only worker"
       raise DivergenceError(
         f"loss is {values[bad][0]} at step {step} ({who}): the run diverged; "
         f"{advice(config, checkpointer)}"
@@ -80,7 +81,7 @@ def check_losses(pending, algorithm, config, checkpointer):
 
 def check_weights(arrays, step, config, checkpointer):
   """DivergenceError when a weight is NaN/inf (multi-process: in any process's rows)."""
-  parts = map(checkpoints.local_rows, arrays)
+  parts = map(checkpoints.local_rows, arrays.values())
   finite = all(np.isfinite(part).all() for part in parts if part.dtype.kind == "f")
   if jax.process_count() > 1:  # the others hold other replicas: all stop, or none
     finite = bool(multihost_utils.process_allgather(np.array(finite)).all())

@@ -30,7 +30,8 @@ import numpy as np
 from absl import logging
 
 from easgd_jax import reporting
-from easgd_jax.config import SYNC_ALGORITHMS, Config
+from easgd_jax.algorithms import REGISTRY
+from easgd_jax.config import Config
 from easgd_jax.workdir import Lock
 
 
@@ -61,12 +62,7 @@ class Study:
   def config(self, arm, seed):
     """The run's Config: iterations from the sample budget (P * b samples per sync step)."""
     config = dataclasses.replace(self.base, seed=seed, **arm.overrides)
-    # Batches per step: one per data-parallel replica, and a model-parallel mesh (P / M) x M
-    # has P / M of them (config.mesh_shape; sgd's mesh is 1 x M).
-    replicas = config.num_devices if config.algorithm in SYNC_ALGORITHMS else 1
-    if config.model_parallel > 1:
-      replicas = config.mesh_shape[0]
-    per_step = config.batch_size * replicas
+    per_step = REGISTRY[config.algorithm].samples_per_step(config)  # the algorithm says
     steps = max(1, self.samples // per_step)
     return dataclasses.replace(
       config,

@@ -24,8 +24,8 @@ The calling (main) thread does everything else, so the workers never wait on the
   issued so far has finished, the workers are idle at that barrier, and the master, every
   worker's state, every sampler and the log of applied iterations are taken from that one
   instant. Nothing is in flight, so a resumed run applies each iteration exactly once.
-- Losses stay on the device until an evaluation or checkpoint pulls them; a NaN/inf loss found
-  then stops the run (`diverged`), since the master it was written to is shared.
+- Losses stay on the device until an evaluation or checkpoint pulls them; the trainer checks
+  them there, and its DivergenceError stops every worker on its way out of `run`.
 - `should_stop()` (SIGTERM/SIGINT) stops the ticket counter; each worker finishes the iteration it
   is in, and the final snapshot carries the whole state for the checkpoint.
 """
@@ -59,6 +59,7 @@ class Snapshot:
   evaluate: bool = True  # False: taken only for a checkpoint
   state: dict | None = None  # for a checkpoint: master, workers, samplers, applied (see `_state`)
   skipped: int = 0  # evaluation points skipped since the previous evaluation (one was running)
+  workers: list | None = None  # every worker's state at that moment (for the gap diagnostic)
 
 
 @dataclasses.dataclass
@@ -117,7 +118,6 @@ class Run:
     self._slot = None  # the one evaluation snapshot waiting for, or in, the main thread
     self._slot_busy = False
     self.failures: list[Failure] = []
-    self.diverged = None  # (worker, its step, iteration, loss) of the first NaN/inf loss
     self.stopped = False  # True when `should_stop` ended the run early
     self.stop = threading.Event()
     self.start_time = None
@@ -222,6 +222,7 @@ class Run:
       evaluate=evaluate,
       state=state,
       skipped=self._skipped,
+      workers=list(self.worker_states) if evaluate else None,
     )
     if evaluate:
       self.losses, self.staleness, self._skipped = [], [], 0
@@ -240,26 +241,23 @@ class Run:
       "evaluations_skipped": self.evaluations_skipped,
     }
 
-  def _pull_losses(self, snapshot):
-    """The snapshot's losses as floats (the one device sync per row); NaN/inf stops the run."""
+  @staticmethod
+  def _pull_losses(snapshot):
+    """The snapshot's losses on the host, (iteration, [value], who): the one sync per row."""
     entries = snapshot.losses
     # np.asarray per scalar: ~100x cheaper than one jax.device_get of the list, on the hot thread.
     values = np.array([np.asarray(e.value) for e in entries], np.float64).reshape(-1)
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size and self.diverged is None:
-      first = min(bad, key=lambda i: entries[i].ticket)
-      e = entries[first]
-      self.diverged = (e.worker, e.worker_step, e.ticket, float(values[first]))
-      self.stop.set()
-    snapshot.losses = values.tolist()
-    return not bad.size
+    snapshot.losses = [
+      (e.ticket, values[i : i + 1], f"worker {e.worker}, its step {e.worker_step}")
+      for i, e in enumerate(entries)
+    ]
 
   def _checkpoint_due(self):
     if self.stop.is_set():  # stopping: the final snapshot carries the state instead
       return False
     return self._barrier < self.steps and self.done == self.issued == self._barrier
 
-  def run(self, params_host, on_snapshot, should_stop=None):
+  def run(self, params_host, on_snapshot, should_stop=None, tick=None):
     """Start the workers, feed `on_snapshot` in this thread, return the final snapshot.
 
     `should_stop()` is polled here; when it returns True the workers stop after their current
@@ -286,6 +284,8 @@ class Run:
           self.stop.set()
           with self.changed:
             self.changed.notify_all()
+        if tick is not None:
+          tick(self.done)
         with self.changed:
           if self._slot is None and not self._checkpoint_due():
             if not any(t.is_alive() for t in threads):
@@ -299,14 +299,15 @@ class Run:
             snapshot = self._snapshot(evaluate=False, state=self._state())
         if snapshot.evaluate:
           try:
-            if self._pull_losses(snapshot) and not self.stop.is_set():
+            self._pull_losses(snapshot)
+            if not self.stop.is_set():
               on_snapshot(snapshot)
           finally:
             with self.changed:
               self._slot_busy = False
           continue
-        if self._pull_losses(snapshot):
-          on_snapshot(snapshot)
+        self._pull_losses(snapshot)
+        on_snapshot(snapshot)
         with self.changed:
           self._paused_s += time.perf_counter() - paused_at
           self._barrier = min(self._barrier + self.checkpoint_every, self.steps)
@@ -320,7 +321,7 @@ class Run:
       raise
     for thread in threads:
       thread.join()
-    if self.diverged is None and self.fail_fast and self.failures:
+    if self.fail_fast and self.failures:
       raise WorkerFailure(f"{self.failures[0].describe()} (--fail_fast stops the run)")
     if self.done < self.steps and not self.stop.is_set():
       raise WorkerFailure(

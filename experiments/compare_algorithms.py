@@ -27,6 +27,11 @@ ARMS = (
   study.Arm("easgd (round-robin)", {"algorithm": "easgd", "num_devices": G}),
   study.Arm("eamsgd (round-robin)", {"algorithm": "easgd", "num_devices": G, "momentum": 0.9}),
   study.Arm("sync_easgd", {"algorithm": "sync_easgd", "num_devices": G}),
+  study.Arm("local_sgd, tau=4", {"algorithm": "local_sgd", "num_devices": G, "tau": 4}),
+  study.Arm(
+    "diloco (adamw), tau=8",
+    {"algorithm": "diloco", "num_devices": G, "tau": 8, "learning_rate": 0.002},
+  ),
   study.Arm("async_sgd", {"algorithm": "async_sgd", "num_devices": G}),
   study.Arm("hogwild", {"algorithm": "hogwild", "num_devices": G}),
   study.Arm("async_easgd", {"algorithm": "async_easgd", "num_devices": G}),

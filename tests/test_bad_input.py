@@ -184,17 +184,20 @@ def test_a_diverging_easgd_run_is_told_the_stability_condition_it_breaks():
 @pytest.mark.parametrize(
   "config, expected",
   [
-    (Config(algorithm="easgd", rho=30.0), ["alpha = eta*rho = 1.5 >= 1", "--rho=30"]),
-    (Config(algorithm="async_easgd", rho=20.0), ["alpha = eta*rho = 1 >= 1", "0 < alpha < 1"]),
+    (Config(algorithm="easgd", rho=30.0), ["alpha = 1.5 >= 1", "--rho=30"]),
+    (Config(algorithm="async_easgd", rho=20.0), ["alpha = 1 >= 1", "0 < alpha < 1"]),
+    (Config(algorithm="easgd", alpha=1.5), ["alpha = 1.5 >= 1", "(now --alpha=1.5)"]),
     (
       Config(algorithm="sync_easgd", rho=16.0),
-      ["alpha + beta = eta*rho*(1+G) = 4 >= 2", "alpha + beta < 2", "--learning_rate=0.05"],
+      ["alpha + beta = alpha*(1+G) = 4 >= 2", "alpha + beta < 2", "--learning_rate=0.05"],
     ),
     (Config(algorithm="easgd"), ["lower --learning_rate (now 0.05)"]),  # stable: eta it is
     (Config(algorithm="sync_easgd", rho=0.0), ["lower --learning_rate (now 0.05)"]),
     (Config(algorithm="sgd", rho=100.0), ["lower --learning_rate (now 0.05)"]),  # rho unused
   ],
-  ids=lambda value: f"{value.algorithm} rho={value.rho:g}" if isinstance(value, Config) else "",
+  ids=lambda value: (
+    f"{value.algorithm} alpha={value.moving_rate:g}" if isinstance(value, Config) else ""
+  ),
 )
 def test_divergence_advice_names_the_violated_condition(config, expected):
   advice = core.divergence_advice(config)

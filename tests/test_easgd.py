@@ -110,19 +110,25 @@ def test_rho_zero_makes_each_worker_plain_sgd_on_its_own_batches(problem, cpu_de
   for j in range(workers):
     sgd = SGD(loss_fn, learning_rate=eta, device=cpu_devices[j])
     sgd_state, _ = _run(sgd, params, batches[j::workers])
-    jax.tree.map(np.testing.assert_array_equal, state.locals[j], sgd_state.params)
+    jax.tree.map(assert_one_rounding, state.locals[j], sgd_state.params)
   # With rho = 0 nothing pulls the center: it stays at the initial weights.
   jax.tree.map(np.testing.assert_array_equal, state.center, params)
 
 
-def test_one_worker_with_rho_zero_equals_sgd_exactly(problem, cpu_devices):
+def assert_one_rounding(actual, desired):
+  """Equal up to float32 rounding: with rho = 0 the elastic gate is a traced 0, so XLA cannot
+  drop the term, and W + (u - 0 * d) rounds once more than SGD's fused W + u may."""
+  np.testing.assert_allclose(actual, desired, rtol=1e-6, atol=1e-8)
+
+
+def test_one_worker_with_rho_zero_equals_sgd(problem, cpu_devices):
   loss_fn, params, batches = problem
   easgd = RoundRobinEASGD(
     loss_fn, num_workers=1, learning_rate=0.1, rho=0.0, available_devices=cpu_devices
   )
   easgd_state, _ = easgd.run(easgd.init(params), batches)
   sgd_state, _ = _run(SGD(loss_fn, learning_rate=0.1, device=cpu_devices[0]), params, batches)
-  jax.tree.map(np.testing.assert_array_equal, easgd_state.locals[0], sgd_state.params)
+  jax.tree.map(assert_one_rounding, easgd_state.locals[0], sgd_state.params)
 
 
 def test_sgd_matches_numpy_reference(problem, cpu_devices):

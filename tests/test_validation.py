@@ -16,8 +16,10 @@ from easgd_jax.algorithms import (
   SGD,
   AsyncEASGD,
   AsyncSGD,
+  DiLoCo,
   Hogwild,
   HogwildEASGD,
+  LocalSGD,
   ModelParallelSGD,
   RoundRobinEASGD,
   SyncEASGD,
@@ -40,6 +42,8 @@ VALID = {
   AsyncSGD: dict(num_workers=2, learning_rate=0.1),
   Hogwild: dict(num_workers=2, learning_rate=0.1),
   ModelParallelSGD: dict(data_parallel=1, model_parallel=2, learning_rate=0.1),
+  LocalSGD: dict(num_devices=2, learning_rate=0.1),
+  DiLoCo: dict(num_devices=2, learning_rate=0.001),
 }
 
 BAD = [
@@ -54,6 +58,9 @@ BAD = [
   ("rho", -1.0),
   ("rho", math.nan),
   ("rho", math.inf),
+  ("alpha", math.inf),
+  ("alpha", -0.1),
+  ("alpha", math.nan),
   ("tau", 0),
   ("tau", -1),
   ("tau", 1.5),
@@ -97,7 +104,8 @@ def test_the_edges_of_the_valid_ranges_are_accepted(algorithm, cpu_devices):
 
 
 def test_every_algorithm_is_checked():
-  constructors = {getattr(algorithms, name) for name in algorithms.__all__}
+  exported = [getattr(algorithms, name) for name in algorithms.__all__]
+  constructors = {c for c in exported if inspect.isclass(c)}
   checked = {c for c in constructors if inspect.isclass(c) and accepts(c, "learning_rate")}
   assert checked == set(VALID)
 

@@ -266,7 +266,9 @@ def test_at_most_one_evaluation_in_flight_and_no_loss_is_lost(problem, cpu_devic
   assert len(scored) + run.evaluations_skipped == 199 and run.evaluations_skipped > 0
   assert sum(s.skipped for s in scored) + final.skipped == run.evaluations_skipped
   assert sum(len(s.losses) for s in scored) + len(final.losses) == 200  # every loss in a row
-  assert all(isinstance(v, float) for s in scored for v in s.losses)
+  entries = [entry for s in scored for entry in s.losses]  # (iteration, [loss], who), on the host
+  assert all(isinstance(v, np.ndarray) and v.shape == (1,) for _, v, _ in entries)
+  assert sorted(i for i, _, _ in entries + final.losses) == list(range(1, 201))
 
 
 def peak_rss_mb(pid):

@@ -4,15 +4,17 @@ Every worker keeps its own W^i on its own device and takes local steps at its ow
 every tau-th own step (its steps 0, tau, 2 tau, ...) it exchanges with the master, first come
 first served:
 
-  master (device 0):  read W-bar, then W-bar <- W-bar + eta * rho * (W^i - W-bar)         Eq. (2)
-  worker i:           W^i <- W^i - eta * (Delta W^i + rho * (W^i - W-bar_read))          Eq. (1)
+  master (device 0):  read W-bar, then W-bar <- W-bar + alpha * (x^i - W-bar)              Eq. (2)
+  worker i:           W^i <- W^i + u(Delta W^i) - alpha * (x^i - W-bar_read)              Eq. (1)
+
+(u the inner optimizer's update, x^i the worker's point: W^i, or W^i less its Nesterov look-ahead
+for Async EAMSGD; elastic.py holds both equations.)
 
 `AsyncEASGD` holds the center on device 0 and does the read-and-update under a lock, one worker
 at a time, so the center is exactly the sequence of Eq. (2) updates in arrival order (the
 exchange log records that order). `HogwildEASGD` does the same exchange without the lock: the
 center is a shared host buffer that workers update in place concurrently (see hogwild.py for what
-that can lose). `--momentum` makes the local steps Nesterov (Async EAMSGD) via optax, as in the
-synchronous algorithms.
+that can lose).
 
 A worker's staleness at an exchange is the number of exchanges other workers made since its own
 previous one: how far the center moved without it.
@@ -23,15 +25,17 @@ import time
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from easgd_jax import core, devices
+from easgd_jax import core, devices, elastic
+from easgd_jax.algorithms.base import WORKERS, Defaults
 from easgd_jax.algorithms.hogwild import SharedBuffer, on_device
 
 
 class WorkerState(NamedTuple):
   local: Any  # W^i, on worker i's device
-  opt_state: Any  # its optimizer state (momentum trace), beside it
+  opt_state: Any  # its elastic optimizer state (own count, inner state), beside it
   step: int  # the worker's own iterations so far
   last_seen: int  # exchanges done at the end of its previous exchange
 
@@ -45,23 +49,53 @@ class Exchange(NamedTuple):
   end: float
 
 
-class AsyncEASGD:
+class AsyncEASGD(Defaults):
   """Center on device 0 behind a lock; drive it with `workers.Run` (threads)."""
 
+  name = "async_easgd"
+  driven_by = WORKERS
+  elastic = True
+  batches_per_step = 1  # a step is one worker's iteration
+
   def __init__(
-    self, loss_fn, *, num_workers, learning_rate, rho, tau=1, momentum=0.0, available_devices=None
+    self,
+    loss_fn,
+    *,
+    num_workers,
+    learning_rate=None,
+    rho=None,
+    tau=1,
+    momentum=0.0,
+    alpha=None,
+    optimizer=None,
+    available_devices=None,
   ):
-    core.check_hyperparameters(
-      learning_rate=learning_rate, momentum=momentum, rho=rho, tau=tau, num_workers=num_workers
-    )
+    core.check_hyperparameters(momentum=momentum, tau=tau, num_workers=num_workers)
     self.devices = devices.worker_devices(num_workers, available_devices)
     self.master_device = self.devices[0]
-    self.tau, self.eta, self.rho = tau, learning_rate, rho
-    self.optimizer = core.local_optimizer(learning_rate, momentum)
-    self._sgd_step = jax.jit(core.make_sgd_step(loss_fn, self.optimizer))
-    self._elastic_step = jax.jit(core.make_elastic_step(loss_fn, self.optimizer, self.eta, rho))
-    self._center_update = jax.jit(core.make_center_update(self.eta, rho))
+    self.tau = tau
+    self.alpha = core.moving_rate(alpha, learning_rate, rho)
+    inner = core.inner_or_default(optimizer, learning_rate, momentum)
+    self.optimizer = elastic.elastic(inner, self.alpha, tau)
+    self._elastic_step = jax.jit(core.make_elastic_step(loss_fn, self.optimizer))
+    self._point = jax.jit(elastic.point)
+    self._center_update = jax.jit(
+      lambda center, x: elastic.center_update(
+        center, jax.tree.map(jnp.subtract, x, center), self.alpha
+      )
+    )
     self.lock = threading.Lock()
+
+  @classmethod
+  def from_config(cls, config, loss_fn, available_devices=None):
+    return cls(
+      loss_fn,
+      num_workers=config.num_devices,
+      alpha=config.moving_rate,
+      tau=config.tau,
+      optimizer=cls.inner_optimizer(config),
+      available_devices=available_devices,
+    )
 
   def init(self, params_host):
     self.center = devices.put(params_host, self.master_device)
@@ -74,8 +108,10 @@ class AsyncEASGD:
 
   def iterate(self, j, worker, batch_host):
     batch = batch_host  # goes to W^i's device inside the jitted call: no device_put in Python
-    if worker.step % self.tau:  # a local step between exchanges
-      local, opt_state, loss = self._sgd_step(worker.local, worker.opt_state, batch)
+    if worker.step % self.tau:  # a local step between exchanges (the gate is 0: no center)
+      local, opt_state, loss = self._elastic_step(
+        worker.local, worker.opt_state, worker.local, batch
+      )
       return worker._replace(local=local, opt_state=opt_state, step=worker.step + 1), loss, None
     center, before = self._exchange(j, worker)
     center = devices.put(center, self.devices[j])
@@ -85,17 +121,22 @@ class AsyncEASGD:
 
   def _exchange(self, j, worker):
     """Eq. (2) for worker j under the lock; returns the center it read and exchanges before it."""
-    local = jax.block_until_ready(devices.put(worker.local, self.master_device))
+    x = self._point(worker.local, worker.opt_state)  # x^i, on the worker's device
+    x = jax.block_until_ready(devices.put(x, self.master_device))
     with self.lock:
       start = time.perf_counter()
       center, before = self.center, self.exchanges
-      self.center = self._center_update(center, local)
+      self.center = self._center_update(center, x)
       self.exchanges += 1
       self.log.append(Exchange(j, worker.step, start, time.perf_counter()))
     return center, before
 
   def snapshot(self):
     return self.center
+
+  def worker_points(self, state):
+    """x^i of each worker in a checkpoint-shaped state {"master", "workers"}."""
+    return [elastic.point(w.local, w.opt_state) for w in state["workers"] if w is not None]
 
   def master_state(self):
     with self.lock:
@@ -110,11 +151,16 @@ class HogwildEASGD(AsyncEASGD):
 
   An exchange is one jitted call and one NumPy write. The call reads the shared center where it
   lies (in place on a CPU device, see hogwild.py), takes the worker's Eq. (1) step against that
-  read and returns Eq. (2)'s increment eta * rho * (W^i - W-bar_read); the worker then adds the
+  read and returns Eq. (2)'s increment alpha * (W^i - W-bar_read); the worker then adds the
   increment to the shared center in place, without a lock. Both equations use the same read, so
   the elastic force moves W^i and W-bar by equal and opposite amounts, as in Eq. (1)/(2); an
   exchange by another worker between the read and the write is added to, not overwritten.
+  Plain SGD only: the local steps could keep optimizer state, but the shared center is a
+  lock-free sum of increments, and the tests check it as such.
   """
+
+  name = "hogwild_easgd"
+  optimizers = ("sgd",)
 
   _layout = None  # the parameter layout the exchange steps were jitted for
 
@@ -131,9 +177,9 @@ class HogwildEASGD(AsyncEASGD):
   def _hogwild_exchange(self, local, opt_state, center_flat, batch):
     """Eq. (1) against the center read, and Eq. (2)'s increment to the center, flat."""
     center = self.shared.unravel(center_flat)
-    new_local, opt_state, loss = self._elastic_step(local, opt_state, center, batch)
-    gap = self.shared.ravel(core.elastic_difference(local, center))  # W^i - W-bar_read
-    return new_local, opt_state, loss, self.eta * self.rho * gap
+    gap = self.shared.ravel(elastic.gap(local, opt_state, center))  # x^i - W-bar_read
+    new_local, new_opt_state, loss = self._elastic_step(local, opt_state, center, batch)
+    return new_local, new_opt_state, loss, self.alpha * gap
 
   def iterate(self, j, worker, batch_host):
     if worker.step % self.tau:  # a local step between exchanges

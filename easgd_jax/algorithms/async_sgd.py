@@ -6,7 +6,8 @@ arriving gradient under a lock, so two updates never interleave ("the master use
 weight update conflicts, one worker at a time"). A gradient's staleness is the number of master
 updates applied between the read it was computed from and its own application.
 
-`--momentum` keeps a Nesterov trace on the master (optax), updated under the same lock.
+The master steps with the inner optimizer (`--optimizer`: SGD, momentum, Nesterov or AdamW, all
+optax), whose state lives with it and is updated under the same lock.
 """
 
 import threading
@@ -16,6 +17,7 @@ from typing import NamedTuple
 import jax
 
 from easgd_jax import core, devices
+from easgd_jax.algorithms.base import WORKERS, Defaults
 
 
 class Update(NamedTuple):
@@ -28,19 +30,43 @@ class Update(NamedTuple):
   end: float
 
 
-class AsyncSGD:
+class AsyncSGD(Defaults):
   """Master weights on device 0 behind a lock; drive it with `workers.Run` (threads)."""
 
-  def __init__(self, loss_fn, *, num_workers, learning_rate, momentum=0.0, available_devices=None):
-    core.check_hyperparameters(
-      learning_rate=learning_rate, momentum=momentum, num_workers=num_workers
-    )
+  name = "async_sgd"
+  driven_by = WORKERS
+  batches_per_step = 1  # a step is one worker's iteration: one master update
+
+  def __init__(
+    self,
+    loss_fn,
+    *,
+    num_workers,
+    learning_rate=None,
+    momentum=0.0,
+    optimizer=None,
+    available_devices=None,
+  ):
+    core.check_hyperparameters(num_workers=num_workers)
     self.devices = devices.worker_devices(num_workers, available_devices)
     self.master_device = self.devices[0]
-    self.optimizer = core.local_optimizer(learning_rate, momentum)
+    self.optimizer = core.inner_or_default(optimizer, learning_rate, momentum)
     self._gradient = jax.jit(core.make_gradient(loss_fn))
     self._apply_gradient = jax.jit(core.make_apply_gradient(self.optimizer))
     self.lock = threading.Lock()
+
+  @classmethod
+  def steps_per_count(cls, config):
+    return 1  # the master's optimizer takes every run step
+
+  @classmethod
+  def from_config(cls, config, loss_fn, available_devices=None):
+    return cls(
+      loss_fn,
+      num_workers=config.num_devices,
+      optimizer=cls.inner_optimizer(config),
+      available_devices=available_devices,
+    )
 
   def init(self, params_host):
     self.params = devices.put(params_host, self.master_device)

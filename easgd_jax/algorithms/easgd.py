@@ -6,12 +6,15 @@ Iteration t uses worker j = t mod G:
   line 8   the host copies b random samples to device j;
   line 9   W-bar_t is sent to device j;
   line 11  W^j_t is sent to device 0;
-  line 13  device 0: W-bar_{t+1} = W-bar_t + eta * rho * (W^j_t - W-bar_t)             Eq. (2)
+  line 13  device 0: W-bar_{t+1} = W-bar_t + alpha * (W^j_t - W-bar_t)                  Eq. (2)
   line 10  device j: forward and backward at W^j_t give Delta W^j_t;
-  line 12  device j: W^j_{t+1} = W^j_t - eta * (Delta W^j_t + rho * (W^j_t - W-bar_t))  Eq. (1)
+  line 12  device j: W^j_{t+1} = W^j_t + u(Delta W^j_t) - alpha * (W^j_t - W-bar_t)     Eq. (1)
 
-With tau > 1 the exchange (lines 9-13) happens on worker j's every tau-th own step, counting from
-its first (as in Zhang et al.'s EASGD), and the other steps are plain local SGD.
+with u the inner optimizer's update (-eta * Delta W for SGD) and alpha = eta * rho. With tau > 1
+the exchange (lines 9-13) happens on worker j's every tau-th own step, counting from its first
+(as in Zhang et al.'s EASGD), and the other steps are local steps; the gate is in the worker's
+optimizer state (elastic.py), and the host, which knows the same count, moves weights only then.
+With Nesterov momentum W^j_t in lines 11-13 is the worker's point x^j (EAMSGD, Algorithm 2).
 
 Eq. (2) needs W^j_t, the weights *before* worker j's update, so the center never waits for a
 gradient: it is enqueued on device 0 ahead of the worker's step, and with JAX's asynchronous
@@ -22,50 +25,74 @@ from typing import Any, NamedTuple
 
 import jax
 
-from easgd_jax import core, devices
+from easgd_jax import core, devices, elastic
+from easgd_jax.algorithms.base import Defaults
 
 
 class EASGDState(NamedTuple):
   center: Any  # W-bar, on device 0
   locals: tuple  # W^j, each on worker j's device
-  opt_states: tuple  # worker j's optimizer state, beside its W^j
+  opt_states: tuple  # worker j's elastic optimizer state (its count, its inner state), beside W^j
   step: int  # t, iterations done so far (all workers together)
 
 
-class RoundRobinEASGD:
+class RoundRobinEASGD(Defaults):
   """The host-side scheduler. Drive it from a notebook with `init` and `step` (or `run`)."""
 
-  replicas = 1  # one worker, one batch per iteration
+  name = "easgd"
+  elastic = True
+  batches_per_step = 1  # one worker, one batch per iteration
 
   def __init__(
-    self, loss_fn, *, num_workers, learning_rate, rho, tau=1, momentum=0.0, available_devices=None
+    self,
+    loss_fn,
+    *,
+    num_workers,
+    learning_rate=None,
+    rho=None,
+    tau=1,
+    momentum=0.0,
+    alpha=None,
+    optimizer=None,
+    available_devices=None,
   ):
-    core.check_hyperparameters(
-      learning_rate=learning_rate, momentum=momentum, rho=rho, tau=tau, num_workers=num_workers
-    )
+    """alpha, or rho with the base learning_rate (alpha = learning_rate * rho); `optimizer` is
+    the inner optax transformation (default SGD at learning_rate, Nesterov with momentum)."""
+    core.check_hyperparameters(momentum=momentum, tau=tau, num_workers=num_workers)
     self.num_workers, self.tau = num_workers, tau
+    self.alpha = core.moving_rate(alpha, learning_rate, rho)
     self.devices = devices.worker_devices(num_workers, available_devices)
     self.center_device = self.devices[0]
-    self.optimizer = core.local_optimizer(learning_rate, momentum)
-    eta = learning_rate
-    sgd_step = core.make_sgd_step(loss_fn, self.optimizer)
-    elastic_step = core.make_elastic_step(loss_fn, self.optimizer, eta, rho)
+    inner = core.inner_or_default(optimizer, learning_rate, momentum)
+    self.optimizer = elastic.elastic(inner, self.alpha, tau)
+    elastic_step = core.make_elastic_step(loss_fn, self.optimizer)
 
-    center_update = core.make_center_update(eta, rho)
+    def center_update(center, local, opt_state):
+      return elastic.center_update(center, elastic.gap(local, opt_state, center), self.alpha)
 
     def fused_step(local, opt_state, center, batch):
       # Everything on one device: one dispatch instead of two, same arithmetic.
-      new_center = center_update(center, local)
+      new_center = center_update(center, local, opt_state)
       local, opt_state, loss = elastic_step(local, opt_state, center, batch)
       return local, opt_state, new_center, loss
 
-    self._sgd_step = jax.jit(sgd_step)
     self._elastic_step = jax.jit(elastic_step)
     self._center_update = jax.jit(center_update)
     self._fused_step = jax.jit(fused_step)
     # Fusing is only safe on a single device: with several, the center would then wait for
     # device 0's gradient and the other workers would stall behind it.
     self._fused = len(set(self.devices)) == 1
+
+  @classmethod
+  def from_config(cls, config, loss_fn, available_devices=None):
+    return cls(
+      loss_fn,
+      num_workers=config.num_devices,
+      alpha=config.moving_rate,
+      tau=config.tau,
+      optimizer=cls.inner_optimizer(config),
+      available_devices=available_devices,
+    )
 
   def init(self, params_host) -> EASGDState:
     """Algorithm 1, lines 3-5: copy W to every worker and to the center."""
@@ -89,15 +116,15 @@ class RoundRobinEASGD:
     device = self.devices[j]
     batch = devices.put(batch_host, device)
     local, opt_state, center = state.locals[j], state.opt_states[j], state.center
-    if not exchange:
-      local, opt_state, loss = self._sgd_step(local, opt_state, batch)
-    elif self._fused:
+    if exchange and self._fused:
       local, opt_state, center, loss = self._fused_step(local, opt_state, center, batch)
-    else:
+    elif exchange:
       center_at_worker = devices.put(center, device)
-      local_at_center = devices.put(local, self.center_device)
-      center = self._center_update(center, local_at_center)
+      local_at_center = devices.put((local, opt_state), self.center_device)
+      center = self._center_update(center, *local_at_center)
       local, opt_state, loss = self._elastic_step(local, opt_state, center_at_worker, batch)
+    else:  # the gate is 0: any center gives a plain local step; W^j itself costs no transfer
+      local, opt_state, loss = self._elastic_step(local, opt_state, local, batch)
     new_state = EASGDState(
       center=center,
       locals=_replace(state.locals, j, local),
@@ -116,6 +143,9 @@ class RoundRobinEASGD:
 
   def eval_params(self, state: EASGDState):
     return state.center
+
+  def worker_points(self, state: EASGDState):
+    return [elastic.point(w, s) for w, s in zip(state.locals, state.opt_states, strict=True)]
 
 
 def _replace(items, index, value):

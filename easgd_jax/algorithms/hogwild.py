@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from easgd_jax import core, devices
+from easgd_jax.algorithms.base import WORKERS, Defaults
 
 ALIGNMENT = 64  # bytes; XLA:CPU copies a less aligned NumPy argument instead of using it in place
 
@@ -92,7 +93,13 @@ class Write(NamedTuple):
   end: float
 
 
-class Hogwild:
+class Hogwild(Defaults):
+  name = "hogwild"
+  driven_by = WORKERS
+  optimizers = ("sgd",)  # an unlocked in-place write has no optimizer state
+  schedules = ("constant",)  # ... and no step count for a schedule
+  batches_per_step = 1
+
   def __init__(self, loss_fn, *, num_workers, learning_rate, available_devices=None):
     core.check_hyperparameters(learning_rate=learning_rate, num_workers=num_workers)
     self.devices = devices.worker_devices(num_workers, available_devices)
@@ -101,6 +108,15 @@ class Hogwild:
     self._layout, self._steps = None, None
     # Counts finished writes for the staleness statistic only; the weights never take it.
     self._count_lock = threading.Lock()
+
+  @classmethod
+  def from_config(cls, config, loss_fn, available_devices=None):
+    return cls(
+      loss_fn,
+      num_workers=config.num_devices,
+      learning_rate=config.learning_rate,
+      available_devices=available_devices,
+    )
 
   def init(self, params_host):
     self.shared = SharedBuffer(params_host)

@@ -5,23 +5,35 @@ from typing import Any, NamedTuple
 import jax
 
 from easgd_jax import core, devices
+from easgd_jax.algorithms.base import Defaults
 
 
 class SGDState(NamedTuple):
   params: Any  # W, on the device
-  opt_state: Any  # the optimizer's state (momentum trace when --momentum > 0)
+  opt_state: Any  # the inner optimizer's state
   step: int  # iterations done
 
 
-class SGD:
-  replicas = 1  # one batch per iteration
+class SGD(Defaults):
+  name = "sgd"
+  model_parallel = True
+  batches_per_step = 1
 
-  def __init__(self, loss_fn, *, learning_rate, momentum=0.0, device=None):
-    core.check_hyperparameters(learning_rate=learning_rate, momentum=momentum)
+  def __init__(self, loss_fn, *, learning_rate=None, momentum=0.0, optimizer=None, device=None):
+    """`optimizer`: any optax transformation; default SGD at `learning_rate` (Nesterov with
+    `momentum`)."""
     self.device = device or jax.devices()[0]
     self.devices = [self.device]
-    self.optimizer = core.local_optimizer(learning_rate, momentum)
+    self.optimizer = core.inner_or_default(optimizer, learning_rate, momentum)
     self._sgd_step = jax.jit(core.make_sgd_step(loss_fn, self.optimizer))
+
+  @classmethod
+  def from_config(cls, config, loss_fn, available_devices=None):
+    if config.model_parallel > 1:  # the same step on a (1, M) mesh
+      from easgd_jax.algorithms.model_parallel import ModelParallelSGD
+
+      return ModelParallelSGD.from_config(config, loss_fn)
+    return cls(loss_fn, optimizer=cls.inner_optimizer(config))
 
   def init(self, params_host) -> SGDState:
     params = devices.put(params_host, self.device)

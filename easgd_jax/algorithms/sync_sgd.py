@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from jax import lax
 
 from easgd_jax import core, devices
+from easgd_jax.algorithms.base import Defaults
 
 
 class SyncSGDState(NamedTuple):
@@ -20,18 +21,28 @@ class SyncSGDState(NamedTuple):
   step: int
 
 
-class SyncSGD:
-  def __init__(self, loss_fn, *, num_devices, learning_rate, momentum=0.0):
-    core.check_hyperparameters(
-      learning_rate=learning_rate, momentum=momentum, num_devices=num_devices
-    )
+class SyncSGD(Defaults):
+  name = "sync_sgd"
+  data_parallel = True
+  model_parallel = True
+
+  def __init__(self, loss_fn, *, num_devices, learning_rate=None, momentum=0.0, optimizer=None):
+    core.check_hyperparameters(num_devices=num_devices)
     self.devices = devices.replica_devices(num_devices)
-    self.replicas = num_devices  # per-device batches per step, across all processes
+    self.batches_per_step = num_devices  # per-device batches per step, across all processes
     self.local_ids = devices.local_replica_ids(self.devices)
-    self.optimizer = core.local_optimizer(learning_rate, momentum)
+    self.optimizer = core.inner_or_default(optimizer, learning_rate, momentum)
     step = core.make_sgd_step(loss_fn, self.optimizer, lambda g: lax.pmean(g, devices.AXIS))
     self._sgd_step = devices.pmap(step, self.devices)
     self.max_in_flight = devices.max_in_flight(self.devices)
+
+  @classmethod
+  def from_config(cls, config, loss_fn, available_devices=None):
+    if config.model_parallel > 1:  # the same step on a (P / M, M) mesh
+      from easgd_jax.algorithms.model_parallel import ModelParallelSGD
+
+      return ModelParallelSGD.from_config(config, loss_fn)
+    return cls(loss_fn, num_devices=config.num_devices, optimizer=cls.inner_optimizer(config))
 
   def init(self, params_host) -> SyncSGDState:
     return SyncSGDState(

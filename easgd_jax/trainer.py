@@ -1,0 +1,179 @@
+"""The one training loop, for every algorithm and engine: evaluation, metrics, checkpoints,
+resume, NaN handling, signals and progress.
+
+The engine trains and stops at Points (easgd_jax/engines); here each Point becomes a metrics row
+(scored on the test set, with the diagnostics below), a checkpoint, a DivergenceError or a
+Preempted. Every row has the same core keys for every algorithm:
+
+  step, samples, wall_time_s, train_loss, test_loss, test_accuracy,
+  param_norm   ||W|| of the evaluated weights (the center, for elastic algorithms),
+  grad_norm    ||Delta W|| of the training loss at those weights, on a fixed probe batch,
+  gap_mean, gap_max   over the workers of ||x^i - W-bar|| / ||W-bar|| (algorithms with
+                      workers beside a center: the EASGD family, local SGD, DiLoCo),
+
+plus what the algorithm's engine adds (staleness for the asynchronous family).
+"""
+
+import math
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+
+from easgd_jax import core, devices, reporting
+from easgd_jax.failures import DivergenceError, Preempted, advice, check_losses, check_weights
+
+PROBE_SIZE = 256  # training examples the gradient-norm diagnostic is measured on
+
+
+class Progress:
+  """A progress line on stderr every `every_s` seconds: steps/s, samples/s, ETA."""
+
+  def __init__(self, total, start, samples_per_step, every_s):
+    self.total, self.samples_per_step, self.every_s = total, samples_per_step, every_s
+    self.last_time, self.last_step = time.perf_counter(), start
+
+  def tick(self, step):
+    now = time.perf_counter()
+    if not self.every_s or now - self.last_time < self.every_s:
+      return
+    rate = (step - self.last_step) / (now - self.last_time)
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    print(
+      f"progress: step {step}/{self.total} ({100 * step / self.total:.0f}%)  "
+      f"{rate:.1f} steps/s  {rate * self.samples_per_step:.0f} samples/s  ETA {_duration(eta)}",
+      file=sys.stderr,
+      flush=True,
+    )
+    self.last_time, self.last_step = now, step
+
+
+def _duration(seconds):
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Trainer:
+  """Scores, logs and checkpoints one run; `fit(engine)` drives the engine to --steps."""
+
+  def __init__(self, config, algorithm, dataset, loss_fn, log, checkpointer):
+    self.config, self.algorithm, self.log, self.checkpointer = config, algorithm, log, checkpointer
+    self.samples_per_step = type(algorithm).samples_per_step(config)
+    self.evaluate = core.make_evaluate(loss_fn)
+    # On process 1+, global device 0 is elsewhere; a model-parallel run scores on its whole mesh.
+    placement = getattr(algorithm, "eval_placement", None) or jax.local_devices()[0]
+    self.test_images = devices.put(dataset.test_images, placement)
+    self.test_labels = devices.put(dataset.test_labels, placement)
+    probe = {"image": dataset.train_images[:PROBE_SIZE], "label": dataset.train_labels[:PROBE_SIZE]}
+    self.probe = devices.put(probe, placement)
+    gradient = core.make_gradient(loss_fn)
+    self._grad_norm = jax.jit(lambda params, batch: optax.tree.norm(gradient(params, batch)[0]))
+    self.offset, self.measured = 0.0, [0, 0.0]  # seconds and throughput of earlier launches
+
+  def compile_evaluation(self, params_host):
+    """Score once now: with concurrent workers the first evaluation would otherwise lag far."""
+    params = devices.put(params_host, self.test_images.sharding)
+    self.evaluate(params, self.test_images, self.test_labels)
+    self._grad_norm(params, self.probe)
+
+  def row(self, step, params, train_loss, wall_time_s, points=None, **extra):
+    """Score `params` on the test set, stop on divergence, write one metrics row."""
+    test_loss, test_accuracy = self.evaluate(params, self.test_images, self.test_labels)
+    if not math.isfinite(test_loss):
+      raise DivergenceError(
+        f"test loss is {test_loss} at step {step}: the weights diverged; "
+        f"{advice(self.config, self.checkpointer)}"
+      )
+    row = {
+      "step": step,
+      "samples": step * self.samples_per_step,
+      "wall_time_s": round(wall_time_s, 4),
+      "train_loss": train_loss,
+      "test_loss": test_loss,
+      "test_accuracy": test_accuracy,
+      **self.diagnostics(params, points),
+      **extra,
+    }
+    self.log.append(row)
+    logging.info(
+      "step %d/%d  train_loss %.4f  test_loss %.4f  test_accuracy %.4f  %.1fs",
+      step,
+      self.config.steps,
+      train_loss,
+      test_loss,
+      test_accuracy,
+      wall_time_s,
+    )
+
+  def diagnostics(self, params, points):
+    params = devices.put(params, self.test_images.sharding)
+    found = {
+      "param_norm": float(optax.tree.norm(params)),
+      "grad_norm": float(self._grad_norm(params, self.probe)),
+    }
+    if points:  # on the host: the workers' weights live on different devices
+      center = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
+      norm = math.sqrt(sum(float(np.sum(c * c)) for c in center)) or 1.0
+      gaps = []
+      for point in points:
+        leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(point)]
+        gaps.append(
+          math.sqrt(sum(float(np.sum((x - c) ** 2)) for x, c in zip(leaves, center, strict=True)))
+        )
+      found.update(gap_mean=float(np.mean(gaps)) / norm, gap_max=float(np.max(gaps)) / norm)
+    return found
+
+  def fit(self, engine, stop):
+    """Resume the engine from the newest checkpoint, if any, and train it to --steps."""
+    config, checkpointer = self.config, self.checkpointer
+    engine.checkpointing = checkpointer is not None
+    engine.workdir = checkpointer and checkpointer.workdir
+    start = 0
+    restored = checkpointer and checkpointer.restore_latest(engine.checkpoint_arrays())
+    if restored:
+      arrays, saved = restored
+      engine.restore(arrays, saved)
+      start, self.offset = saved["step"], saved["train_seconds"]
+      self.measured = list(saved.get("throughput", self.measured))
+      logging.info("resuming from the checkpoint at step %d of %d", start, config.steps)
+    self.log.start(keep_until=start if restored else None)
+    if restored and not self.log.workdir and checkpointer.shared:  # process 1+: for its summary
+      self.log.rows = [
+        r for r in reporting.read_metrics(checkpointer.workdir) if r["step"] <= start
+      ]
+    progress = Progress(config.steps, start, self.samples_per_step, config.progress_every_s)
+    engine.run(lambda point: self._at(point, engine), progress.tick, lambda: stop.signum)
+    return self.throughput(engine)
+
+  def throughput(self, engine):
+    iterations, seconds = engine.throughput()
+    return [self.measured[0] + iterations, self.measured[1] + seconds]
+
+  def _at(self, point, engine):
+    check_losses(point.losses, self.config, self.checkpointer)
+    wall_time_s = self.offset + point.wall_time_s
+    if point.params is not None:
+      values = [v for _, vs, _ in point.losses for v in np.ravel(vs)]
+      train_loss = float(np.mean(values)) if values else float("nan")
+      self.row(point.step, point.params, train_loss, wall_time_s, point.points, **point.extra)
+    if point.checkpoint is not None and self.checkpointer is not None:
+      arrays, record = point.checkpoint
+      check_weights(arrays, point.step, self.config, self.checkpointer)
+      pending = [] if point.params is not None else point.losses
+      record = {
+        **record,
+        "train_seconds": wall_time_s,
+        "throughput": self.throughput(engine),
+        "pending_losses": [(int(s), np.ravel(v).tolist()) for s, v, _ in pending],
+      }
+      self.checkpointer.save(point.step, arrays, record)
+      if hasattr(engine, "saved"):
+        engine.saved(point.step, record)
+    if point.stopped:
+      raise Preempted(point.stopped, point.step, self.checkpointer.workdir)

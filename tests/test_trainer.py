@@ -1,0 +1,192 @@
+"""The one trainer: its metrics schema and diagnostics, named checkpoints, the progress line,
+the inner optimizers and schedules, and the moving rate alpha."""
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from easgd_jax import checkpoints, optimizers, reporting, train
+from easgd_jax.algorithms import REGISTRY
+from easgd_jax.config import Config, ConfigError
+from easgd_jax.trainer import Trainer
+
+from test_run import run_cli
+
+CORE = ("step", "samples", "wall_time_s", "train_loss", "test_loss", "test_accuracy")
+DIAGNOSTICS = ("param_norm", "grad_norm")
+GAPS = ("gap_mean", "gap_max")
+WITH_A_CENTER = {"easgd", "sync_easgd", "async_easgd", "hogwild_easgd", "local_sgd", "diloco"}
+
+
+def quick(**overrides):
+  settings = dict(model="mlp", num_devices=2, steps=20, eval_every=10, batch_size=16)
+  return Config(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("algorithm", sorted(REGISTRY))
+def test_every_algorithm_writes_the_same_core_keys_and_its_diagnostics(algorithm, cpu_devices):
+  learning_rate = 0.002 if algorithm == "diloco" else 0.05
+  summary = train.train_and_evaluate(quick(algorithm=algorithm, learning_rate=learning_rate))
+  rows = summary["history"]
+  assert [r["step"] for r in rows] == [10, 20]
+  for row in rows:
+    assert set(CORE + DIAGNOSTICS) <= set(row), row
+    assert row["samples"] == row["step"] * REGISTRY[algorithm].samples_per_step(quick())
+    assert row["param_norm"] > 0 and row["grad_norm"] > 0
+    assert (set(GAPS) <= set(row)) == (algorithm in WITH_A_CENTER), row
+    if algorithm in WITH_A_CENTER:
+      assert 0 <= row["gap_mean"] <= row["gap_max"]
+
+
+def test_the_diagnostics_equal_their_numpy_definitions():
+  rng = np.random.default_rng(0)
+  center = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": np.ones(4, np.float32)}
+  points = [jax.tree.map(lambda x, k=k: x + k * 0.1, center) for k in (1, 2, 3)]
+  trainer = Trainer.__new__(Trainer)  # only the diagnostics: no data, model or workdir
+  trainer.test_images = jax.device_put(np.zeros(1))
+  trainer.probe = None
+  trainer._grad_norm = lambda params, batch: 0.0
+
+  def norm(tree):
+    return math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in tree.values()))
+
+  found = trainer.diagnostics(center, points)
+  gaps = [norm({k: p[k] - center[k] for k in center}) / norm(center) for p in points]
+  np.testing.assert_allclose(found["param_norm"], norm(center), rtol=1e-6)
+  np.testing.assert_allclose(found["gap_mean"], np.mean(gaps), rtol=1e-6)
+  np.testing.assert_allclose(found["gap_max"], max(gaps), rtol=1e-6)
+
+
+def test_a_gap_opens_between_syncs_and_closes_at_each_average(cpu_devices):
+  """local_sgd's workers drift apart between averages and coincide right after one."""
+  config = quick(algorithm="local_sgd", tau=5, eval_every=5, steps=20)
+  drifted = quick(algorithm="local_sgd", tau=5, eval_every=3, steps=3)
+  at_sync = train.train_and_evaluate(config)["history"]
+  between = train.train_and_evaluate(drifted)["history"]
+  assert all(row["gap_max"] == 0 for row in at_sync)  # evaluated right after an average
+  assert between[-1]["gap_max"] > 0
+
+
+def test_checkpoint_arrays_are_stored_under_their_path_names(tmp_path, cpu_devices):
+  train.train_and_evaluate(quick(algorithm="easgd", momentum=0.9), str(tmp_path))
+  record = json.loads((tmp_path / "checkpoints" / "20" / "record" / "metadata").read_text())
+  assert record["format"] == checkpoints.FORMAT
+  names = set(record["sha256"])
+  assert {"center/Dense_0/kernel", "locals/1/Dense_1/bias", "step"} <= names
+  assert "opt_states/1/inner/velocity/Dense_0/kernel" in names  # the worker's Nesterov v
+
+
+def test_a_checkpoint_from_an_older_version_gets_one_line(tmp_path, cpu_devices):
+  config = quick(algorithm="sgd", steps=20, checkpoint_every=10)
+  train.train_and_evaluate(dataclasses.replace(config, steps=10), str(tmp_path))
+  path = tmp_path / "checkpoints" / "10" / "record" / "metadata"
+  record = json.loads(path.read_text())
+  del record["format"]  # what every checkpoint written before format 2 looks like
+  path.write_text(json.dumps(record))
+  with pytest.raises(ConfigError, match=r"^checkpoint 10 in .* older easgd_jax \(format 1"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]  # nothing set aside or lost
+
+
+def test_a_long_run_prints_progress_lines(tmp_path):
+  result = run_cli(
+    "--model=mlp", "--algorithm=sgd", "--steps=20000", "--eval_every=20000", "--progress_every_s=1"
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("progress: step")]
+  assert lines, result.stderr[-2000:]
+  assert all("steps/s" in line and "samples/s" in line and "ETA" in line for line in lines)
+
+
+def test_alpha_and_rho_give_the_same_run_and_not_both(cpu_devices):
+  by_rho = train.train_and_evaluate(quick(algorithm="easgd", learning_rate=0.05, rho=2.0))
+  by_alpha = train.train_and_evaluate(quick(algorithm="easgd", learning_rate=0.05, alpha=0.1))
+  assert [r["test_loss"] for r in by_rho["history"]] == [
+    r["test_loss"] for r in by_alpha["history"]
+  ]
+  with pytest.raises(ConfigError, match="--alpha=0.1 and --rho=2.0 both set the moving rate"):
+    quick(algorithm="easgd", alpha=0.1, rho=2.0).validate()
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (dict(algorithm="hogwild", optimizer="adamw"), "accepts --optimizer=sgd"),
+    (dict(algorithm="hogwild_easgd", optimizer="momentum", momentum=0.9), "accepts --optimizer"),
+    (dict(algorithm="hogwild", lr_schedule="cosine"), "accepts --lr_schedule=constant"),
+    (dict(optimizer="nesterov"), "needs --momentum"),
+    (dict(optimizer="rmsprop"), "--optimizer=rmsprop is unknown"),
+    (dict(lr_schedule="linear"), "--lr_schedule=linear is unknown"),
+    (dict(lr_schedule="warmup_cosine", warmup_steps=20, steps=20), "--warmup_steps=20"),
+    (dict(algorithm="diloco", outer_momentum=1.0), "--outer_momentum"),
+  ],
+)
+def test_optimizer_and_schedule_flags_are_checked(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    Config(**overrides).validate()
+
+
+@pytest.mark.parametrize(
+  "optimizer, algorithm",
+  [
+    ("sgd", "async_easgd"),
+    ("momentum", "sync_easgd"),
+    ("nesterov", "easgd"),
+    ("adamw", "easgd"),  # every optimizer, each kind of driver and exchange
+    ("adamw", "sync_easgd"),
+    ("adamw", "async_sgd"),
+  ],
+)
+def test_inner_optimizers_train_every_kind_of_algorithm(optimizer, algorithm, cpu_devices):
+  momentum = 0.9 if optimizer in ("momentum", "nesterov") else 0.0
+  learning_rate = 0.003 if optimizer == "adamw" else 0.05
+  config = quick(
+    algorithm=algorithm,
+    optimizer=optimizer,
+    momentum=momentum,
+    learning_rate=learning_rate,
+    steps=60,
+    eval_every=30,
+  )
+  rows = train.train_and_evaluate(config)["history"]
+  assert rows[-1]["test_loss"] < rows[0]["test_loss"] or rows[-1]["test_accuracy"] > 0.3
+
+
+def test_the_nesterov_optimizer_is_optax_nesterov():
+  """optimizers.nesterov keeps v itself (for EAMSGD's point x); its iterates are optax's."""
+  params = {"w": np.array([1.0, -2.0, 3.0], np.float32)}
+  grads = [{"w": np.array(g, np.float32)} for g in ([0.5, 1, -1], [2, 0, 1], [-1, 1, 0.5])]
+  ours, theirs = optimizers.nesterov(0.1, 0.9), optax.sgd(0.1, momentum=0.9, nesterov=True)
+  a, sa, b, sb = params, ours.init(params), params, theirs.init(params)
+  for g in grads:
+    ua, sa = ours.update(g, sa)
+    ub, sb = theirs.update(g, sb)
+    a, b = optax.apply_updates(a, ua), optax.apply_updates(b, ub)
+  np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6)
+  shift = optimizers.lookahead_shift(sa)["w"]  # delta * v: W - x
+  np.testing.assert_allclose(shift, 0.9 * np.asarray(sa.velocity["w"]), rtol=1e-6)
+
+
+def test_schedules_count_run_steps_and_decay_steps_is_fixed_at_the_first_launch(tmp_path):
+  cosine = optimizers.schedule("cosine", 0.1, decay_steps=100)
+  assert float(cosine(0)) == pytest.approx(0.1) and float(cosine(100)) == pytest.approx(0.0)
+  per_worker = optimizers.schedule("cosine", 0.1, decay_steps=100, steps_per_count=4)
+  assert float(per_worker(25)) == pytest.approx(0.0)  # a worker's 25th own step: run step 100
+  warm = optimizers.schedule("warmup_cosine", 0.1, decay_steps=100, warmup_steps=10)
+  assert float(warm(0)) == 0.0 and float(warm(10)) == pytest.approx(0.1)
+  assert optimizers.schedule("constant", 0.1, decay_steps=100) == 0.1  # no count in the state
+
+  config = quick(algorithm="sgd", lr_schedule="cosine", steps=20, checkpoint_every=10)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  longer = dataclasses.replace(config, steps=40)
+  resumed = train.train_and_evaluate(longer, str(tmp_path / "run"))
+  saved = json.loads((tmp_path / "run" / reporting.CONFIG).read_text())
+  assert saved["decay_steps"] == 20 and saved["steps"] == 40  # the schedule kept its length
+  whole = train.train_and_evaluate(dataclasses.replace(longer, decay_steps=20))
+  assert [r["test_loss"] for r in resumed["history"]] == [r["test_loss"] for r in whole["history"]]
