@@ -217,8 +217,10 @@ def plot_curves(study, results, x_key, xlabel, path):
   import matplotlib.pyplot as plt
 
   fig, axis = plt.subplots(figsize=(8, 5))
-  for label, (x, mean, low, high) in curves(study, results, x_key).items():
-    (line,) = axis.plot(x, mean, label=label)
+  for index, (label, (x, mean, low, high)) in enumerate(curves(study, results, x_key).items()):
+    # Ten colours, then the same ten dashed: no two curves of a 12-arm study look alike.
+    style = ("-", "--", "-.")[index // 10 % 3]
+    (line,) = axis.plot(x, mean, label=label, color=f"C{index % 10}", linestyle=style)
     axis.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
   axis.axhline(study.target_accuracy, color="grey", linestyle=":", linewidth=1)
   axis.set_xlabel(xlabel)
