@@ -96,7 +96,7 @@ def test_killed_and_terminated_runs_resume_bitwise(tmp_path, cli_env, algorithm)
   assert code == 0, stderr[-2000:]
   workdir, rng = tmp_path / "interrupted", random.Random(algorithm)
   resumed_from = []
-  for signum in [signal.SIGKILL] * 3 + [signal.SIGTERM] * 3:
+  for signum in [signal.SIGKILL, signal.SIGTERM] * 2:
     code, stderr = interrupt(cli_env, workdir, args, signum, rng)
     if signum == signal.SIGKILL:
       assert code == -signal.SIGKILL
@@ -111,7 +111,7 @@ def test_killed_and_terminated_runs_resume_bitwise(tmp_path, cli_env, algorithm)
   code, stderr = finish(launch(cli_env, workdir, *args))
   assert code == 0, stderr[-2000:]
   assert "resuming from the checkpoint at step" in stderr
-  assert len(set(resumed_from)) >= 3, resumed_from  # different kill points
+  assert len(set(resumed_from)) >= 2, resumed_from  # different kill points
   assert same_params(tmp_path / "whole", workdir)
   assert same_rows(tmp_path / "whole", workdir)  # every evaluation row once, same numbers
 
