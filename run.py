@@ -136,7 +136,29 @@ flags.DEFINE_bool(
   "fail_fast", False, "Async family: stop when a worker fails (default: go on with the rest)."
 )
 flags.DEFINE_string(
-  "inject_failure", None, "Async family: WORKER:STEP makes that worker raise at its own step."
+  "inject_failure",
+  None,
+  "Async family: WORKER:STEP makes that worker raise at its own step (--engine=ray: its process "
+  "dies).",
+)
+flags.DEFINE_string(
+  "engine",
+  DEFAULTS.engine,
+  "local: devices and threads in this process; ray: parameter server and worker actors "
+  "(async_sgd, hogwild, async_easgd, hogwild_easgd, easgd).",
+)
+flags.DEFINE_string(
+  "ray_address",
+  None,
+  "--engine=ray: join this Ray cluster (auto, or HOST:PORT of the head); unset: an embedded "
+  "local Ray on 127.0.0.1.",
+)
+flags.DEFINE_bool(
+  "ray_pipeline", False, "--engine=ray: keep one push/pull in flight (one more step of staleness)."
+)
+flags.DEFINE_float("ray_worker_gpus", 0.0, "--engine=ray: GPUs each worker actor asks Ray for.")
+flags.DEFINE_integer(
+  "max_worker_restarts", 0, "--engine=ray: times a dead worker is started again (0: never)."
 )
 
 
@@ -324,6 +346,9 @@ def main(argv):
     if isinstance(error, failures.DivergenceError | workers.WorkerFailure):
       print(f"error: {error}", file=sys.stderr)
       sys.exit(1)
+    if isinstance(error, failures.ServerLost):
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(error.exit_code)
     if isinstance(error, failures.Preempted):
       print(f"stopped: {error}", file=sys.stderr)
       sys.exit(error.exit_code)

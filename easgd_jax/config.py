@@ -13,6 +13,7 @@ import sys
 
 DATASETS = ("digits", "mnist5k", "mnist", "cifar10", "synthetic")
 MODELS = ("mlp", "lenet", "cifar_cnn")
+ENGINES = ("local", "ray")  # which each algorithm runs on: its `engines` in the registry
 # Upper bounds, so a typo fails here with a message instead of hanging or crashing later: the
 # CPU backend creates 4096 emulated devices in a second, 16384 in 25 s, 100000 in many minutes.
 MAX_DEVICES = 4096
@@ -87,6 +88,11 @@ class Config:
   fail_fast: bool = False  # async family: stop the run when a worker fails (default: carry on)
   inject_failure: str | None = None  # async family: "J:S" makes worker J raise at its step S
   progress_every_s: int = 30  # seconds between progress lines on stderr (0: none)
+  engine: str = "local"  # local (devices and threads in this process) or ray (actors)
+  ray_address: str | None = None  # ray: join this cluster (auto or HOST:PORT); unset: embedded
+  ray_pipeline: bool = False  # ray: keep one push/pull in flight while computing the next step
+  ray_worker_gpus: float = 0.0  # ray: GPUs each worker actor asks for (0: CPU workers)
+  max_worker_restarts: int = 0  # ray: times a dead worker is started again (0: go on without it)
 
   def validate(self) -> "Config":
     """Returns self, or raises ConfigError naming the first bad flag."""
@@ -112,6 +118,7 @@ class Config:
     _at_least("checkpoint_every", self.checkpoint_every, 0)
     _at_least("keep_checkpoints", self.keep_checkpoints, 1)
     _in_range("progress_every_s", self.progress_every_s, 0, MAX_TIMEOUT_S)
+    self._validate_engine()
     if self.inject_nan is not None:
       _at_least("inject_nan", self.inject_nan, 1)
     if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
@@ -217,6 +224,41 @@ class Config:
         f"--inject_failure must be WORKER:STEP with 0 <= WORKER < --num_devices={self.num_devices}"
         f" and STEP >= 0 (got {self.inject_failure})"
       )
+
+  def _validate_engine(self):
+    _one_of("engine", self.engine, ENGINES)
+    engines = _registry()[self.algorithm].engines
+    if self.engine not in engines:
+      runs = [name for name, cls in _registry().items() if self.engine in cls.engines]
+      other = (
+        "; the synchronous family spans machines with --num_processes (jax.distributed)"
+        if _registry()[self.algorithm].data_parallel
+        else ""
+      )
+      raise ConfigError(
+        f"--engine={self.engine} runs {', '.join(runs)}; --algorithm={self.algorithm} runs on "
+        f"--engine={' or '.join(engines)}{other}"
+      )
+    _in_range("max_worker_restarts", self.max_worker_restarts, 0, 1000)
+    if not (_is_number(self.ray_worker_gpus) and self.ray_worker_gpus >= 0):
+      raise ConfigError(f"--ray_worker_gpus must be a number >= 0 (got {self.ray_worker_gpus})")
+    ray_only = {
+      "ray_address": self.ray_address is not None,
+      "ray_pipeline": self.ray_pipeline,
+      "ray_worker_gpus": self.ray_worker_gpus > 0,
+      "max_worker_restarts": self.max_worker_restarts > 0,
+    }
+    for flag, given in ray_only.items():
+      if given and self.engine != "ray":
+        raise ConfigError(f"--{flag} applies to --engine=ray (got --engine={self.engine})")
+    if self.ray_address is not None and self.ray_address != "auto":
+      host, _, port = self.ray_address.rpartition(":")
+      if not (host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(
+          f"--ray_address must be auto or HOST:PORT, e.g. 127.0.0.1:6379 (got {self.ray_address})"
+        )
+    if self.engine == "ray" and self.num_processes > 1:
+      raise ConfigError("--engine=ray runs one driver process; use --num_processes=1")
 
   def _validate_model_parallel(self):
     _in_range("model_parallel", self.model_parallel, 1, MAX_DEVICES)

@@ -198,7 +198,13 @@ class Sampler:
     self.rng = np.random.default_rng(seed)
 
   def next(self, batch_size):
-    index = self.rng.integers(0, len(self.labels), size=batch_size)
+    return self.take(self.indices(batch_size))
+
+  def indices(self, batch_size):
+    """The next batch's example numbers (what a remote worker needs to gather it itself)."""
+    return self.rng.integers(0, len(self.labels), size=batch_size)
+
+  def take(self, index):
     return {"image": self.images[index], "label": self.labels[index]}
 
   def state(self):

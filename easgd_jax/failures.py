@@ -1,7 +1,8 @@
 """How a run stops early: divergence, preemption by a signal, and the advice it prints.
 
 Every loop (step-wise and asynchronous) raises these, and run.py maps them to exit codes: 1 for
-DivergenceError, 128 + the signal for Preempted.
+DivergenceError, 3 for ServerLost (the Ray engine's parameter server died), 128 + the signal
+for Preempted.
 """
 
 import contextlib
@@ -29,6 +30,12 @@ class Preempted(Exception):
       f"{signal.Signals(signum).name} at step {step}; checkpoint saved in "
       f"{os.path.join(workdir, checkpoints.FOLDER)}: run the same command to resume"
     )
+
+
+class ServerLost(RuntimeError):
+  """The Ray engine's parameter server died; the run stops (exit 3) and a relaunch resumes."""
+
+  exit_code = 3
 
 
 class StopRequest:

@@ -28,6 +28,11 @@ RESUMABLE = frozenset(
     "coordinator_address",  # a relaunched cluster may get another port
     "process_id",  # every process of a multi-process run reads the same config.json
     "progress_every_s",
+    "engine",  # the checkpoint is the same on every engine that runs the algorithm
+    "ray_address",
+    "ray_pipeline",
+    "ray_worker_gpus",
+    "max_worker_restarts",
   }
 )
 

@@ -64,7 +64,8 @@ def train_and_evaluate(config, workdir=None):
     if finished is not None and resume.outputs_complete(workdir):
       logging.info("complete at step %d; results in %s (raise --steps to train on)", *finished)
       return resume.finished_summary(workdir)
-    summary = _train(config, writes, lock, finished, checkpoint_dir=workdir)
+    with engines.cluster(config):  # Ray: joined (or started) before anything is written
+      summary = _train(config, writes, lock, finished, checkpoint_dir=workdir)
   finally:
     if lock is not None:
       lock.release()
@@ -112,8 +113,8 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
   trainer = Trainer(config, algorithm, dataset, loss_fn, log, checkpointer)
   if algorithm.driven_by == WORKERS:  # compile the evaluation now, or the first one would lag
     trainer.compile_evaluation(params_host)
-  engine = engines.create(config, algorithm, dataset, params_host, sampler)
   try:
+    engine = engines.create(config, algorithm, dataset, params_host, sampler)
     with failures.stop_signals(enabled=checkpointer is not None) as stop:
       iterations, seconds = trainer.fit(engine, stop)
   finally:

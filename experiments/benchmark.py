@@ -350,7 +350,7 @@ def print_model_parallel():
   print()
 
 
-SECTIONS = ("bookkeeping", "sync", "async", "model_parallel", "hogwild")
+SECTIONS = ("bookkeeping", "sync", "async", "model_parallel", "hogwild", "ray")
 
 
 def main():
@@ -378,6 +378,10 @@ def main():
     print_model_parallel()
   if "hogwild" in only:
     print_hogwild(args.torch_python, args.torch_threads, args.repeats)
+  if "ray" in only:  # (j), experiments/benchmark_ray.py: the Ray engine against the local one
+    import benchmark_ray
+
+    benchmark_ray.print_ray()
 
 
 if __name__ == "__main__":

@@ -89,3 +89,45 @@ def cpu_devices():
   devices = jax.devices()
   assert len(devices) >= 8, "tests expect 8 emulated devices (see tests/conftest.py)"
   return devices
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+  """A two-node Ray cluster on this machine, loopback only, for the session; its address.
+
+  Started once, on first use: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 goes into the environment
+  before Ray is imported, so every node takes 127.0.0.1 as its address. This test process
+  joins it (the engine's `ray.init`), and so do the run.py processes the tests start, with
+  --ray_address. On the way out every Ray process it started must be gone.
+  """
+  import psutil
+
+  os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+  import ray
+  from ray.cluster_utils import Cluster
+
+  node = dict(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False)
+  cluster = Cluster(initialize_head=True, head_node_args=node)
+  try:
+    cluster.add_node(**{k: v for k, v in node.items() if k != "include_dashboard"})
+    cluster.wait_for_nodes()
+    yield cluster
+  finally:
+    started = psutil.Process().children(recursive=True)
+    ray.shutdown()
+    cluster.shutdown()
+    _, alive = psutil.wait_procs([p for p in started if _is_ray(p)], timeout=20)
+    for process in alive:
+      process.kill()
+    assert not alive, f"Ray processes outlived the test session: {[p.pid for p in alive]}"
+
+
+def _is_ray(process):
+  import psutil
+
+  try:
+    return any(
+      "ray" in part or "gcs_server" in part or "raylet" in part for part in process.cmdline()
+    )
+  except psutil.Error:
+    return False

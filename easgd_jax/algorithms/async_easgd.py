@@ -53,6 +53,7 @@ class AsyncEASGD(Defaults):
   """Center on device 0 behind a lock; drive it with `workers.Run` (threads)."""
 
   name = "async_easgd"
+  engines = ("local", "ray")
   driven_by = WORKERS
   elastic = True
   batches_per_step = 1  # a step is one worker's iteration
@@ -106,30 +107,48 @@ class AsyncEASGD(Defaults):
     opt_state = self.optimizer.init(params_host)
     return WorkerState(devices.put(params_host, device), devices.put(opt_state, device), 0, 0)
 
-  def iterate(self, j, worker, batch_host):
-    batch = batch_host  # goes to W^i's device inside the jitted call: no device_put in Python
-    if worker.step % self.tau:  # a local step between exchanges (the gate is 0: no center)
-      local, opt_state, loss = self._elastic_step(
-        worker.local, worker.opt_state, worker.local, batch
-      )
-      return worker._replace(local=local, opt_state=opt_state, step=worker.step + 1), loss, None
-    center, before = self._exchange(j, worker)
-    center = devices.put(center, self.devices[j])
+  # The worker's rules and the master's rule, apart: the local engine composes them in
+  # `iterate`, the Ray engine (engines/ray.py) runs them in a worker actor and a server actor.
+
+  def exchanges_now(self, worker):
+    """Whether the worker's next step is an exchange (its steps 0, tau, 2 tau, ...)."""
+    return worker.step % self.tau == 0
+
+  def point_of(self, worker):
+    """x^i, the worker's side of Eq. (2), on its device."""
+    return self._point(worker.local, worker.opt_state)
+
+  def local_step(self, worker, batch):
+    """A step between exchanges (the gate is 0: W^i itself stands in for the center)."""
+    local, opt_state, loss = self._elastic_step(worker.local, worker.opt_state, worker.local, batch)
+    return worker._replace(local=local, opt_state=opt_state, step=worker.step + 1), loss
+
+  def exchange_step(self, worker, center, before, batch):
+    """Eq. (1) against the center read at an exchange (`before`: exchanges done before it);
+    returns the worker, its loss and its staleness."""
     local, opt_state, loss = self._elastic_step(worker.local, worker.opt_state, center, batch)
     staleness = before - worker.last_seen
     return WorkerState(local, opt_state, worker.step + 1, before + 1), loss, staleness
 
-  def _exchange(self, j, worker):
-    """Eq. (2) for worker j under the lock; returns the center it read and exchanges before it."""
-    x = self._point(worker.local, worker.opt_state)  # x^i, on the worker's device
-    x = jax.block_until_ready(devices.put(x, self.master_device))
+  def exchange(self, j, worker_step, x):
+    """The master's rule, one worker at a time: read W-bar, then Eq. (2) with x^j; returns the
+    center read and the exchanges done before this one."""
     with self.lock:
       start = time.perf_counter()
       center, before = self.center, self.exchanges
       self.center = self._center_update(center, x)
       self.exchanges += 1
-      self.log.append(Exchange(j, worker.step, start, time.perf_counter()))
+      self.log.append(Exchange(j, worker_step, start, time.perf_counter()))
     return center, before
+
+  def iterate(self, j, worker, batch_host):
+    batch = batch_host  # goes to W^i's device inside the jitted call: no device_put in Python
+    if not self.exchanges_now(worker):
+      worker, loss = self.local_step(worker, batch)
+      return worker, loss, None
+    x = jax.block_until_ready(devices.put(self.point_of(worker), self.master_device))
+    center, before = self.exchange(j, worker.step, x)
+    return self.exchange_step(worker, devices.put(center, self.devices[j]), before, batch)
 
   def snapshot(self):
     return self.center
@@ -181,23 +200,36 @@ class HogwildEASGD(AsyncEASGD):
     new_local, new_opt_state, loss = self._elastic_step(local, opt_state, center, batch)
     return new_local, new_opt_state, loss, self.alpha * gap
 
-  def iterate(self, j, worker, batch_host):
-    if worker.step % self.tau:  # a local step between exchanges
-      return super().iterate(j, worker, batch_host)
-    c = self.shared.flat
-    before = self.exchanges
-    # Unlocked read of the center: it may mix concurrent updates.
+  def hogwild_exchange_step(self, j, worker, center, before, batch):
+    """Eq. (1) against `center` (a flat host buffer, read without a lock), and Eq. (2)'s
+    increment alpha * (x^i - W-bar_read) for the master (flat, on the host)."""
     step = self._exchange_steps[j]
-    local, opt_state, loss, increment = step(worker.local, worker.opt_state, c, batch_host)
-    increment = np.asarray(increment)  # waits for it: the write needs it
+    local, opt_state, loss, increment = step(worker.local, worker.opt_state, center, batch)
+    staleness = before - worker.last_seen
+    worker = WorkerState(local, opt_state, worker.step + 1, before + 1)
+    return worker, loss, staleness, np.asarray(increment)  # waits for it: the write needs it
+
+  def add(self, j, worker_step, increment):
+    """The master's rule with no lock: W-bar <- W-bar + increment, in place."""
+    c = self.shared.flat
     start = time.perf_counter()
-    np.add(c, increment, out=c)  # Eq. (2) in place, no lock
+    np.add(c, increment, out=c)
     end = time.perf_counter()
     with self._count_lock:
       self.exchanges += 1
-      self.log.append(Exchange(j, worker.step, start, end))
-    staleness = before - worker.last_seen
-    return WorkerState(local, opt_state, worker.step + 1, before + 1), loss, staleness
+      self.log.append(Exchange(j, worker_step, start, end))
+
+  def iterate(self, j, worker, batch_host):
+    if not self.exchanges_now(worker):  # a local step between exchanges
+      return super().iterate(j, worker, batch_host)
+    before = self.exchanges
+    # Unlocked read of the center: it may mix concurrent updates.
+    step = worker.step
+    worker, loss, staleness, increment = self.hogwild_exchange_step(
+      j, worker, self.shared.flat, before, batch_host
+    )
+    self.add(j, step, increment)
+    return worker, loss, staleness
 
   def snapshot(self):
     return self.shared.copy()

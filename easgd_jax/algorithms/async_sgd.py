@@ -34,6 +34,7 @@ class AsyncSGD(Defaults):
   """Master weights on device 0 behind a lock; drive it with `workers.Run` (threads)."""
 
   name = "async_sgd"
+  engines = ("local", "ray")
   driven_by = WORKERS
   batches_per_step = 1  # a step is one worker's iteration: one master update
 
@@ -76,20 +77,34 @@ class AsyncSGD(Defaults):
   def init_worker(self, j, params_host):
     return None  # a worker keeps nothing between iterations: it always starts from the master
 
-  def iterate(self, j, worker_state, batch_host):
-    device = self.devices[j]
-    with self.lock:  # W and its update count, from the same moment
-      params, read_at = self.params, self.updates
-    # The NumPy batch goes to the device of the weights inside the jitted call.
-    grads, loss = self._gradient(devices.put(params, device), batch_host)
-    grads = jax.block_until_ready(devices.put(grads, self.master_device))  # computed and sent
+  # The worker's rule and the master's rule, apart: the local engine composes them in
+  # `iterate`, the Ray engine (engines/ray.py) runs them in a worker actor and a server actor.
+
+  def read(self):
+    """W and the master's update count, from the same moment."""
+    with self.lock:
+      return self.params, self.updates
+
+  def gradient(self, params, batch):
+    """The worker's rule: Delta W^i and the batch loss at the W it read."""
+    return self._gradient(params, batch)
+
+  def apply(self, j, grads, read_at):
+    """The master's rule, one worker at a time: W <- W + u(Delta W^i); returns the staleness."""
     with self.lock:
       start = time.perf_counter()
       self.params, self.opt_state = self._apply_gradient(self.params, self.opt_state, grads)
       staleness = self.updates - read_at
       self.updates += 1
       self.log.append(Update(j, read_at, self.updates, start, time.perf_counter()))
-    return worker_state, loss, staleness
+    return staleness
+
+  def iterate(self, j, worker_state, batch_host):
+    params, read_at = self.read()
+    # The NumPy batch goes to the device of the weights inside the jitted call.
+    grads, loss = self.gradient(devices.put(params, self.devices[j]), batch_host)
+    grads = jax.block_until_ready(devices.put(grads, self.master_device))  # computed and sent
+    return worker_state, loss, self.apply(j, grads, read_at)
 
   def snapshot(self):
     return self.params  # immutable device arrays: safe to evaluate while updates go on

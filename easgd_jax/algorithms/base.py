@@ -42,6 +42,7 @@ class Algorithm(Protocol):
   model_parallel: ClassVar[bool]  # runs on a (data, model) mesh with --model_parallel > 1
   optimizers: ClassVar[tuple]  # the inner optimizers it accepts
   schedules: ClassVar[tuple]  # the learning-rate schedules it accepts
+  engines: ClassVar[tuple]  # the engines that run it (config.ENGINES)
 
   devices: list  # where its workers or replicas live
   batches_per_step: int
@@ -70,6 +71,7 @@ class Defaults:
   model_parallel = False
   optimizers = OPTIMIZERS
   schedules = SCHEDULES
+  engines = ("local",)
 
   @classmethod
   def samples_per_step(cls, config):

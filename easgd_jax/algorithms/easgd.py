@@ -40,6 +40,7 @@ class RoundRobinEASGD(Defaults):
   """The host-side scheduler. Drive it from a notebook with `init` and `step` (or `run`)."""
 
   name = "easgd"
+  engines = ("local", "ray")
   elastic = True
   batches_per_step = 1  # one worker, one batch per iteration
 
@@ -132,6 +133,16 @@ class RoundRobinEASGD(Defaults):
       step=state.step + 1,
     )
     return new_state, loss
+
+  # Worker j's rule and the center's rule, apart (the Ray engine runs them on different nodes).
+
+  def worker_step(self, local, opt_state, center, batch):
+    """Line 10 and 12 on worker j: Eq. (1) against `center`, or a local step when it is None."""
+    return self._elastic_step(local, opt_state, local if center is None else center, batch)
+
+  def center_step(self, center, local, opt_state):
+    """Line 13 on device 0: Eq. (2) with worker j's W^j_t (its point x^j)."""
+    return self._center_update(center, local, opt_state)
 
   def run(self, state: EASGDState, batches):
     """Apply `step` for each host batch in order; returns the final state and the losses."""

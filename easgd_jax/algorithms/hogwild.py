@@ -95,6 +95,7 @@ class Write(NamedTuple):
 
 class Hogwild(Defaults):
   name = "hogwild"
+  engines = ("local", "ray")
   driven_by = WORKERS
   optimizers = ("sgd",)  # an unlocked in-place write has no optimizer state
   schedules = ("constant",)  # ... and no step count for a schedule
@@ -135,19 +136,30 @@ class Hogwild(Defaults):
   def init_worker(self, j, params_host):
     return None
 
-  def iterate(self, j, worker_state, batch_host):
+  # The worker's rule and the master's rule, apart (see async_sgd.py): no lock in either.
+
+  def worker_update(self, j, weights, batch):
+    """eta * Delta W^i (flat, on the host) and the loss, at `weights` (a flat host buffer)."""
+    update, loss = self._steps[j](weights, batch)
+    return np.asarray(update), loss  # waits for the gradient: the write needs it
+
+  def write(self, j, update, read_at):
+    """W <- W - eta * Delta W^i in place, no lock; returns the staleness (writes since the read)."""
     w = self.shared.flat
-    read_at = self.updates
-    update, loss = self._steps[j](w, batch_host)  # unlocked read: may mix concurrent writes
-    update = np.asarray(update)  # waits for the gradient: the write needs it
     start = time.perf_counter()
-    np.subtract(w, update, out=w)  # W <- W - eta * Delta W^i, in place, no lock
+    np.subtract(w, update, out=w)
     end = time.perf_counter()
     with self._count_lock:
       staleness = self.updates - read_at
       self.updates += 1
       self.log.append(Write(j, read_at, start, end))
-    return worker_state, loss, staleness
+    return staleness
+
+  def iterate(self, j, worker_state, batch_host):
+    read_at = self.updates
+    # Unlocked read of the shared buffer: it may mix concurrent writes.
+    update, loss = self.worker_update(j, self.shared.flat, batch_host)
+    return worker_state, loss, self.write(j, update, read_at)
 
   def snapshot(self):
     return self.shared.copy()

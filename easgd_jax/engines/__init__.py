@@ -12,10 +12,13 @@ Every engine has the same face towards the trainer:
 - `final_params()` and `state`: the evaluated weights and the whole state at the end.
 
 The local engines: `steps.StepEngine` (the host scheduler, for algorithms driven by STEPS) and
-`threads.ThreadEngine` (one thread per worker, for those driven by WORKERS). `create` picks the
-one the algorithm declares.
+`threads.ThreadEngine` (one thread per worker, for those driven by WORKERS). The Ray engine
+(`--engine=ray`, ray.py): `ray.AsyncEngine` (a parameter server actor and worker actors) and
+`ray.RoundRobinEngine` (Algorithm 1's scheduler driving worker actors). `create` picks the one
+the algorithm declares, on the engine `--engine` names, inside `cluster(config)`.
 """
 
+import contextlib
 import dataclasses
 
 
@@ -33,11 +36,35 @@ class Point:
   extra: dict = dataclasses.field(default_factory=dict)  # per-algorithm metrics of the row
 
 
+@contextlib.contextmanager
+def cluster(config):
+  """--engine=ray: join --ray_address or start an embedded Ray (shut down on the way out)."""
+  if config.engine != "ray":
+    yield
+    return
+  from easgd_jax.engines import ray_cluster
+
+  started = ray_cluster.connect(config)
+  try:
+    yield
+  finally:
+    ray_cluster.shutdown(started)
+
+
 def create(config, algorithm, dataset, params_host, sampler=None):
-  """The local engine for `algorithm`: the host scheduler, or worker threads."""
+  """The engine for `algorithm` on --engine: the host scheduler, worker threads, or Ray."""
   from easgd_jax.algorithms import STEPS
   from easgd_jax.engines import steps, threads
 
+  if config.engine == "ray":
+    from easgd_jax.engines import ray
+
+    if algorithm.driven_by == STEPS:  # round-robin EASGD: the local engine's sampler, indexed
+      indexed = ray.IndexSampler(dataset.train_images, dataset.train_labels, config.seed)
+      engine = ray.RoundRobinEngine(config, algorithm, indexed, params_host, dataset)
+    else:
+      engine = ray.AsyncEngine(config, algorithm, dataset, params_host)
+    return engine
   if algorithm.driven_by == STEPS:
     return steps.StepEngine(config, algorithm, sampler, params_host)
   return threads.ThreadEngine(config, algorithm, dataset, params_host)

@@ -1,0 +1,122 @@
+"""Benchmark (j): the asynchronous family on the Ray engine against the local engine.
+
+  python experiments/benchmark_ray.py        # about 12 minutes on a 2-core machine
+  python experiments/benchmark.py --only=ray # the same table
+
+Prints one table, every ratio measured in this one run on an embedded Ray on this machine:
+samples/s of async_sgd, hogwild, async_easgd and hogwild_easgd on `digits` with `lenet` and
+`mlp`, G = 2 and 4 workers, on the local engine (worker threads) and on Ray without and with
+--ray_pipeline, as ratios to the local engine (medians of `--repeats` runs, interleaved); and the
+cost of one parameter-server round trip (a push of the model's gradient and the pull of W that
+comes back) in ms, measured alone from a worker actor.
+
+Where the time goes: a Ray iteration is the local one plus that round trip (serializing the
+weights into the object store and back, two actor calls) and the driver handing out the
+iteration; --ray_pipeline overlaps the round trip with the next gradient.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)  # the local engine's workers: a device each
+
+from easgd_jax import algorithms, train  # noqa: E402
+from easgd_jax.config import Config  # noqa: E402
+from easgd_jax.engines import ray_cluster  # noqa: E402
+
+ALGORITHMS = ("async_sgd", "hogwild", "async_easgd", "hogwild_easgd")
+ENGINES = (("local", {}), ("ray", {}), ("ray+pipeline", {"ray_pipeline": True}))
+
+
+def samples_per_s(model, algorithm, workers, engine, steps):
+  fields = dict(ENGINES)[engine]
+  config = Config(
+    algorithm=algorithm,
+    dataset="digits",
+    model=model,
+    num_devices=workers,
+    batch_size=32,
+    steps=steps,
+    eval_every=steps,
+    progress_every_s=0,
+    engine="ray" if engine != "local" else "local",
+    **fields,
+  )
+  return train.train_and_evaluate(config)["samples_per_s"]
+
+
+def round_trip_ms(model, repeats=200):
+  """Median ms of one push + pull of the model's weights between a worker and the server."""
+  import ray
+
+  from easgd_jax.engines import ray_actors
+
+  config = Config(algorithm="async_sgd", dataset="digits", model=model, num_devices=1)
+  dataset, _, loss_fn, params = train.setup(config)
+  algorithm = algorithms.create(config, loss_fn)
+  algorithm.init(params)
+  master = ray_actors.host(algorithm.master_state())
+  server = ray_actors.Server.options(num_cpus=0.25).remote(
+    config, dataset.num_classes, dataset.image_shape, master
+  )
+
+  @ray.remote(num_cpus=0.25)
+  def client(server, params, repeats):
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      ray.get(server.push.remote(0, 0, jax.tree.map(lambda p: p * 0, params), 0, True))
+      times.append(time.perf_counter() - start)
+    return statistics.median(times[repeats // 10 :]) * 1e3
+
+  try:
+    return ray.get(client.remote(server, params, repeats))
+  finally:
+    ray.kill(server)
+
+
+def print_ray(steps=600, repeats=1):
+  ray_cluster.connect(Config(engine="ray"))  # one embedded Ray for every run
+  header = (
+    f"{'(j) digits, batch 32':<22}{'algorithm':<15}{'G':>3}{'local samples/s':>17}"
+    f"{'ray':>16}{'ray+pipeline':>18}{'round trip ms':>15}"
+  )
+  print(header)
+  print("-" * len(header))
+  for model in ("lenet", "mlp"):
+    trip = round_trip_ms(model)
+    for algorithm in ALGORITHMS:
+      for workers in (2, 4):
+        rates = {engine: [] for engine, _ in ENGINES}
+        for _ in range(repeats):
+          for engine, _ in ENGINES:
+            rates[engine].append(samples_per_s(model, algorithm, workers, engine, steps))
+        local, on_ray, piped = (statistics.median(rates[e]) for e, _ in ENGINES)
+        print(
+          f"{model:<22}{algorithm:<15}{workers:>3}{local:>17.0f}"
+          f"{on_ray:>8.0f} ({on_ray / local:.2f}x){piped:>10.0f} ({piped / local:.2f}x)"
+          f"{trip:>15.2f}",
+          flush=True,
+        )
+  print()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=600, help="iterations per run")
+  parser.add_argument("--repeats", type=int, default=1, help="interleaved runs per cell")
+  args = parser.parse_args()
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+  print_ray(args.steps, args.repeats)
+
+
+if __name__ == "__main__":
+  main()
