@@ -86,7 +86,7 @@ class Config:
   inject_nan: int | None = None  # testing: the batch of this iteration is all NaN
   model_parallel: int = 1  # M: devices each layer is split across (sgd, sync_sgd)
   fail_fast: bool = False  # async family: stop the run when a worker fails (default: carry on)
-  inject_failure: str | None = None  # async family: "J:S" makes worker J raise at its step S
+  inject_failure: str | None = None  # "J:S": worker J fails at its step S (async family; Ray)
   progress_every_s: int = 30  # seconds between progress lines on stderr (0: none)
   engine: str = "local"  # local (devices and threads in this process) or ray (actors)
   ray_address: str | None = None  # ray: join this cluster (auto or HOST:PORT); unset: embedded
@@ -213,10 +213,12 @@ class Config:
   def _validate_async(self):
     if self.inject_failure is None:
       return
-    if _registry()[self.algorithm].driven_by != "workers":
+    round_robin_on_ray = self.algorithm == "easgd" and self.engine == "ray"
+    if _registry()[self.algorithm].driven_by != "workers" and not round_robin_on_ray:
       concurrent = [name for name, cls in _registry().items() if cls.driven_by == "workers"]
       raise ConfigError(
-        f"--inject_failure applies to the asynchronous algorithms ({', '.join(concurrent)})"
+        f"--inject_failure applies to the asynchronous algorithms ({', '.join(concurrent)}), "
+        f"and to easgd with --engine=ray"
       )
     worker, step = self.failure_point or (-1, -1)
     if not (0 <= worker < self.num_devices and step >= 0):

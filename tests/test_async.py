@@ -193,7 +193,9 @@ def test_hogwild_workers_write_concurrently_and_still_learn_digits(cpu_devices):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["async_sgd", "async_easgd", "hogwild_easgd"])
+@pytest.mark.parametrize(  # async_easgd: its killed and resumed run in tests/test_checkpoints.py
+  "algorithm", ["async_sgd", "hogwild_easgd"]
+)
 def test_four_workers_reach_90_percent_on_digits(cpu_devices, algorithm):
   summary = train.train_and_evaluate(
     Config(algorithm=algorithm, num_devices=4, steps=1500, eval_every=500)

@@ -21,6 +21,7 @@ from easgd_jax.config import MAX_SEED, Config, ConfigError
 from easgd_jax.workdir import check_workdir
 
 from conftest import REPO, child_env, child_process, run_process
+from test_run import bad_input_runs, run_at_once
 
 RUN = os.path.join(REPO, "run.py")
 STUDY = os.path.join(REPO, "experiments", "sweep_rho.py")
@@ -63,10 +64,16 @@ BAD_FLAGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+  """Every BAD_FLAGS run.py, started together (test_run.run_at_once)."""
+  return bad_input_runs(tmp_path_factory, RUN, BAD_FLAGS, "run")
+
+
 @pytest.mark.parametrize("flags, named", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
-def test_a_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, flags, named):
-  workdir = tmp_path / "run"
-  assert_bad_input(cli(RUN, *flags, f"--workdir={workdir}"), named)
+def test_a_bad_flag_is_one_line_exit_2_and_writes_nothing(bad_flag_runs, flags, named):
+  result, workdir = bad_flag_runs[tuple(flags)]
+  assert_bad_input(result, named)
   assert not workdir.exists()
 
 
@@ -74,8 +81,12 @@ def test_a_bad_workdir_is_one_line_exit_2_and_touches_nothing(tmp_path):
   a_file = tmp_path / "notes.txt"
   a_file.write_text("keep me\n")
   in_proc = "/proc/easgd_jax_run"  # /proc takes no folders, even from root
-  for workdir in (a_file, a_file / "run", *([in_proc] if os.path.isdir("/proc") else [])):
-    assert_bad_input(cli(RUN, f"--workdir={workdir}"), f"--workdir={workdir}")
+  workdirs = (a_file, a_file / "run", *([in_proc] if os.path.isdir("/proc") else []))
+  commands = [[sys.executable, RUN, f"--workdir={workdir}"] for workdir in workdirs]
+  for workdir, result in zip(
+    workdirs, run_at_once(commands, timeout=60, cwd=REPO, env=child_env()), strict=True
+  ):
+    assert_bad_input(result, f"--workdir={workdir}")
   assert a_file.read_text() == "keep me\n"
   assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # no probe or temporary file left
   assert not os.path.exists(in_proc)
@@ -101,18 +112,24 @@ def test_a_process_with_no_coordinator_fails_within_the_heartbeat_timeout():
   assert time.monotonic() - start < 30  # jax's own retry ran 300 s, then aborted the process
 
 
-@pytest.mark.parametrize(
-  "flag, named",
-  [
-    ("--samples=-5", "--samples"),  # was one step per arm
-    ("--samples=0", "--samples"),  # was the study's default budget
-    ("--samples=abc", "--samples"),
-    (f"--seeds=0,{MAX_SEED + 1}", "--seeds"),
-  ],
-)
-def test_a_bad_study_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, flag, named):
-  workdir = tmp_path / "study"
-  assert_bad_input(cli(STUDY, flag, f"--workdir={workdir}"), named)
+BAD_STUDY_FLAGS = [
+  (["--samples=-5"], "--samples"),  # was one step per arm
+  (["--samples=0"], "--samples"),  # was the study's default budget
+  (["--samples=abc"], "--samples"),
+  ([f"--seeds=0,{MAX_SEED + 1}"], "--seeds"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_study_flag_runs(tmp_path_factory):
+  """Every BAD_STUDY_FLAGS study, started together (test_run.run_at_once)."""
+  return bad_input_runs(tmp_path_factory, STUDY, BAD_STUDY_FLAGS, "study")
+
+
+@pytest.mark.parametrize("flags, named", BAD_STUDY_FLAGS, ids=[f[0] for f, _ in BAD_STUDY_FLAGS])
+def test_a_bad_study_flag_is_one_line_exit_2_and_writes_nothing(bad_study_flag_runs, flags, named):
+  result, workdir = bad_study_flag_runs[tuple(flags)]
+  assert_bad_input(result, named)
   assert not workdir.exists()
 
 
@@ -179,6 +196,8 @@ def test_a_diverging_easgd_run_is_told_the_stability_condition_it_breaks():
   assert result.returncode == 1, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: loss is nan at step 1") and "it needs 0 < alpha < 1" in last
+  # The start-up warning said so before the run began (alpha = eta * rho = 0.05 * 30).
+  assert "EASGD stability: alpha = 1.5 >= 1" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from easgd_jax import reporting
 from easgd_jax.config import Config
 
 from conftest import REPO, child_env, run_process
+from test_run import run_at_once
 
 if REPO not in sys.path:  # the config files import experiments.configs.common, as run.py does
   sys.path.insert(0, REPO)
@@ -104,18 +105,27 @@ def test_cifar10_alpha_is_beta_over_p_and_follows_num_devices(path):
   assert eamsgd.momentum == 0.99 and eamsgd.algorithm == "async_easgd"
 
 
+@pytest.fixture(scope="module")
+def one_step_runs(tmp_path_factory):
+  """Every config file's docstring command for one step, all started together (a launch spends
+  much of its time on one core: importing, compiling): {path: (CompletedProcess, workdir)}."""
+  commands, workdirs = [], []
+  for path in CONFIG_FILES:
+    workdir = tmp_path_factory.mktemp("one_step") / "run"
+    args = [a for a in command_of(path)[2:] if not a.startswith("--workdir=")]
+    mock_tfds = load_config(path).get_config().dataset in ("cifar10", "mnist")
+    prefix = [sys.executable, "-c", MOCK_RUN] if mock_tfds else [sys.executable]
+    commands.append([*prefix, "run.py", *args, *ONE_STEP, f"--workdir={workdir}"])
+    workdirs.append(workdir)
+  results = run_at_once(commands, timeout=300, cwd=REPO, env=child_env())
+  return dict(zip(CONFIG_FILES, zip(results, workdirs, strict=True), strict=True))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIG_FILES)
-def test_every_config_runs_one_step_from_its_docstring_command(tmp_path, path):
+def test_every_config_runs_one_step_from_its_docstring_command(one_step_runs, path):
   expected = load_config(path).get_config().to_dict()
-  workdir = tmp_path / "run"
-  args = [a for a in command_of(path)[2:] if not a.startswith("--workdir=")]
-  result = run_cli(
-    *args,
-    *ONE_STEP,
-    f"--workdir={workdir}",
-    mock_tfds=expected["dataset"] in ("cifar10", "mnist"),
-  )
+  result, workdir = one_step_runs[path]
   assert result.returncode == 0, result.stderr[-3000:]
   (line,) = [line for line in result.stderr.splitlines() if OVERRIDE in line]
   assert f"override {path}: " in line, line

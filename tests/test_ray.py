@@ -7,11 +7,13 @@ cluster; run.py processes join it with --ray_address.
 """
 
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -98,10 +100,10 @@ def test_async_sgd_pipelined_with_one_worker_is_exactly_one_step_stale(ray_clust
   assert summary["staleness"]["histogram"] == {"0": 1, "1": 29}
 
 
-@pytest.mark.parametrize("algorithm", ["hogwild", "async_easgd"])
-def test_reaches_90_percent_on_digits(ray_cluster, tmp_path, algorithm):
+def test_hogwild_reaches_90_percent_on_digits(ray_cluster, tmp_path):
+  """(async_easgd reaches it below with one of its three workers lost with a node.)"""
   summary, _ = ray_run(
-    ray_cluster, tmp_path, algorithm=algorithm, num_devices=4, steps=800, eval_every=400
+    ray_cluster, tmp_path, algorithm="hogwild", num_devices=4, steps=800, eval_every=400
   )
   assert summary["final"]["test_accuracy"] >= 0.9
   assert summary["engine"] == "ray" and sum(summary["worker_steps"]) == 800
@@ -135,9 +137,8 @@ def test_a_worker_that_dies_is_reported_and_the_run_completes(ray_cluster, tmp_p
     max_worker_restarts=restarts,
   )
   assert [f["worker"] for f in summary["failed_workers"]] == [1]
-  # 5, or 4 when the driver learns of the death before the reply of the step before it
-  # (a known gap: that finished iteration is then counted as lost).
-  assert summary["failed_workers"][0]["step"] in (4, 5)
+  # Its steps 0-4 finished before it died, whichever reply the driver saw first: they count.
+  assert summary["failed_workers"][0]["step"] == 5
   assert sum(summary["worker_steps"]) == 300
   rows = reporting.read_metrics(tmp_path)
   if restarts:
@@ -145,8 +146,72 @@ def test_a_worker_that_dies_is_reported_and_the_run_completes(ray_cluster, tmp_p
     assert summary["worker_steps"][1] > 5  # it rejoined and worked on
     assert all(r["workers_alive"] == 3 for r in rows)
   else:
-    assert summary["worker_steps"][1] in (4, 5)
+    assert summary["worker_steps"][1] == 5
     assert rows[-1]["workers_alive"] == 2
+
+
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_round_robin_goes_on_when_a_worker_dies(ray_cluster, tmp_path, caplog, restarts):
+  """Worker 1 of Algorithm 1 dies in its step 3: reported at that step; t mod G then skips it,
+  or its restarted actor takes its turns from the center."""
+  summary, params = ray_run(
+    ray_cluster,
+    tmp_path,
+    algorithm="easgd",
+    num_devices=3,
+    tau=2,
+    steps=60,
+    eval_every=30,
+    inject_failure="1:3",
+    max_worker_restarts=restarts,
+  )
+  assert [(f["worker"], f["step"]) for f in summary["failed_workers"]] == [(1, 3)]
+  if restarts:
+    assert summary["restarted_workers"] == {"1": 1}
+    assert "worker 1 restarted (1 of 1)" in caplog.text
+  else:
+    assert "round-robin goes on over the 2 live workers" in caplog.text
+  assert [r["step"] for r in reporting.read_metrics(tmp_path)] == [30, 60]
+  assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_a_node_that_leaves_takes_its_workers_and_the_run_goes_on(ray_cluster, tmp_path, caplog):
+  """A third node joins; workers are spread over the nodes; the node leaves after the first
+  evaluation (its processes killed). Its workers are reported dead, the others finish, and
+  async_easgd still reaches 0.90 on digits."""
+  caplog.set_level(logging.INFO, logger="absl")  # where each worker runs
+  node = ray_cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+  ray_cluster.wait_for_nodes()
+  left = []
+
+  def remove_after_the_first_row():
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+      if (tmp_path / reporting.METRICS).exists() and reporting.read_metrics(tmp_path):
+        break
+      time.sleep(0.05)
+    ray_cluster.remove_node(node, allow_graceful=False)
+    left.append(time.monotonic())
+
+  remover = threading.Thread(target=remove_after_the_first_row)
+  try:
+    remover.start()
+    fields = dict(algorithm="async_easgd", num_devices=3, steps=1500, eval_every=250)
+    summary, _ = ray_run(ray_cluster, tmp_path, **fields)
+  finally:
+    remover.join()
+    if node in ray_cluster.worker_nodes:
+      ray_cluster.remove_node(node, allow_graceful=False)
+  on_it = {
+    int(j)
+    for j, where in re.findall(r"ray: worker (\d+) on (.*)", caplog.text)
+    if node.node_id in where
+  }
+  assert on_it, caplog.text[-2000:]  # spread: one of the three workers went to the new node
+  assert {f["worker"] for f in summary["failed_workers"]} == on_it
+  assert sum(summary["worker_steps"]) == 1500
+  assert reporting.read_metrics(tmp_path)[-1]["workers_alive"] == 3 - len(on_it)
+  assert summary["final"]["test_accuracy"] >= 0.9
 
 
 def _launch(cluster, workdir, *extra):
@@ -201,42 +266,40 @@ def test_sigkill_of_a_worker_process_mid_run_is_survived(ray_cluster, tmp_path):
   assert sum(summary["worker_steps"]) == 1500
 
 
-def test_a_dead_parameter_server_exits_3_and_the_relaunch_resumes(ray_cluster, tmp_path):
+def test_a_dead_server_exits_3_the_relaunch_resumes_and_survives_sigterm(ray_cluster, tmp_path):
+  """The hardening attacks on a Ray run, one after another on one workdir: the parameter server
+  SIGKILLed (exit 3), the relaunch resumes from the last checkpoint and gets SIGTERM (exit 143,
+  a checkpoint of that moment), and the next relaunch resumes from it and finishes."""
   args = _launch(ray_cluster, tmp_path, "--algorithm=async_sgd", "--num_devices=2")
-  args += ["--steps=1200", "--eval_every=400", "--checkpoint_every=200"]
+  args += ["--steps=1500", "--eval_every=500", "--checkpoint_every=200"]
   lines = []
   with child_process(args, env=child_env(), stderr=subprocess.PIPE, text=True) as p:
     pid = int(_wait_for(p, r"parameter server on node 127\.0\.0\.1 pid (\d+)", lines).group(1))
-    _wait_for_step(p, 500, lines)  # past the checkpoints at 200 and 400
+    _wait_for_step(p, 250, lines)  # past the checkpoint at 200
     os.kill(pid, signal.SIGKILL)
     lines += p.stderr.readlines()
     assert p.wait(timeout=60) == 3, "".join(lines)[-3000:]
   errors = [line for line in lines if line.startswith("error:")]
   assert len(errors) == 1 and "parameter server died" in errors[0]
-  saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
-  assert saved, "a checkpoint was written before the server died"
-  result = run_cli(*args[2:], timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"resuming from the checkpoint at step {max(saved)}" in result.stderr
-  assert json.loads((tmp_path / reporting.SUMMARY).read_text())["final"]["step"] == 1200
+  saved = max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
 
-
-def test_sigterm_saves_a_checkpoint_and_the_relaunch_finishes(ray_cluster, tmp_path):
-  args = _launch(ray_cluster, tmp_path, "--algorithm=easgd", "--num_devices=2", "--tau=2")
-  args += ["--steps=3000", "--eval_every=500", "--checkpoint_every=1000"]
   lines = []
-  started = time.monotonic()
   with child_process(args, env=child_env(), stderr=subprocess.PIPE, text=True) as p:
+    _wait_for(p, f"resuming from the checkpoint at step {saved}", lines)
     _wait_for(p, r"progress: step", lines)
     p.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
     lines += p.stderr.readlines()
     assert p.wait(timeout=30) == 143, "".join(lines)[-3000:]
-  assert time.monotonic() - started < 180
+  assert time.monotonic() - sent < 30
   stopped = re.search(r"SIGTERM at step (\d+)", "".join(lines))
   assert stopped, "".join(lines)[-2000:]
+
   result = run_cli(*args[2:], timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resuming from the checkpoint at step {stopped.group(1)}" in result.stderr
+  summary = json.loads((tmp_path / reporting.SUMMARY).read_text())
+  assert summary["final"]["step"] == 1500 and sum(summary["worker_steps"]) == 1500
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """run.py end to end: accuracy on real data, the files in the workdir, and bad input."""
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -10,13 +12,55 @@ from easgd_jax import reporting, train
 from easgd_jax import workdir as workdir_lib
 from easgd_jax.config import Config, ConfigError
 
-from conftest import REPO, child_env, run_process
+from conftest import REPO, child_env, child_process, run_process
 
 
 def run_cli(*args, cwd=REPO, timeout=600):
   """run.py with `args` in a process of its own, killed with its group if it outlives `timeout`."""
   command = [sys.executable, os.path.join(REPO, "run.py"), *args]
   return run_process(command, cwd=cwd, env=child_env(), timeout=timeout)
+
+
+def run_at_once(commands, *, timeout, **popen_kwargs):
+  """run_process for every command, all started together: [CompletedProcess], in order.
+
+  A run refused for bad input spends its second or so importing on one core, so a batch of them
+  started together takes a few seconds rather than one each. Each command is a process group of
+  its own (conftest.child_process), killed with everything it started however this ends.
+  """
+  with contextlib.ExitStack() as stack:
+    processes = [
+      stack.enter_context(
+        child_process(
+          command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs
+        )
+      )
+      for command in commands
+    ]
+    outputs = [process.communicate(timeout=timeout) for process in processes]
+  return [
+    subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    for command, process, (stdout, stderr) in zip(commands, processes, outputs, strict=True)
+  ]
+
+
+def bad_input_runs(tmp_path_factory, script, cases, folder):
+  """`script` once per (flags, ...) case of `cases`, all started together, each with a workdir
+  `folder` of its own that must not come to exist: {flags: (CompletedProcess, that workdir)}."""
+  root = tmp_path_factory.mktemp("bad_input")
+  workdirs = []
+  for i in range(len(cases)):
+    (root / str(i)).mkdir()
+    workdirs.append(root / str(i) / folder)
+  commands = [
+    [sys.executable, script, *flags, f"--workdir={workdir}"]
+    for (flags, *_), workdir in zip(cases, workdirs, strict=True)
+  ]
+  results = run_at_once(commands, timeout=120, cwd=REPO, env=child_env())
+  return {
+    tuple(flags): (result, workdir)
+    for (flags, *_), result, workdir in zip(cases, results, workdirs, strict=True)
+  }
 
 
 @pytest.mark.slow
@@ -56,24 +100,29 @@ def test_sgd_default_budget_reaches_90_percent(cpu_devices):
   assert summary["final"]["test_accuracy"] >= 0.90
 
 
-@pytest.mark.parametrize(
-  "flag, named",
-  [
-    ("--algorithm=adam", "--algorithm"),
-    ("--dataset=imagenet", "--dataset"),
-    ("--model=resnet", "--model"),
-    ("--learning_rate=0", "--learning_rate"),
-    ("--learning_rate=-0.1", "--learning_rate"),
-    ("--rho=-1", "--rho"),
-    ("--tau=0", "--tau"),
-    ("--batch_size=0", "--batch_size"),
-    ("--num_devices=0", "--num_devices"),
-    ("--synthetic_shape=3,3", "--synthetic_shape"),
-  ],
-)
-def test_bad_input_is_one_line_exit_2_and_leaves_no_files(tmp_path, flag, named):
-  workdir = tmp_path / "run"
-  result = run_cli(flag, f"--workdir={workdir}", timeout=120)
+BAD_INPUT = [
+  (["--algorithm=adam"], "--algorithm"),
+  (["--dataset=imagenet"], "--dataset"),
+  (["--model=resnet"], "--model"),
+  (["--learning_rate=0"], "--learning_rate"),
+  (["--learning_rate=-0.1"], "--learning_rate"),
+  (["--rho=-1"], "--rho"),
+  (["--tau=0"], "--tau"),
+  (["--batch_size=0"], "--batch_size"),
+  (["--num_devices=0"], "--num_devices"),
+  (["--synthetic_shape=3,3"], "--synthetic_shape"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory):
+  """Every BAD_INPUT run, started together (run_at_once)."""
+  return bad_input_runs(tmp_path_factory, os.path.join(REPO, "run.py"), BAD_INPUT, "run")
+
+
+@pytest.mark.parametrize("flags, named", BAD_INPUT, ids=[f[0] for f, _ in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_files(bad_input, flags, named):
+  result, workdir = bad_input[tuple(flags)]
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr

@@ -27,6 +27,7 @@ death stops the run (`ServerLost`, exit 3); relaunching resumes from the last ch
 """
 
 import collections
+import itertools
 import time
 
 import numpy as np
@@ -45,6 +46,16 @@ SERVER_TIMEOUT_S = 30  # a server that doesn't answer a ping in this long is tak
 
 def _died(error):
   return isinstance(error, ray.exceptions.RayActorError | ray.exceptions.RayTaskError)
+
+
+def _answer(ref):
+  """The call's result, or None if its actor died."""
+  try:
+    return ray.get(ref)
+  except Exception as error:
+    if not _died(error):
+      raise
+    return None
 
 
 class AsyncEngine(ThreadEngine):
@@ -84,19 +95,18 @@ class AsyncEngine(ThreadEngine):
         here, soft=True
       ),
     ).remote(config, *self.shape, ray_actors.host(self.algorithm.master_state()))
-    logging.info("ray: parameter server on %s", ray.get(self.server.where.remote()))
-    self.actors = [
+    self.actors = [  # they start beside the server: each process imports JAX and loads data
       self._worker(j, ray_actors.host(self.workers[j]), self.samplers_state[j])
       for j in range(config.num_devices)
     ]
-    for j, place in enumerate(ray.get([a.where.remote() for a in self.actors])):
+    server, *places = ray.get([a.where.remote() for a in [self.server, *self.actors]])
+    logging.info("ray: parameter server on %s", server)
+    for j, place in enumerate(places):
       logging.info("ray: worker %d on %s", j, place)
     self.alive = set(range(config.num_devices))
 
   def _worker(self, j, state, sampler_state, stream=None):
-    return ray_actors.Worker.options(
-      num_cpus=ray_actors.WORKER_CPUS, num_gpus=self.config.ray_worker_gpus
-    ).remote(
+    return ray_actors.worker_options(self.config).remote(
       self.config,
       j,
       self.server,
@@ -126,8 +136,6 @@ class AsyncEngine(ThreadEngine):
 
   def _lost(self, j, error, done):
     """Worker j died: report it, restart it if allowed; returns True if it is back."""
-    if j not in self.alive:
-      return False
     self.alive.discard(j)
     first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
     failure = workers.Failure(j, self.worker_steps[j], f"{type(error).__name__}: {first_line}")
@@ -150,6 +158,21 @@ class AsyncEngine(ThreadEngine):
       "center" if self.algorithm.elastic else "shared weights",
     )
     return True
+
+  def _ask_workers(self, method, done):
+    """{j: live worker j's answer to `method`}, with nothing in flight: a worker found dead is
+    reported and, if allowed, restarted, and the new one answers in its place."""
+    answers = {}
+    while asking := [j for j in sorted(self.alive) if j not in answers]:
+      refs = {j: getattr(self.actors[j], method).remote() for j in asking}
+      for j, ref in refs.items():
+        try:
+          answers[j] = ray.get(ref)
+        except Exception as error:
+          if not _died(error):
+            raise
+          self._lost(j, error, done)
+    return answers
 
   def _fresh_worker_state(self, j):
     if not self.algorithm.elastic:
@@ -180,7 +203,8 @@ class AsyncEngine(ThreadEngine):
       return min((done // every + 1) * every, config.steps) if every else config.steps
 
     done = issued = self.done
-    in_flight = {}  # ref -> worker
+    in_flight = {}  # ref -> (worker, issue order): a dead worker's calls settle in order
+    order = itertools.count()
     losses, staleness, seen = [], [], set()
     clock, paused, warm = time.perf_counter(), 0.0, None
     stop = None
@@ -192,9 +216,9 @@ class AsyncEngine(ThreadEngine):
         while (
           stop is None
           and issued < next_barrier
-          and sum(1 for w in in_flight.values() if w == j) < IN_FLIGHT_PER_WORKER
+          and sum(1 for w, _ in in_flight.values() if w == j) < IN_FLIGHT_PER_WORKER
         ):
-          in_flight[self.actors[j].iterate.remote()] = j
+          in_flight[self.actors[j].iterate.remote()] = (j, next(order))
           issued += 1
       if not in_flight:
         if not self.alive:
@@ -222,40 +246,57 @@ class AsyncEngine(ThreadEngine):
       ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.1)
       tick(done)
       for ref in ready:
-        j = in_flight.pop(ref)
+        if ref not in in_flight:  # settled already, with its worker's death
+          continue
+        j, _ = in_flight[ref]
         try:
-          loss, stale = ray.get(ref)
+          results, death = [ray.get(ref)], None
+          del in_flight[ref]
         except Exception as error:
           if not _died(error):
             raise
-          if (
-            any(w == j for w in in_flight.values())
-            and ray.wait([r for r, w in in_flight.items() if w == j], timeout=0)[0]
-          ):  # an iteration it finished before dying: count it first, then this one
-            in_flight[ref] = j
-            continue
+          results, death = self._settle(j, in_flight)
+          self.alive.discard(j)  # not asked for its point if these results reach an evaluation
+        for loss, stale in results:
+          done += 1
+          losses.append((done, np.array([loss]), f"worker {j}, its step {self.worker_steps[j]}"))
+          self.worker_steps[j] += 1
+          if stale is not None:
+            staleness.append(stale)
+            self.histogram[stale] += 1
+          seen.add(j)
+          if warm is None and seen >= self.alive:
+            warm = (done, time.perf_counter() - clock - paused)
+          if done % config.eval_every == 0 and done < config.steps:
+            pause = time.perf_counter()
+            point = self._point_now(done, clock, paused, losses, staleness, evaluate=True)
+            losses, staleness = [], []
+            at_point(point)
+            paused += time.perf_counter() - pause
+        if death is not None:
+          error, lost = death
           self._check_server()
-          issued -= 1
-          for other in [r for r, w in in_flight.items() if w == j]:
-            in_flight.pop(other)  # queued behind the dead call: never ran
-            issued -= 1
+          issued -= lost
           self._lost(j, error, done)
+
+  def _settle(self, j, in_flight):
+    """Worker j died: its calls in flight, in the order they were issued (an actor runs them
+    in that order), are settled. The ones it finished before dying count; the rest are lost.
+    Returns (their results, (the error, how many calls were lost))."""
+    calls = sorted((n, ref) for ref, (w, n) in in_flight.items() if w == j)
+    results, error, lost = [], None, 0
+    for _, ref in calls:
+      del in_flight[ref]
+      if error is None:
+        try:
+          results.append(ray.get(ref, timeout=SERVER_TIMEOUT_S))
           continue
-        done += 1
-        losses.append((done, np.array([loss]), f"worker {j}, its step {self.worker_steps[j]}"))
-        self.worker_steps[j] += 1
-        if stale is not None:
-          staleness.append(stale)
-          self.histogram[stale] += 1
-        seen.add(j)
-        if warm is None and seen >= self.alive:
-          warm = (done, time.perf_counter() - clock - paused)
-        if done % config.eval_every == 0 and done < config.steps:
-          pause = time.perf_counter()
-          point = self._point_now(done, clock, paused, losses, staleness, evaluate=True)
-          losses, staleness = [], []
-          at_point(point)
-          paused += time.perf_counter() - pause
+        except Exception as raised:
+          if not (_died(raised) or isinstance(raised, ray.exceptions.GetTimeoutError)):
+            raise
+          error = raised
+      lost += 1
+    return results, (error, lost)
 
   def _point_now(self, done, clock, paused, losses, staleness, evaluate):
     seconds = time.perf_counter() - clock - paused
@@ -263,9 +304,9 @@ class AsyncEngine(ThreadEngine):
     if evaluate:
       self.pending = []
       point.params = self._ask_server(self.server.snapshot.remote())
-      if self.algorithm.elastic:
-        points = ray.get([self.actors[j].point.remote() for j in sorted(self.alive)])
-        point.points = [p for p in points if p is not None]
+      if self.algorithm.elastic:  # a worker that died since is left out (the loop reports it)
+        refs = [self.actors[j].point.remote() for j in sorted(self.alive)]
+        point.points = [p for p in map(_answer, refs) if p is not None]
       summary = workers.staleness_summary(staleness)
       point.extra = {
         "staleness_median": summary and summary["median"],
@@ -278,15 +319,12 @@ class AsyncEngine(ThreadEngine):
 
   def _checkpoint(self, done):
     """The consistent instant: nothing in flight, every pushed update applied."""
-    live = sorted(self.alive)
-    for stale in ray.get([self.actors[j].drain.remote() for j in live]):
+    for stale in self._ask_workers("drain", done).values():
       if stale is not None:
         self.histogram[stale] += 1
     master, applied = self._ask_server(self.server.master_state.remote())
     self.applied, self.state = applied, master
-    for j, (state, sampler, _) in zip(
-      live, ray.get([self.actors[j].checkpoint.remote() for j in live]), strict=True
-    ):
+    for j, (state, sampler, _) in self._ask_workers("checkpoint", done).items():
       self.workers[j], self.samplers_state[j] = state, sampler
     for j in set(range(self.config.num_devices)) - self.alive:  # a dead worker's slot
       self.workers[j] = self._fresh_worker_state(j) if self.algorithm.elastic else None
@@ -328,6 +366,7 @@ class RoundRobinEngine(StepEngine):
 
   def __init__(self, config, algorithm, sampler, params_host, dataset):
     super().__init__(config, algorithm, sampler, params_host)
+    self.rule = algorithm  # self.algorithm is the _Scheduler while the run goes
     self.shape = (dataset.num_classes, dataset.image_shape)
     self.failures, self.restarts = [], [0] * config.num_devices
     self.actors, self.alive = None, set()
@@ -335,12 +374,13 @@ class RoundRobinEngine(StepEngine):
   # The state's locals live in the actors: fetched for a checkpoint or the gap diagnostic.
   def _gather(self):
     live = sorted(self.alive)
-    fetched = dict(zip(live, ray.get([self.actors[j].weights.remote() for j in live]), strict=True))
+    refs = [self.actors[j].weights.remote() for j in live]
+    fetched = dict(zip(live, map(_answer, refs), strict=True))  # None: died, not yet reported
     locals_, opt_states = list(self.state.locals), list(self.state.opt_states)
     for j in range(self.config.num_devices):
-      local, opt_state = fetched.get(j, (None, None))
+      local, opt_state = fetched.get(j) or (None, None)
       if local is None:  # a dead worker's slot holds the center and a fresh optimizer state
-        local, opt_state = self.state.center, self.algorithm.optimizer.init(self.state.center)
+        local, opt_state = self.state.center, self.rule.optimizer.init(self.state.center)
       locals_[j], opt_states[j] = local, opt_state
     self.state = self.state._replace(locals=tuple(locals_), opt_states=tuple(opt_states))
 
@@ -379,13 +419,13 @@ class RoundRobinEngine(StepEngine):
     state = self.state
     local, opt_state = (state.center, None) if fresh else (state.locals[j], state.opt_states[j])
     if opt_state is None:
-      opt_state = self.algorithm.optimizer.init(local)
+      opt_state = self.rule.optimizer.init(local)
     from easgd_jax.algorithms.async_easgd import WorkerState
 
     worker_state = ray_actors.host(WorkerState(local, opt_state, self.own_steps[j], 0))
-    return ray_actors.Worker.options(
-      num_cpus=ray_actors.WORKER_CPUS, num_gpus=self.config.ray_worker_gpus
-    ).remote(self.config, j, None, worker_state, None, self.own_steps[j], restarted=fresh)
+    return ray_actors.worker_options(self.config).remote(
+      self.config, j, None, worker_state, None, self.own_steps[j], restarted=fresh
+    )
 
   def _host_losses(self, pending):
     return [(s, v if isinstance(v, np.ndarray) else v.value(), w) for s, v, w in pending]
@@ -417,23 +457,25 @@ class _Scheduler:
       payload = {"image": batch["image"], "label": batch["label"]}
     while True:
       j = self._next_live()
-      exchange = engine.own_steps[j] % rule.tau == 0
+      actor, exchange = engine.actors[j], engine.own_steps[j] % rule.tau == 0
       try:
         center, sent = state.center, None
         if exchange:  # lines 9-13: W^j to the center, Eq. (2), the center read to worker j
-          local, opt_state = ray.get(engine.actors[j].weights.remote())
+          local, opt_state = ray.get(actor.weights.remote())
           target = rule.center_device
           center = rule.center_step(state.center, *devices.put((local, opt_state), target))
           sent = ray_actors.host(state.center)
-        ref = engine.actors[j].rr_step.remote(payload, sent)
+        ref = actor.rr_step.remote(payload, sent)
       except Exception as error:
         if not _died(error):
           raise
-        self._lost(j, error, state.step)
+        for earlier in [o for o in self.outstanding if o.worker == j]:
+          earlier.value()  # the step it died in, if it is one of these, is the one reported
+        self._lost(j, error, state.step, engine.own_steps[j], actor)
         continue
       break
+    loss = _Loss(ref, j, engine.own_steps[j], actor, self)
     engine.own_steps[j] += 1
-    loss = _Loss(ref, j, self)
     self.outstanding.append(loss)
     while len(self.outstanding) > IN_FLIGHT_PER_WORKER * max(len(engine.alive), 1):
       self.outstanding.popleft().value()
@@ -449,12 +491,14 @@ class _Scheduler:
       j = (j + 1) % engine.config.num_devices
     return j
 
-  def _lost(self, j, error, step):
+  def _lost(self, j, error, step, own_step, actor):
+    """Worker j's `actor` died in its step `own_step` (run step `step`): report it, restart it
+    if allowed. Calls that fail after it on the same actor are lost with it, not reported."""
     engine = self.engine
-    if j not in engine.alive:
+    if j not in engine.alive or engine.actors[j] is not actor:
       return
     engine.alive.discard(j)
-    failure = workers.Failure(j, engine.own_steps[j], type(error).__name__)
+    failure = workers.Failure(j, own_step, type(error).__name__)
     engine.failures.append(failure)
     logging.warning("ray: worker %d died at run step %d (%s)", j, step, failure.describe())
     if engine.restarts[j] < engine.config.max_worker_restarts:
@@ -482,8 +526,10 @@ class _Loss:
   """A worker's batch loss still in the object store; StepEngine reads it at its points. The
   step a worker died in has no loss (an empty array): its update is lost with the worker."""
 
-  def __init__(self, ref, worker, scheduler):
-    self.ref, self.worker, self.scheduler, self._value = ref, worker, scheduler, None
+  def __init__(self, ref, worker, own_step, actor, scheduler):
+    self.ref, self.worker, self.own_step, self.actor = ref, worker, own_step, actor
+    self.scheduler = scheduler
+    self._value = None
 
   def value(self):
     if self._value is None:
@@ -492,7 +538,8 @@ class _Loss:
       except Exception as error:
         if not _died(error):
           raise
-        self.scheduler._lost(self.worker, error, self.scheduler.engine.state.step)
+        step = self.scheduler.engine.state.step
+        self.scheduler._lost(self.worker, error, step, self.own_step, self.actor)
         self._value = np.zeros(0, np.float32)
     return self._value
 

@@ -28,6 +28,14 @@ SERVER_CPUS = 0.25  # what each actor asks Ray for: several fit on a small node
 WORKER_CPUS = 0.25
 
 
+def worker_options(config):
+  """A worker actor's request: a fraction of a CPU (several share a node), `--ray_worker_gpus`,
+  and spread over the cluster's nodes rather than packed onto the driver's."""
+  return Worker.options(
+    num_cpus=WORKER_CPUS, num_gpus=config.ray_worker_gpus, scheduling_strategy="SPREAD"
+  )
+
+
 def _algorithm(config, num_classes, image_shape):
   """The run's algorithm, every worker slot on this process's first device."""
   model = models.create(config.model, num_classes)
@@ -38,8 +46,12 @@ def _algorithm(config, num_classes, image_shape):
 
 
 def where():
-  """Node address, process id and device of the calling actor, for the log."""
-  return f"node {ray.util.get_node_ip_address()} pid {os.getpid()} {jax.local_devices()[0]}"
+  """Node address, process id, device and Ray node id of the calling actor, for the log (the
+  nodes of a cluster on one machine share an address)."""
+  node = ray.get_runtime_context().get_node_id()
+  return (
+    f"node {ray.util.get_node_ip_address()} pid {os.getpid()} {jax.local_devices()[0]} ({node})"
+  )
 
 
 def host(tree):
@@ -145,7 +157,7 @@ class Worker:
   def iterate(self):
     """One iteration against the server; returns (loss, staleness or None)."""
     if self.failure == (self.j, self.step):
-      os._exit(1)  # --inject_failure on Ray: this worker's process dies, as a lost node would
+      _die()
     batch = self.sampler.next(self.config.batch_size)
     name = self.algorithm.name
     if name in ("async_sgd", "hogwild"):
@@ -244,7 +256,7 @@ class Worker:
 
   def rr_step(self, batch, center):
     if self.failure == (self.j, self.step):
-      os._exit(1)
+      _die()
     if not isinstance(batch, dict):  # the indices of the driver's sampler
       batch = {"image": self.images[batch], "label": self.labels[batch]}
     local, opt_state = self.state.local, self.state.opt_state
@@ -255,7 +267,10 @@ class Worker:
     return float(loss)
 
 
-def wait_for(refs, timeout_s=60):
-  """ray.get with a deadline, so a hung actor cannot hang the driver forever."""
-  deadline = time.monotonic() + timeout_s
-  return ray.get(refs, timeout=max(deadline - time.monotonic(), 1))
+def _die():
+  """--inject_failure on Ray: this worker's process ends, as a killed one or a lost node would.
+  It waits a moment first: the reply of the step it finished just before is sent after that
+  step returns, and a process killed then takes the reply with it (the driver counts that step
+  as lost, although its update may have reached the server). The injected death is exact."""
+  time.sleep(1)
+  os._exit(1)
