@@ -1,6 +1,7 @@
 """Benchmark: the cost of Algorithm 1's bookkeeping and how well its devices overlap.
 
-  python experiments/benchmark.py            # about 14 minutes on a 2-core machine
+  python experiments/benchmark.py            # about 30 minutes on a 2-core machine
+  python experiments/benchmark.py --only=ray # (j) the Ray engine alone, about 16 minutes
   python experiments/benchmark.py --only=hogwild --torch_python=/tmp/torchvenv/bin/python
                                              # (g) alone, about 6 minutes
 

@@ -20,11 +20,11 @@ import jax
 import numpy as np
 import pytest
 
-from easgd_jax import core, data, models, reporting, train, workers
+from easgd_jax import core, data, models, reporting, study, train, workers
 from easgd_jax.config import Config
 
 from conftest import REPO, child_env, child_process
-from test_run import run_cli
+from test_run import bad_input_runs, run_cli
 
 pytestmark = pytest.mark.slow
 SMALL = dict(dataset="digits", model="mlp", batch_size=16, learning_rate=0.05, eval_every=1000)
@@ -47,10 +47,29 @@ def assert_params_close(actual, expected, rtol=1e-6):
     np.testing.assert_allclose(actual[name], expected[name], rtol=rtol, atol=1e-7, err_msg=name)
 
 
-def test_async_sgd_with_one_worker_equals_sgd(ray_cluster, tmp_path):
-  _, on_ray = ray_run(ray_cluster, tmp_path / "ray", algorithm="async_sgd", num_devices=1, steps=40)
-  _, sgd = local_run(tmp_path / "sgd", algorithm="sgd", num_devices=1, steps=40)
+def test_async_sgd_with_one_worker_equals_sgd_in_a_study_mixing_engines(ray_cluster, tmp_path):
+  """One study, two arms: async_sgd on Ray (one worker) and sgd on the local engine."""
+  arms = (
+    study.Arm(
+      "async_sgd on ray", dict(algorithm="async_sgd", engine="ray", ray_address=ray_cluster.address)
+    ),
+    study.Arm("sgd", dict(algorithm="sgd")),
+  )
+  base = Config(**{**SMALL, "num_devices": 1})
+  mixed = study.Study("mixed", arms, base=base, seeds=(0,), samples=40 * 16, eval_samples=20 * 16)
+  table = study.run(mixed, str(tmp_path))
+  assert [row["arm"] for row in table] == ["async_sgd on ray", "sgd"]
+  on_ray, sgd = (
+    reporting.load_params(os.path.join(study.run_dir(str(tmp_path), arm, 0), reporting.PARAMS))
+    for arm in arms
+  )
   assert_params_close(on_ray, sgd)
+  summaries = [
+    json.loads(open(os.path.join(study.run_dir(str(tmp_path), arm, 0), reporting.SUMMARY)).read())
+    for arm in arms
+  ]
+  assert summaries[0]["engine"] == "ray" and summaries[0]["final"]["step"] == 40
+  assert (tmp_path / "results.md").exists()
 
 
 @pytest.mark.parametrize("pipeline", [False, True])
@@ -249,33 +268,20 @@ def _wait_for_step(process, minimum, lines):
     pass
 
 
-def test_sigkill_of_a_worker_process_mid_run_is_survived(ray_cluster, tmp_path):
+def test_sigkilled_worker_and_server_then_sigterm_and_relaunches(ray_cluster, tmp_path):
+  """The hardening attacks on a Ray run, one after another on one workdir: a worker's process
+  SIGKILLed mid-run (reported, the run goes on), then the parameter server's (exit 3); the
+  relaunch resumes from the last checkpoint and gets SIGTERM (exit 143, a checkpoint of that
+  moment), and the next relaunch resumes from it and finishes."""
   args = _launch(ray_cluster, tmp_path, "--algorithm=async_sgd", "--num_devices=3")
-  args += ["--steps=1500", "--eval_every=500"]
-  lines = []
-  with child_process(args, env=child_env(), stderr=subprocess.PIPE, text=True) as p:
-    pid = int(_wait_for(p, r"worker 2 on node 127\.0\.0\.1 pid (\d+)", lines).group(1))
-    _wait_for(p, r"progress: step", lines)
-    os.kill(pid, signal.SIGKILL)
-    lines += p.stderr.readlines()
-    assert p.wait(timeout=120) == 0, "".join(lines)[-3000:]
-  log = "".join(lines)
-  assert re.search(r"ray: worker 2 died at run step \d+", log)
-  summary = json.loads((tmp_path / reporting.SUMMARY).read_text())
-  assert [f["worker"] for f in summary["failed_workers"]] == [2]
-  assert sum(summary["worker_steps"]) == 1500
-
-
-def test_a_dead_server_exits_3_the_relaunch_resumes_and_survives_sigterm(ray_cluster, tmp_path):
-  """The hardening attacks on a Ray run, one after another on one workdir: the parameter server
-  SIGKILLed (exit 3), the relaunch resumes from the last checkpoint and gets SIGTERM (exit 143,
-  a checkpoint of that moment), and the next relaunch resumes from it and finishes."""
-  args = _launch(ray_cluster, tmp_path, "--algorithm=async_sgd", "--num_devices=2")
   args += ["--steps=1500", "--eval_every=500", "--checkpoint_every=200"]
   lines = []
   with child_process(args, env=child_env(), stderr=subprocess.PIPE, text=True) as p:
     pid = int(_wait_for(p, r"parameter server on node 127\.0\.0\.1 pid (\d+)", lines).group(1))
+    worker = int(_wait_for(p, r"worker 2 on node 127\.0\.0\.1 pid (\d+)", lines).group(1))
     _wait_for_step(p, 250, lines)  # past the checkpoint at 200
+    os.kill(worker, signal.SIGKILL)
+    _wait_for(p, r"ray: worker 2 died at run step \d+ \(worker 2 failed at its step \d+", lines)
     os.kill(pid, signal.SIGKILL)
     lines += p.stderr.readlines()
     assert p.wait(timeout=60) == 3, "".join(lines)[-3000:]
@@ -302,30 +308,37 @@ def test_a_dead_server_exits_3_the_relaunch_resumes_and_survives_sigterm(ray_clu
   assert summary["final"]["step"] == 1500 and sum(summary["worker_steps"]) == 1500
 
 
-@pytest.mark.parametrize(
-  "flags, message",
-  [
-    (["--algorithm=sync_sgd"], "--engine=ray runs easgd, async_sgd, .*--num_processes"),
-    (["--algorithm=local_sgd"], "--algorithm=local_sgd runs on --engine=local"),
-    (["--algorithm=hogwild", "--engine=threads"], "--engine=threads is unknown"),
-    (["--algorithm=hogwild", "--ray_address=nowhere"], "--ray_address must be auto or HOST:PORT"),
-    (["--algorithm=async_sgd", "--max_worker_restarts=-1"], "--max_worker_restarts must be"),
-  ],
-)
-def test_bad_engine_flags_exit_2_with_one_line(tmp_path, flags, message):
-  if not any(f.startswith("--engine") for f in flags):
-    flags = ["--engine=ray", *flags]
-  result = run_cli(*flags, f"--workdir={tmp_path / 'w'}", "--steps=5", timeout=120)
+BAD_ENGINE_FLAGS = [
+  (
+    ["--engine=ray", "--algorithm=sync_sgd"],
+    "--engine=ray runs easgd, async_sgd, .*--num_processes",
+  ),
+  (["--engine=ray", "--algorithm=local_sgd"], "--algorithm=local_sgd runs on --engine=local"),
+  (["--algorithm=hogwild", "--engine=threads"], "--engine=threads is unknown"),
+  (
+    ["--engine=ray", "--algorithm=hogwild", "--ray_address=nowhere"],
+    "--ray_address must be auto or HOST:PORT",
+  ),
+  (["--engine=ray", "--algorithm=async_sgd", "--max_worker_restarts=-1"], "--max_worker_restarts"),
+  (["--algorithm=async_sgd", "--ray_pipeline"], "--ray_pipeline applies to --engine=ray"),
+  (["--algorithm=easgd", "--inject_failure=1:3"], "and to easgd with --engine=ray"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_engine_runs(tmp_path_factory):
+  """Every BAD_ENGINE_FLAGS run.py, started together (test_run.run_at_once)."""
+  cases = [([*flags, "--steps=5"], message) for flags, message in BAD_ENGINE_FLAGS]
+  return bad_input_runs(tmp_path_factory, os.path.join(REPO, "run.py"), cases, "w")
+
+
+@pytest.mark.parametrize("flags, message", BAD_ENGINE_FLAGS, ids=[m for _, m in BAD_ENGINE_FLAGS])
+def test_bad_engine_flags_exit_2_with_one_line(bad_engine_runs, flags, message):
+  result, workdir = bad_engine_runs[(*flags, "--steps=5")]
   assert result.returncode == 2, result.stderr[-2000:]
   errors = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(errors) == 1 and re.search(message, errors[0]), result.stderr
-  assert not (tmp_path / "w").exists()
-
-
-def test_ray_flags_without_the_ray_engine_exit_2(tmp_path):
-  result = run_cli("--algorithm=async_sgd", "--ray_pipeline", "--steps=5", timeout=120)
-  assert result.returncode == 2
-  assert "--ray_pipeline applies to --engine=ray" in result.stderr
+  assert not workdir.exists()
 
 
 def test_an_unreachable_ray_address_exits_2_within_30_seconds(tmp_path):
