@@ -1,6 +1,6 @@
 """Benchmark (j): the asynchronous family on the Ray engine against the local engine.
 
-  python experiments/benchmark_ray.py        # about 12 minutes on a 2-core machine
+  python experiments/benchmark_ray.py        # about 16 minutes on a 2-core machine
   python experiments/benchmark_ray.py --models=lenet --workers=4 --repeats=3  # the goal's cell
   python experiments/benchmark.py --only=ray # the same table
 
