@@ -46,8 +46,8 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string(
   "algorithm",
   DEFAULTS.algorithm,
-  "sgd, easgd, sync_sgd, sync_easgd, local_sgd, diloco, async_sgd, hogwild, async_easgd or "
-  "hogwild_easgd (easgd_jax.algorithms.REGISTRY).",
+  "sgd, easgd, sync_sgd, sync_easgd, local_sgd, diloco, async_sgd, hogwild, async_easgd, "
+  "hogwild_easgd or downpour (easgd_jax.algorithms.REGISTRY).",
 )
 flags.DEFINE_string(
   "dataset", DEFAULTS.dataset, f"One of {config_lib.DATASETS}; digits is offline."

@@ -150,7 +150,7 @@ class Config:
     if self.inner_optimizer not in accepted:
       raise ConfigError(
         f"--algorithm={self.algorithm} accepts --optimizer={' or '.join(accepted)} (got "
-        f"{self.inner_optimizer}): an unlocked in-place write has no optimizer state"
+        f"{self.inner_optimizer}): {_registry()[self.algorithm].optimizers_why}"
       )
     if self.inner_optimizer in ("momentum", "nesterov") and not self.momentum:
       raise ConfigError(f"--optimizer={self.inner_optimizer} needs --momentum in (0, 1), e.g. 0.9")

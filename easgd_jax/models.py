@@ -74,5 +74,12 @@ def init_params(model, image_shape, seed):
   cpu = jax.local_devices(backend="cpu")[0]
   with jax.default_device(cpu):
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = jax.jit(model.init)(jax.random.key(seed), dummy)
+    key = jax.random.key(seed)
+    # Compiled without XLA's optimization passes: they take ~2 s on LeNet's random-number graph,
+    # on every launch, for a program that runs once; the values are bitwise the same (tested).
+    init = jax.jit(model.init).lower(key, dummy).compile(INIT_COMPILER_OPTIONS)
+    variables = init(key, dummy)
   return jax.tree.map(np.asarray, variables["params"])
+
+
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}

@@ -29,6 +29,9 @@ from easgd_jax.failures import DivergenceError, Preempted, advice, check_losses,
 PROBE_SIZE = 256  # training examples the gradient-norm diagnostic is measured on
 
 
+_param_norm = jax.jit(optax.tree.norm)  # one program, not one per leaf and operation
+
+
 class Progress:
   """A progress line on stderr every `every_s` seconds: steps/s, samples/s, ETA."""
 
@@ -114,7 +117,7 @@ class Trainer:
   def diagnostics(self, params, points):
     params = devices.put(params, self.test_images.sharding)
     found = {
-      "param_norm": float(optax.tree.norm(params)),
+      "param_norm": float(_param_norm(params)),
       "grad_norm": float(self._grad_norm(params, self.probe)),
     }
     if points:  # on the host: the workers' weights live on different devices

@@ -84,6 +84,30 @@ def run_process(args, *, timeout, **popen_kwargs):
   return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
+# The test files that take longest, longest first (measured on the 2-core CI machine). Under
+# pytest-xdist's --dist loadfile (pyproject.toml) whole files go to the workers in collection
+# order; starting with the longest keeps one worker from running a long file alone at the end.
+LONGEST_FIRST = (
+  "test_ray.py",
+  "test_checkpoints.py",
+  "test_async.py",
+  "test_workdir.py",
+  "test_study.py",
+  "test_multiprocess.py",
+  "test_sync.py",
+  "test_bad_input.py",
+  "test_configs.py",
+  "test_model_parallel.py",
+  "test_data_models.py",
+  "test_notebooks.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
+
+
 @pytest.fixture(scope="session")
 def cpu_devices():
   devices = jax.devices()

@@ -175,8 +175,9 @@ def test_async_runs_resume_from_the_saved_master(tmp_path, cpu_devices, algorith
 
 
 @pytest.mark.slow
-def test_async_easgd_killed_resumes_and_reaches_90_percent(tmp_path, cli_env):
-  args = ["--algorithm=async_easgd", "--steps=1500", "--eval_every=250", "--checkpoint_every=250"]
+@pytest.mark.parametrize("algorithm", ["--algorithm=async_easgd", "--algorithm=downpour --tau=4"])
+def test_an_asynchronous_run_killed_resumes_and_reaches_90_percent(tmp_path, cli_env, algorithm):
+  args = [*algorithm.split(), "--steps=1500", "--eval_every=250", "--checkpoint_every=250"]
   code, _ = interrupt(cli_env, tmp_path, args, signal.SIGKILL, random.Random(0), every=250)
   assert code == -signal.SIGKILL
   code, stderr = finish(launch(cli_env, tmp_path, *args))

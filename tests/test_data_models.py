@@ -21,6 +21,15 @@ def test_digits_is_real_offline_data_normalized_by_training_statistics():
   assert set(np.unique(dataset.test_labels)) == set(range(10))
 
 
+def test_digits_are_the_arrays_scikit_learn_loads():
+  from sklearn.datasets import load_digits
+
+  images, labels = data.digits_arrays()
+  digits = load_digits()
+  np.testing.assert_array_equal(images, digits.images)
+  np.testing.assert_array_equal(labels, digits.target)
+
+
 @pytest.fixture(scope="module")
 def mnist5k():
   return data.load(Config(dataset="mnist5k"))
@@ -148,3 +157,15 @@ def test_xavier_initialization():
   np.testing.assert_allclose(kernel.std(), limit / np.sqrt(3.0), rtol=0.02)
   assert not np.any(params["Dense_0"]["bias"])
   assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize(
+  "name, shape", [("mlp", (8, 8, 1)), ("lenet", (28, 28, 1)), ("cifar_cnn", (32, 32, 3))]
+)
+def test_initialization_compiled_without_optimizations_gives_the_same_parameters(name, shape):
+  """models.init_params skips XLA's optimization passes to start faster: no value may change."""
+  model = models.create(name, 10)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    dummy = np.zeros((1, *shape), np.float32)
+    optimized = jax.jit(model.init)(jax.random.key(7), dummy)["params"]
+  jax.tree.map(np.testing.assert_array_equal, models.init_params(model, shape, seed=7), optimized)

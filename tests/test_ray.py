@@ -221,6 +221,9 @@ def test_a_node_that_leaves_takes_its_workers_and_the_run_goes_on(ray_cluster, t
     remover.join()
     if node in ray_cluster.worker_nodes:
       ray_cluster.remove_node(node, allow_graceful=False)
+    # Until the cluster has seen the node go (missed heartbeats: seconds, more on a busy
+    # machine), Ray may still place the next test's actors on it, and they would die there.
+    ray_cluster.wait_for_nodes(timeout=120)
   on_it = {
     int(j)
     for j, where in re.findall(r"ray: worker (\d+) on (.*)", caplog.text)

@@ -48,7 +48,13 @@ def test_compare_algorithms_runs_every_algorithm_and_reports_each(tmp_path, cpu_
   assert [r["arm"] for r in rows] == labels and all(r["seeds"] == "2" for r in rows)
   for row in table:
     assert 0 <= row["final_accuracy_mean"] <= 1 and row["samples_per_s"] > 0
-    is_async = row["arm"] in ("async_sgd", "hogwild", "async_easgd", "hogwild_easgd")
+    is_async = row["arm"].split(",")[0] in (
+      "async_sgd",
+      "hogwild",
+      "async_easgd",
+      "hogwild_easgd",
+      "downpour",
+    )
     assert (row["staleness_median"] is not None) == is_async
   for plot in (study.SAMPLES_PLOT, study.TIME_PLOT):
     assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
@@ -99,7 +105,7 @@ def test_a_sweep_plots_one_line_per_family(tmp_path, cpu_devices):
   assert study.plot_sweep(tau, tau_table, str(tmp_path / "t.png")) == [
     "Async EASGD",
     "Async EAMSGD",
-    "async SGD",  # not swept: drawn as a reference line
+    "DOWNPOUR",
   ]
   for name in ("sweep_tau", "sweep_workers"):  # the other sweeps are well formed
     other = experiment(name).make_study(Config())

@@ -17,6 +17,7 @@ from easgd_jax.algorithms import (
   AsyncEASGD,
   AsyncSGD,
   DiLoCo,
+  Downpour,
   Hogwild,
   HogwildEASGD,
   LocalSGD,
@@ -44,6 +45,7 @@ VALID = {
   ModelParallelSGD: dict(data_parallel=1, model_parallel=2, learning_rate=0.1),
   LocalSGD: dict(num_devices=2, learning_rate=0.1),
   DiLoCo: dict(num_devices=2, learning_rate=0.001),
+  Downpour: dict(num_workers=2, learning_rate=0.1),
 }
 
 BAD = [

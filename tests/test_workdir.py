@@ -13,13 +13,13 @@ import time
 
 import numpy as np
 import pytest
-from test_async import BATCH, ListSampler, problem  # noqa: F401  (problem: a fixture)
 
 from easgd_jax import checkpoints, reporting, train, workdir, workers
 from easgd_jax.algorithms import AsyncSGD
 from easgd_jax.config import Config, ConfigError
 
 from conftest import REPO, child_env, kill_group, run_process
+from test_async import BATCH, ListSampler, problem  # noqa: F401  (problem: a fixture)
 
 SMALL = dict(model="mlp", steps=40, eval_every=20, checkpoint_every=20)
 

@@ -10,6 +10,7 @@ from easgd_jax.algorithms.async_easgd import AsyncEASGD, HogwildEASGD
 from easgd_jax.algorithms.async_sgd import AsyncSGD
 from easgd_jax.algorithms.base import STEPS, WORKERS, Algorithm
 from easgd_jax.algorithms.diloco import DiLoCo, DiLoCoState
+from easgd_jax.algorithms.downpour import Downpour
 from easgd_jax.algorithms.easgd import EASGDState, RoundRobinEASGD
 from easgd_jax.algorithms.hogwild import Hogwild
 from easgd_jax.algorithms.local_sgd import LocalSGD, LocalSGDState
@@ -31,6 +32,7 @@ REGISTRY = {
     Hogwild,
     AsyncEASGD,
     HogwildEASGD,
+    Downpour,
   )
 }
 
@@ -43,6 +45,7 @@ __all__ = [
   "AsyncSGD",
   "DiLoCo",
   "DiLoCoState",
+  "Downpour",
   "EASGDState",
   "Hogwild",
   "HogwildEASGD",

@@ -180,6 +180,7 @@ class HogwildEASGD(AsyncEASGD):
 
   name = "hogwild_easgd"
   optimizers = ("sgd",)
+  optimizers_why = "an unlocked in-place write has no optimizer state"
 
   _layout = None  # the parameter layout the exchange steps were jitted for
 

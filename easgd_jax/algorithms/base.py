@@ -41,6 +41,7 @@ class Algorithm(Protocol):
   all_at_once: ClassVar[bool]  # every worker exchanges at the same moment (stability condition)
   model_parallel: ClassVar[bool]  # runs on a (data, model) mesh with --model_parallel > 1
   optimizers: ClassVar[tuple]  # the inner optimizers it accepts
+  optimizers_why: ClassVar[str]  # why, when it accepts fewer than all
   schedules: ClassVar[tuple]  # the learning-rate schedules it accepts
   engines: ClassVar[tuple]  # the engines that run it (config.ENGINES)
 
@@ -70,6 +71,7 @@ class Defaults:
   all_at_once = False
   model_parallel = False
   optimizers = OPTIMIZERS
+  optimizers_why = ""  # why an algorithm accepts fewer, for the error that refuses one
   schedules = SCHEDULES
   engines = ("local",)
 

@@ -97,7 +97,8 @@ class Hogwild(Defaults):
   name = "hogwild"
   engines = ("local", "ray")
   driven_by = WORKERS
-  optimizers = ("sgd",)  # an unlocked in-place write has no optimizer state
+  optimizers = ("sgd",)
+  optimizers_why = "an unlocked in-place write has no optimizer state"
   schedules = ("constant",)  # ... and no step count for a schedule
   batches_per_step = 1
 
