@@ -1,7 +1,7 @@
 """Communication period tau: Async EASGD vs Async EAMSGD vs DOWNPOUR (the NeurIPS'15 comparison).
 
   python experiments/sweep_tau.py --workdir=runs/sweep_tau
-      # digits/lenet, G = 4, tau in {1, 4, 16, 64}, 2 seeds: 24 runs, ~3 minutes on 2 cores
+      # digits/lenet, G = 4, tau in {1, 4, 16, 64}, 2 seeds: 24 runs, 4.4 minutes on 2 cores
 
 EASGD and EAMSGD (momentum 0.9) exchange with the center on every tau-th step of a worker;
 DOWNPOUR pushes its accumulated tau local steps to the master and pulls the master's weights
