@@ -277,7 +277,7 @@ def test_sigkilled_worker_and_server_then_sigterm_and_relaunches(ray_cluster, tm
   relaunch resumes from the last checkpoint and gets SIGTERM (exit 143, a checkpoint of that
   moment), and the next relaunch resumes from it and finishes."""
   args = _launch(ray_cluster, tmp_path, "--algorithm=async_sgd", "--num_devices=3")
-  args += ["--steps=1500", "--eval_every=500", "--checkpoint_every=200"]
+  args += ["--steps=800", "--eval_every=400", "--checkpoint_every=200"]
   lines = []
   with child_process(args, env=child_env(), stderr=subprocess.PIPE, text=True) as p:
     pid = int(_wait_for(p, r"parameter server on node 127\.0\.0\.1 pid (\d+)", lines).group(1))
@@ -308,7 +308,7 @@ def test_sigkilled_worker_and_server_then_sigterm_and_relaunches(ray_cluster, tm
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resuming from the checkpoint at step {stopped.group(1)}" in result.stderr
   summary = json.loads((tmp_path / reporting.SUMMARY).read_text())
-  assert summary["final"]["step"] == 1500 and sum(summary["worker_steps"]) == 1500
+  assert summary["final"]["step"] == 800 and sum(summary["worker_steps"]) == 800
 
 
 BAD_ENGINE_FLAGS = [

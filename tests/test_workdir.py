@@ -283,6 +283,7 @@ def peak_rss_mb(pid):
 def test_sigterm_stops_a_busy_async_run_within_30_s_with_bounded_memory(tmp_path, cli_env):
   args = [
     "--algorithm=async_easgd",
+    "--num_devices=2",  # two workers keep the evaluations busy; each more is one more compile
     "--dataset=synthetic",
     "--synthetic_shape=32,32,3",
     "--model=cifar_cnn",
