@@ -29,7 +29,7 @@ STEPWISE = {
   "sync_easgd": ["--num_devices=4", "--tau=2"],
 }
 EVERY = 25  # checkpoint and evaluation period of the interrupted runs
-SHORT = ["--steps=600", f"--eval_every={EVERY}", f"--checkpoint_every={EVERY}"]
+SHORT = ["--steps=300", f"--eval_every={EVERY}", f"--checkpoint_every={EVERY}"]  # 3 stops <= 150
 
 
 @pytest.fixture(scope="module")

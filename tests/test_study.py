@@ -33,9 +33,14 @@ def tiny(make_study, **changes):
 
 
 @pytest.mark.slow
-def test_compare_algorithms_runs_every_algorithm_and_reports_each(tmp_path, cpu_devices):
+def test_compare_algorithms_names_every_algorithm_and_reports_each_arm(tmp_path, cpu_devices):
   compare = tiny(experiment("compare_algorithms").make_study, seeds=(0, 1))
   assert {arm.overrides["algorithm"] for arm in compare.arms} == set(REGISTRY)
+  # Every arm runs in test_a_killed_study_resumes_without_redoing_finished_runs (the command
+  # line, one seed); here a step-driven, a data-parallel and two asynchronous arms, two seeds.
+  keep = ("sgd", "sync_easgd", "async_sgd", "downpour, tau=4")
+  compare = dataclasses.replace(compare, arms=tuple(a for a in compare.arms if a.label in keep))
+  assert len(compare.arms) == len(keep)
   table = study.run(compare, str(tmp_path))
   labels = [arm.label for arm in compare.arms]
   assert [row["arm"] for row in table] == labels
