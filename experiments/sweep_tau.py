@@ -21,33 +21,25 @@ TAUS = (1, 4, 16, 64)
 G = 4
 
 
+# (family, label, overrides): every family at every tau, in this order.
+FAMILIES = (
+  ("Async EASGD", "EASGD", {"algorithm": "async_easgd"}),
+  ("Async EAMSGD", "EAMSGD", {"algorithm": "async_easgd", "momentum": 0.9}),
+  ("DOWNPOUR", "DOWNPOUR", {"algorithm": "downpour"}),
+)
+
+
 def make_study(base):
-  arms = []
-  for tau in TAUS:
-    arms.append(
-      study.Arm(
-        f"EASGD tau={tau}",
-        {"algorithm": "async_easgd", "num_devices": G, "tau": tau},
-        family="Async EASGD",
-        swept=tau,
-      )
+  arms = [
+    study.Arm(
+      f"{label} tau={tau}",
+      {**overrides, "num_devices": G, "tau": tau},
+      family=family,
+      swept=tau,
     )
-    arms.append(
-      study.Arm(
-        f"EAMSGD tau={tau}",
-        {"algorithm": "async_easgd", "num_devices": G, "tau": tau, "momentum": 0.9},
-        family="Async EAMSGD",
-        swept=tau,
-      )
-    )
-    arms.append(
-      study.Arm(
-        f"DOWNPOUR tau={tau}",
-        {"algorithm": "downpour", "num_devices": G, "tau": tau},
-        family="DOWNPOUR",
-        swept=tau,
-      )
-    )
+    for tau in TAUS
+    for family, label, overrides in FAMILIES
+  ]
   return study.Study(name="sweep_tau", arms=tuple(arms), base=base, seeds=(0, 1), sweep_name="tau")
 
 
