@@ -145,7 +145,8 @@ flags.DEFINE_string(
   "engine",
   DEFAULTS.engine,
   "local: devices and threads in this process; ray: parameter server and worker actors "
-  "(async_sgd, hogwild, async_easgd, hogwild_easgd, easgd).",
+  "(async_sgd, hogwild, async_easgd, hogwild_easgd, easgd); simulated: G workers on one device "
+  "under a virtual clock (every algorithm).",
 )
 flags.DEFINE_string(
   "ray_address",
@@ -159,6 +160,36 @@ flags.DEFINE_bool(
 flags.DEFINE_float("ray_worker_gpus", 0.0, "--engine=ray: GPUs each worker actor asks Ray for.")
 flags.DEFINE_integer(
   "max_worker_restarts", 0, "--engine=ray: times a dead worker is started again (0: never)."
+)
+flags.DEFINE_float(
+  "sim_compute_ms",
+  None,
+  "--engine=simulated: one worker's step, in virtual ms (unset: measured here at the first launch, "
+  "saved in config.json).",
+)
+flags.DEFINE_float(
+  "sim_latency_us", DEFAULTS.sim_latency_us, "--engine=simulated: one message's latency (us)."
+)
+flags.DEFINE_float(
+  "sim_bandwidth_gbps",
+  DEFAULTS.sim_bandwidth_gbps,
+  "--engine=simulated: one link's bandwidth (Gbit/s; 96: PCIe 3 x16, 10: 10 GbE).",
+)
+flags.DEFINE_float(
+  "sim_service_us",
+  None,
+  "--engine=simulated: the master applying one update (us; unset: measured, saved in config.json).",
+)
+flags.DEFINE_float(
+  "sim_jitter", DEFAULTS.sim_jitter, "--engine=simulated: sigma of a lognormal compute-time factor."
+)
+flags.DEFINE_integer(
+  "sim_stragglers", DEFAULTS.sim_stragglers, "--engine=simulated: workers that compute slower."
+)
+flags.DEFINE_float(
+  "sim_straggler_slowdown",
+  DEFAULTS.sim_straggler_slowdown,
+  "--engine=simulated: how much slower the stragglers are.",
 )
 
 

@@ -13,7 +13,9 @@ import sys
 
 DATASETS = ("digits", "mnist5k", "mnist", "cifar10", "synthetic")
 MODELS = ("mlp", "lenet", "cifar_cnn")
-ENGINES = ("local", "ray")  # which each algorithm runs on: its `engines` in the registry
+# Which each algorithm runs on: its `engines` in the registry. simulated: a cluster of
+# --num_devices workers on one device under a virtual clock (engines/simulated.py).
+ENGINES = ("local", "ray", "simulated")
 # Upper bounds, so a typo fails here with a message instead of hanging or crashing later: the
 # CPU backend creates 4096 emulated devices in a second, 16384 in 25 s, 100000 in many minutes.
 MAX_DEVICES = 4096
@@ -93,6 +95,14 @@ class Config:
   ray_pipeline: bool = False  # ray: keep one push/pull in flight while computing the next step
   ray_worker_gpus: float = 0.0  # ray: GPUs each worker actor asks for (0: CPU workers)
   max_worker_restarts: int = 0  # ray: times a dead worker is started again (0: go on without it)
+  # The simulated cluster's costs (--engine=simulated); the default network is one PCIe node.
+  sim_compute_ms: float | None = None  # one worker's step; unset: measured at the first launch
+  sim_latency_us: float = 10.0  # one message's latency, one way
+  sim_bandwidth_gbps: float = 96.0  # one link's bandwidth, one way, in gigabits per second
+  sim_service_us: float | None = None  # the master applying one update; unset: measured
+  sim_jitter: float = 0.0  # sigma of a lognormal factor (mean 1) on every step's compute time
+  sim_stragglers: int = 0  # this many workers (the last ones) compute slower
+  sim_straggler_slowdown: float = 4.0  # by this factor
 
   def validate(self) -> "Config":
     """Returns self, or raises ConfigError naming the first bad flag."""
@@ -261,6 +271,37 @@ class Config:
         )
     if self.engine == "ray" and self.num_processes > 1:
       raise ConfigError("--engine=ray runs one driver process; use --num_processes=1")
+    self._validate_simulated()
+
+  def _validate_simulated(self):
+    defaults = Config()
+    given = [
+      f.name
+      for f in dataclasses.fields(self)
+      if f.name.startswith("sim_") and getattr(self, f.name) != getattr(defaults, f.name)
+    ]
+    if given and self.engine != "simulated":
+      raise ConfigError(f"--{given[0]} applies to --engine=simulated (got --engine={self.engine})")
+    if self.engine != "simulated":
+      return
+    for flag in ("sim_compute_ms", "sim_latency_us", "sim_bandwidth_gbps", "sim_service_us"):
+      value = getattr(self, flag)
+      if value is not None and not (_is_number(value) and value > 0):
+        raise ConfigError(f"--{flag} must be a finite number > 0 (got {value})")
+    if not (_is_number(self.sim_jitter) and self.sim_jitter >= 0):
+      raise ConfigError(f"--sim_jitter must be a finite number >= 0 (got {self.sim_jitter})")
+    if not (_is_number(self.sim_straggler_slowdown) and self.sim_straggler_slowdown >= 1):
+      raise ConfigError(
+        f"--sim_straggler_slowdown must be a finite number >= 1 (got {self.sim_straggler_slowdown})"
+      )
+    _in_range("sim_stragglers", self.sim_stragglers, 0, self.num_devices)
+    if self.num_processes > 1 or self.model_parallel > 1:
+      raise ConfigError(
+        "--engine=simulated runs one process on one device; use --num_processes=1 and "
+        "--model_parallel=1"
+      )
+    if self.inject_failure is not None:
+      raise ConfigError("--inject_failure applies to --engine=local and ray, not simulated")
 
   def _validate_model_parallel(self):
     _in_range("model_parallel", self.model_parallel, 1, MAX_DEVICES)

@@ -243,13 +243,17 @@ class ShardedSampler:
     self.rngs = [np.random.default_rng([seed, p]) for p in shard_ids]
 
   def next(self, batch_size):
-    index = np.stack(
+    index = self.indices(batch_size)
+    return {"image": self.images[index], "label": self.labels[index]}
+
+  def indices(self, batch_size):
+    """The next batches' example numbers, [shards, batch_size] (for a gather on the device)."""
+    return np.stack(
       [
         part[rng.integers(0, len(part), size=batch_size)]
         for part, rng in zip(self.parts, self.rngs, strict=True)
       ]
     )
-    return {"image": self.images[index], "label": self.labels[index]}
 
   def state(self):
     return [rng.bit_generator.state for rng in self.rngs]

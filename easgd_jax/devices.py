@@ -185,6 +185,46 @@ def _replica_sharding(replicas):
   return NamedSharding(Mesh(np.array(replicas), (AXIS,)), PartitionSpec(AXIS))
 
 
+def psum(tree, fused=False):
+  """Sum over the replicas (AXIS): an all-reduce across devices under pmap; `fused` (the
+  simulated engine's replicas, a vmapped axis on one device), one product with a vector of ones
+  per leaf. Why not lax.psum there too: under vmap it becomes a reduction over the leading axis,
+  which XLA:CPU runs ~6x slower than the product (64 replicas of a 235k-weight MLP: 140 ms
+  against 23 ms), and a sync_easgd step spent most of its time in it."""
+  if not fused:
+    return jax.lax.psum(tree, AXIS)
+  return jax.tree.map(_replica_sum, tree)
+
+
+def pmean(tree, fused=False):
+  """The mean over the replicas, as `psum` computes the sum."""
+  if not fused:
+    return jax.lax.pmean(tree, AXIS)
+  return jax.tree.map(_replica_mean, tree)
+
+
+def _over_replicas(mean):
+  @jax.custom_batching.custom_vmap
+  def reduce(x):  # a single replica (not vmapped): its own sum and mean
+    return x
+
+  @reduce.def_vmap
+  def batched(axis_size, in_batched, x):
+    (is_batched,) = in_batched
+    if not is_batched:  # the same value on every replica
+      return (x if mean else x * axis_size), False
+    flat = x.reshape(axis_size, -1)
+    total = (jax.numpy.ones((1, axis_size), x.dtype) @ flat).reshape(x.shape[1:])
+    if mean:
+      total = total / axis_size
+    return jax.numpy.broadcast_to(total, x.shape), True
+
+  return reduce
+
+
+_replica_sum, _replica_mean = _over_replicas(mean=False), _over_replicas(mean=True)
+
+
 def put_replicas(tree_local, replicas):
   """Leading axis of each leaf = this process's replicas, one slice per local device."""
   sharding = _replica_sharding(replicas)

@@ -69,6 +69,28 @@ def save_params(path, params):
     np.savez(f, **flat)
 
 
+def save_arrays(path, arrays):
+  """{name: array} as an .npz, atomically."""
+  with _atomic(path, ".npz") as tmp, open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+
+
+def plot_histogram(values, counts, path, xlabel, title=""):
+  """A bar chart of `counts` at integer `values`, saved as PNG."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axis = plt.subplots(figsize=(6, 4))
+  axis.bar(values, counts, width=0.8)
+  axis.set_xlabel(xlabel)
+  axis.set_ylabel("updates")
+  axis.grid(alpha=0.3, axis="y")
+  axis.set_title(title)
+  save_figure(fig, path)
+
+
 def load_params(path):
   with np.load(path, allow_pickle=False) as archive:
     return dict(archive)
@@ -181,6 +203,8 @@ def summarize(rows, target_accuracy=None):
     summary["steps_to_target"] = reached and reached["step"]
     summary["samples_to_target"] = reached and reached["samples"]
     summary["seconds_to_target"] = reached and reached["wall_time_s"]
+    if "virtual_time_s" in final:  # --engine=simulated: on the simulated cluster's clock
+      summary["virtual_seconds_to_target"] = reached and reached["virtual_time_s"]
   return summary
 
 
@@ -193,8 +217,13 @@ def plot_accuracy(rows, path, title=""):
 
   fig, (by_time, by_step) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
   accuracy = [r["test_accuracy"] for r in rows]
-  by_time.plot([r["wall_time_s"] for r in rows], accuracy, marker=".")
-  by_time.set_xlabel("wall time (s, evaluation excluded)")
+  clock = "virtual_time_s" if rows and "virtual_time_s" in rows[-1] else "wall_time_s"
+  by_time.plot([r[clock] for r in rows], accuracy, marker=".")
+  by_time.set_xlabel(
+    "virtual time on the simulated cluster (s)"
+    if clock == "virtual_time_s"
+    else "wall time (s, evaluation excluded)"
+  )
   by_time.set_ylabel("test accuracy")
   by_step.plot([r["step"] for r in rows], accuracy, marker=".")
   by_step.set_xlabel("iteration")

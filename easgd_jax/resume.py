@@ -47,6 +47,18 @@ def fix_decay_steps(config, workdir):
   return dataclasses.replace(config, decay_steps=decay_steps)
 
 
+def fix_measured_costs(config, workdir):
+  """--engine=simulated: the compute and service times measured at the first launch (in its
+  config.json) are the ones every relaunch uses, so its virtual clock gives the same order."""
+  saved = saved_config(workdir) or {}
+  measured = {
+    flag: saved[flag]
+    for flag in ("sim_compute_ms", "sim_service_us")
+    if getattr(config, flag) is None and saved.get(flag) is not None
+  }
+  return dataclasses.replace(config, **measured) if config.engine == "simulated" else config
+
+
 def saved_config(workdir):
   path = workdir and os.path.join(workdir, reporting.CONFIG)
   if not path or not os.path.exists(path):
@@ -132,6 +144,11 @@ def check_same_experiment(saved, config):
       old = saved.get("steps")
     if isinstance(new, tuple) and isinstance(old, list):
       old = tuple(old)
+    if field == "engine" and "simulated" in (old, new) and old != new:
+      raise ConfigError(
+        f"the workdir holds a run on --engine={old}, not {new}: a simulated cluster's checkpoint "
+        f"is its own; use another --workdir, or --engine={old} to resume it"
+      )
     if field == "steps" or field in RESUMABLE or old == new:
       continue
     raise ConfigError(

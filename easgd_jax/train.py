@@ -60,6 +60,7 @@ def train_and_evaluate(config, workdir=None):
     # Every process of a multi-process run reads the shared workdir and so takes the same way:
     # until they all meet in the Checkpointer, nothing in it changes but config.json (atomically).
     config = resume.fix_decay_steps(config, workdir)
+    config = resume.fix_measured_costs(config, workdir)
     finished = resume.check(config, workdir)
     if finished is not None and resume.outputs_complete(workdir):
       logging.info("complete at step %d; results in %s (raise --steps to train on)", *finished)
@@ -79,7 +80,19 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
   of the run checkpoints into.
   """
   dataset, _, loss_fn, params_host = setup(config)
-  algorithm = algorithms.create(config, loss_fn)
+  if config.engine == "simulated":  # measured once, saved in config.json below, reused after
+    from easgd_jax.engines import simulated
+
+    sample = {
+      "image": dataset.train_images[: config.batch_size],
+      "label": dataset.train_labels[: config.batch_size],
+    }
+    config = simulated.measure_costs(config, loss_fn, params_host, sample)
+    # Every worker on the one device (a list as long as the workers: no "sharing" warning).
+    algorithm = algorithms.create(config, loss_fn, [jax.devices()[0]] * config.num_devices)
+    simulated.check_memory(config, algorithm, params_host, dataset)  # before anything is written
+  else:
+    algorithm = algorithms.create(config, loss_fn)
   if config.model_parallel > 1:  # a layer that does not split evenly: say so before any output
     partitioning.check_divisible(params_host, config.model_parallel)
   kind = type(algorithm)
@@ -133,6 +146,8 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
     title = f"{config.algorithm} / {config.model} / {config.dataset}"
     reporting.plot_accuracy(log.rows, os.path.join(workdir, reporting.PLOT), title)
     reporting.save_params(os.path.join(workdir, reporting.PARAMS), final_params)
+    if hasattr(engine, "write_outputs"):
+      engine.write_outputs(workdir)
     reporting.write_json(os.path.join(workdir, reporting.SUMMARY), summary)  # last: "complete"
   summary["history"] = log.rows
   summary["state"] = engine.state

@@ -20,13 +20,24 @@ from easgd_jax.config import Config, ConfigError
 
 from conftest import REPO, child_process
 
-# One driver of each kind: one device, a worker per device in turn, every device at once (pmap).
+# One driver of each kind: one device, a worker per device in turn, every device at once (pmap),
+# and the simulated cluster.
 # sync_sgd's state (the same pmap placement, without a center) is killed and resumed bitwise in
 # tests/test_multiprocess.py, across two processes.
 STEPWISE = {
   "sgd": [],
   "easgd": ["--num_devices=4", "--tau=2"],
   "sync_easgd": ["--num_devices=4", "--tau=2"],
+  # The simulated cluster: its event stream, jitter and a straggler deciding the order.
+  "async_easgd": [
+    "--engine=simulated",
+    "--num_devices=4",
+    "--tau=2",
+    "--sim_compute_ms=1",
+    "--sim_service_us=50",
+    "--sim_jitter=0.5",
+    "--sim_stragglers=1",
+  ],
 }
 EVERY = 25  # checkpoint and evaluation period of the interrupted runs
 SHORT = ["--steps=300", f"--eval_every={EVERY}", f"--checkpoint_every={EVERY}"]  # 3 stops <= 150

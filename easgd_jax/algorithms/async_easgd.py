@@ -53,7 +53,7 @@ class AsyncEASGD(Defaults):
   """Center on device 0 behind a lock; drive it with `workers.Run` (threads)."""
 
   name = "async_easgd"
-  engines = ("local", "ray")
+  engines = ("local", "ray", "simulated")
   driven_by = WORKERS
   elastic = True
   batches_per_step = 1  # a step is one worker's iteration
@@ -164,6 +164,32 @@ class AsyncEASGD(Defaults):
   def load_master(self, state):
     self.center, self.exchanges = state["center"], state["exchanges"]
 
+  # The simulated engine (engines/simulated.py): `iterate` as one pure function.
+  opens_round = True  # the exchange opens its step: Eq. (1) needs the center it reads
+  locked = True
+
+  def fused_init(self, params_host):
+    return {"center": params_host}, (params_host, self.optimizer.init(params_host))
+
+  def fused_iteration(self, master, worker, batch, exchange):
+    """On an exchange, Eq. (2) with x^i and Eq. (1) against the center read; otherwise a local
+    step (the gate in the optimizer state is 0, so the center read adds nothing)."""
+    local, opt_state = worker
+    center = master["center"]
+    new_center = jax.lax.cond(
+      exchange,
+      lambda: self._center_update(center, self._point(local, opt_state)),
+      lambda: center,
+    )
+    local, opt_state, loss = self._elastic_step(local, opt_state, center, batch)
+    return {"center": new_center}, (local, opt_state), loss
+
+  def fused_eval(self, master):
+    return master["center"]
+
+  def fused_point(self, worker):
+    return self._point(*worker)
+
 
 class HogwildEASGD(AsyncEASGD):
   """The same exchange with no lock: the center is a host buffer every worker updates in place.
@@ -241,3 +267,7 @@ class HogwildEASGD(AsyncEASGD):
   def load_master(self, state):
     self.shared.load(state["center"])
     self.exchanges = state["exchanges"]
+
+  # The simulated engine: AsyncEASGD's arithmetic with no lock and no queue at the master; an
+  # exchange reads and updates the center the moment it arrives, whole (see Hogwild's model).
+  locked = False

@@ -34,7 +34,7 @@ class AsyncSGD(Defaults):
   """Master weights on device 0 behind a lock; drive it with `workers.Run` (threads)."""
 
   name = "async_sgd"
-  engines = ("local", "ray")
+  engines = ("local", "ray", "simulated")
   driven_by = WORKERS
   batches_per_step = 1  # a step is one worker's iteration: one master update
 
@@ -119,3 +119,23 @@ class AsyncSGD(Defaults):
       state["opt_state"],
       state["updates"],
     )
+
+  # The simulated engine (engines/simulated.py) runs the same two rules as one pure function,
+  # its workers stacked on one device, in the order its virtual clock gives the master.
+  opens_round = False  # the exchange ends an iteration: the gradient travels after it
+  locked = True  # the master applies one update at a time
+
+  def fused_init(self, params_host):
+    """(master, one worker): the master's W and optimizer state; the W the worker read."""
+    return {"params": params_host, "opt_state": self.optimizer.init(params_host)}, params_host
+
+  def fused_iteration(self, master, read, batch, exchange):
+    """Delta W^i at the W the worker read, the master's update, and the reply: the worker
+    reads W after its own update (what a thread reading right after `apply` sees)."""
+    del exchange  # every iteration is one
+    grads, loss = self._gradient(read, batch)
+    params, opt_state = self._apply_gradient(master["params"], master["opt_state"], grads)
+    return {"params": params, "opt_state": opt_state}, params, loss
+
+  def fused_eval(self, master):
+    return master["params"]

@@ -12,7 +12,7 @@ How it is driven (`driven_by`):
   the checkpoint holds that pytree, its arrays stored under their path names
   (`center/Dense_0/kernel`, `locals/3/Dense_0/bias`). Data-parallel algorithms take one batch per
   device (leading axis: this process's devices, `local_ids`) and may bound the steps the host
-  queues (`max_in_flight`).
+  queues (`max_in_flight`); they are `DataParallel`, their step one of a few per-replica phases.
 - WORKERS: G concurrent workers, one per device, each at its own pace: `init_worker(j, params)`,
   then `iterate(j, worker_state, batch) -> (worker_state, loss, staleness)`, one iteration
   including its exchange with the master; `snapshot()` is the master's weights now,
@@ -24,9 +24,12 @@ one worker's iteration; G for the data-parallel ones), so `samples_per_step(conf
 studies budget in and what throughput counts.
 """
 
+import functools
 from typing import Any, ClassVar, Protocol
 
-from easgd_jax import optimizers
+import jax
+
+from easgd_jax import devices, optimizers
 from easgd_jax.optimizers import OPTIMIZERS, SCHEDULES
 
 STEPS = "steps"  # the host scheduler calls step()
@@ -73,7 +76,7 @@ class Defaults:
   optimizers = OPTIMIZERS
   optimizers_why = ""  # why an algorithm accepts fewer, for the error that refuses one
   schedules = SCHEDULES
-  engines = ("local",)
+  engines = ("local", "simulated")
 
   @classmethod
   def samples_per_step(cls, config):
@@ -94,3 +97,65 @@ class Defaults:
 
   def worker_points(self, state):
     return None
+
+
+class DataParallel(Defaults):
+  """G replicas stepping together, the step one of a few per-replica phases.
+
+  A subclass sets `phases`, functions fn(replica_state, batch) -> (replica_state, loss) for one
+  replica, whose collectives are `replica_sum` and `replica_mean` (devices.psum and pmean over
+  devices.AXIS), and `phase(step)`, the index of the one run step `step` uses (`step`: the
+  steps done before it). A replica state is
+  the algorithm's state with `step=None`: None is an empty pytree, so pmap, vmap and scan pass
+  it through, and which phase runs is decided on the host, never traced.
+
+  Placed one replica per device (`fused=False`), `step` pmaps the phases over G devices. Fused
+  (the simulated engine, engines/simulated.py), everything lives on one device, `init` holds one
+  replica (leading axis 1, for the engine to repeat G times) and the engine runs
+  jax.vmap(phase, axis_name=devices.AXIS) over the G replicas stacked there, where the same
+  collectives reduce over the vmapped axis (as a matrix product: devices.psum says why); G may
+  then exceed the devices there are.
+  """
+
+  data_parallel = True
+  phases: tuple  # the per-replica functions, set by the subclass's __init__
+
+  @staticmethod
+  def placement(config, available_devices=None):
+    """The constructor's placement arguments for a run: fused for --engine=simulated."""
+    return {"fused": config.engine == "simulated", "available_devices": available_devices}
+
+  def _place(self, num_devices, fused=False, available_devices=None):
+    """One device per replica (this process's: `local_ids`), or all of them fused on one."""
+    self.batches_per_step = num_devices  # per-replica batches per step, across all processes
+    self.fused = fused
+    if fused:
+      self.devices = [(available_devices or jax.devices())[0]]
+      self.local_ids = list(range(num_devices))  # every replica's batch comes to this process
+      self.max_in_flight = None  # no cross-device collective to miss its rendezvous
+    else:
+      self.devices = devices.replica_devices(num_devices)
+      self.local_ids = devices.local_replica_ids(self.devices)
+      self.max_in_flight = devices.max_in_flight(self.devices)
+
+  def replica_sum(self, tree):
+    """The all-reduce of a phase: the sum over the replicas (devices.psum)."""
+    return devices.psum(tree, self.fused)
+
+  def replica_mean(self, tree):
+    return devices.pmean(tree, self.fused)
+
+  def phase(self, step):
+    """The index in `phases` of the function run step `step` uses: one phase unless overridden."""
+    return 0
+
+  @functools.cached_property
+  def _pmapped(self):
+    # Built on the first step, not in __init__: a fused instance never pmaps.
+    return tuple(devices.pmap(fn, self.devices) for fn in self.phases)
+
+  def step(self, state, batch_local):
+    """batch_local: this process's batches, leading axis one per local device."""
+    batch = devices.put_replicas(batch_local, self.devices)
+    new, loss = self._pmapped[self.phase(state.step)](state._replace(step=None), batch)
+    return new._replace(step=state.step + 1), loss

@@ -5,6 +5,9 @@
                  W-bar <- W-bar + outer(g_outer)        Nesterov SGD, lr 0.7, momentum 0.9
                  W^i <- W-bar                           every worker restarts from the center
 
+the outer step (`phases[1]`) following that step's inner step, on steps tau - 1, 2 tau - 1, ...
+(counting from 0).
+
 Both optimizers are optax. Each worker's inner state stays its own across rounds; the outer
 state is the same on every device (every device computes the same outer step). With outer
 learning rate 1 and no outer momentum, W-bar <- mean_i W^i: DiLoCo is then local SGD.
@@ -15,10 +18,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from easgd_jax import core, devices
-from easgd_jax.algorithms.base import Defaults
+from easgd_jax.algorithms.base import DataParallel
 
 
 class DiLoCoState(NamedTuple):
@@ -34,9 +36,8 @@ def outer_optimizer(learning_rate=0.7, momentum=0.9):
   return optax.sgd(learning_rate, momentum=momentum or None, nesterov=bool(momentum))
 
 
-class DiLoCo(Defaults):
+class DiLoCo(DataParallel):
   name = "diloco"
-  data_parallel = True
   default_optimizer = "adamw"
 
   def __init__(
@@ -49,6 +50,8 @@ class DiLoCo(Defaults):
     optimizer=None,
     outer_learning_rate=0.7,
     outer_momentum=0.9,
+    fused=False,
+    available_devices=None,
   ):
     core.check_hyperparameters(tau=tau, num_devices=num_devices)
     if not (0 <= outer_momentum < 1 and outer_learning_rate > 0):
@@ -56,9 +59,7 @@ class DiLoCo(Defaults):
         f"outer_learning_rate must be > 0 and outer_momentum in [0, 1) (got "
         f"{outer_learning_rate!r}, {outer_momentum!r})"
       )
-    self.devices = devices.replica_devices(num_devices)
-    self.batches_per_step = num_devices
-    self.local_ids = devices.local_replica_ids(self.devices)
+    self._place(num_devices, fused, available_devices)
     self.tau = tau
     if optimizer is None:
       core.check_hyperparameters(learning_rate=learning_rate)
@@ -67,20 +68,22 @@ class DiLoCo(Defaults):
     self.outer = outer_optimizer(outer_learning_rate, outer_momentum)
     inner_step = core.make_sgd_step(loss_fn, self.optimizer)
 
-    def local_step(local, opt_state, center, outer_state, batch):
-      local, opt_state, loss = inner_step(local, opt_state, batch)
-      return local, opt_state, center, outer_state, loss
+    def local_step(state, batch):
+      local, opt_state, loss = inner_step(state.locals, state.opt_states, batch)
+      return state._replace(locals=local, opt_states=opt_state), loss
 
-    def outer_step(local, opt_state, center, outer_state, batch):
-      local, opt_state, loss = inner_step(local, opt_state, batch)
-      average = lax.pmean(local, devices.AXIS)
-      pseudo_gradient = jax.tree.map(jnp.subtract, center, average)
-      updates, outer_state = self.outer.update(pseudo_gradient, outer_state, center)
-      center = optax.apply_updates(center, updates)
-      return center, opt_state, center, outer_state, loss
+    def outer_step(state, batch):
+      local, opt_state, loss = inner_step(state.locals, state.opt_states, batch)
+      average = self.replica_mean(local)
+      pseudo_gradient = jax.tree.map(jnp.subtract, state.center, average)
+      updates, outer_state = self.outer.update(pseudo_gradient, state.outer_state, state.center)
+      center = optax.apply_updates(state.center, updates)
+      return DiLoCoState(center, outer_state, center, opt_state, None), loss
 
-    self._steps = (devices.pmap(local_step, self.devices), devices.pmap(outer_step, self.devices))
-    self.max_in_flight = devices.max_in_flight(self.devices)
+    self.phases = (local_step, outer_step)
+
+  def phase(self, step):
+    return int((step + 1) % self.tau == 0)  # after the tau-th inner step of a round
 
   @classmethod
   def from_config(cls, config, loss_fn, available_devices=None):
@@ -91,6 +94,7 @@ class DiLoCo(Defaults):
       optimizer=cls.inner_optimizer(config),
       outer_learning_rate=config.outer_learning_rate,
       outer_momentum=config.outer_momentum,
+      **cls.placement(config, available_devices),
     )
 
   def init(self, params_host) -> DiLoCoState:
@@ -102,14 +106,6 @@ class DiLoCo(Defaults):
       opt_states=devices.replicate(self.optimizer.init(params_host), self.devices),
       step=0,
     )
-
-  def step(self, state: DiLoCoState, batch_local):
-    batch = devices.put_replicas(batch_local, self.devices)
-    outer = (state.step + 1) % self.tau == 0  # after the tau-th inner step of a round
-    local, opt_state, center, outer_state, loss = self._steps[outer](
-      state.locals, state.opt_states, state.center, state.outer_state, batch
-    )
-    return DiLoCoState(center, outer_state, local, opt_state, state.step + 1), loss
 
   def eval_params(self, state: DiLoCoState):
     return devices.first_replica(state.center)

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from easgd_jax import core, devices, optimizers
@@ -223,3 +224,29 @@ class Downpour(Defaults):
       state["opt_state"],
       state["updates"],
     )
+
+  # The simulated engine (engines/simulated.py): `iterate` as one pure function.
+  opens_round = False  # the push ends the round's last step
+  locked = True
+
+  def fused_init(self, params_host):
+    master = {"params": params_host, "opt_state": self.master.init(params_host)}
+    zeros = jax.tree.map(np.zeros_like, params_host)
+    return master, (params_host, zeros, self.local_optimizer.init(params_host))
+
+  def fused_iteration(self, master, worker, batch, exchange):
+    """A local step; on the round's last (`exchange`) the push, and the pull of x~."""
+    local, accumulated, opt_state, loss = self._local_step(*worker, batch)
+
+    def push():
+      params, master_state = self._apply_push(master["params"], master["opt_state"], accumulated)
+      zeros = jax.tree.map(jnp.zeros_like, accumulated)
+      return {"params": params, "opt_state": master_state}, (params, zeros, opt_state)
+
+    return *jax.lax.cond(exchange, push, lambda: (master, (local, accumulated, opt_state))), loss
+
+  def fused_eval(self, master):
+    return master["params"]
+
+  def fused_point(self, worker):
+    return worker[0]

@@ -40,7 +40,7 @@ class RoundRobinEASGD(Defaults):
   """The host-side scheduler. Drive it from a notebook with `init` and `step` (or `run`)."""
 
   name = "easgd"
-  engines = ("local", "ray")
+  engines = ("local", "ray", "simulated")
   elastic = True
   batches_per_step = 1  # one worker, one batch per iteration
 

@@ -95,7 +95,7 @@ class Write(NamedTuple):
 
 class Hogwild(Defaults):
   name = "hogwild"
-  engines = ("local", "ray")
+  engines = ("local", "ray", "simulated")
   driven_by = WORKERS
   optimizers = ("sgd",)
   optimizers_why = "an unlocked in-place write has no optimizer state"
@@ -171,3 +171,24 @@ class Hogwild(Defaults):
   def load_master(self, state):
     self.shared.load(state["params"])
     self.updates = state["updates"]
+
+  # The simulated engine (engines/simulated.py): the same rule as one pure function. Its memory
+  # model: no lock and no queue, so writes are applied the moment they arrive and may overlap
+  # one another; each write is whole (no torn reads or lost elements: those are this engine's
+  # and the threads' business), and a worker computes on the W it received after its own write
+  # while the others write.
+  opens_round = False
+  locked = False
+
+  def fused_init(self, params_host):
+    return {"params": params_host}, params_host
+
+  def fused_iteration(self, master, read, batch, exchange):
+    """W <- W - eta * Delta W^i(W read); the worker reads W after its write."""
+    del exchange
+    grads, loss = self._gradient(read, batch)
+    params = jax.tree.map(lambda w, g: w - self.eta * g, master["params"], grads)
+    return {"params": params}, params, loss
+
+  def fused_eval(self, master):
+    return master["params"]

@@ -25,7 +25,17 @@ class SGD(Defaults):
     self.device = device or jax.devices()[0]
     self.devices = [self.device]
     self.optimizer = core.inner_or_default(optimizer, learning_rate, momentum)
-    self._sgd_step = jax.jit(core.make_sgd_step(loss_fn, self.optimizer))
+    sgd_step = core.make_sgd_step(loss_fn, self.optimizer)
+
+    def step(state, batch):  # in DataParallel's replica form, for the simulated engine's vmap
+      params, opt_state, loss = sgd_step(state.params, state.opt_state, batch)
+      return SGDState(params, opt_state, None), loss
+
+    self.phases = (step,)
+    self._step = jax.jit(step)
+
+  def phase(self, step):
+    return 0
 
   @classmethod
   def from_config(cls, config, loss_fn, available_devices=None):
@@ -42,8 +52,8 @@ class SGD(Defaults):
   def step(self, state: SGDState, batch_host):
     """One iteration on a host batch; returns the new state and the batch loss (on device)."""
     batch = devices.put(batch_host, self.device)
-    params, opt_state, loss = self._sgd_step(state.params, state.opt_state, batch)
-    return SGDState(params, opt_state, state.step + 1), loss
+    new, loss = self._step(state._replace(step=None), batch)
+    return new._replace(step=state.step + 1), loss
 
   def eval_params(self, state: SGDState):
     return state.params

@@ -1,23 +1,21 @@
 """Synchronous EASGD: every worker steps at once, and the center lives on the devices.
 
 Each of the P devices holds its local W^i and an identical copy of the center W-bar. On an
-exchange step (every tau-th step, counting from the first) all devices at once apply
+exchange step (every tau-th step, counting from the first: `phases[1]`) all devices at once apply
 
   Eq. (1)  W^i <- W^i + u(Delta W^i) - alpha * (x^i - W-bar)
   Eq. (2)  W-bar <- W-bar + alpha * sum_i (x^i - W-bar)      (the sum is one all-reduce)
 
 so the center never leaves the devices: no host round trip, which is what made Sync EASGD
 5.3x faster than the original in the SC'17 paper. Other steps are local steps with no
-communication. u is the inner optimizer's update; x^i is W^i, or with Nesterov momentum
-(EAMSGD) W^i less its look-ahead shift (elastic.py).
+communication (`phases[0]`: Eq. (1) without its pull). u is the inner optimizer's update; x^i is
+W^i, or with Nesterov momentum (EAMSGD) W^i less its look-ahead shift (elastic.py).
 """
 
 from typing import Any, NamedTuple
 
-from jax import lax
-
 from easgd_jax import core, devices, elastic
-from easgd_jax.algorithms.base import Defaults
+from easgd_jax.algorithms.base import DataParallel
 
 
 class SyncEASGDState(NamedTuple):
@@ -27,9 +25,8 @@ class SyncEASGDState(NamedTuple):
   step: int
 
 
-class SyncEASGD(Defaults):
+class SyncEASGD(DataParallel):
   name = "sync_easgd"
-  data_parallel = True
   elastic = True
   all_at_once = True
 
@@ -44,26 +41,31 @@ class SyncEASGD(Defaults):
     momentum=0.0,
     alpha=None,
     optimizer=None,
+    fused=False,
+    available_devices=None,
   ):
     core.check_hyperparameters(momentum=momentum, tau=tau, num_devices=num_devices)
-    self.devices = devices.replica_devices(num_devices)
-    self.batches_per_step = num_devices
-    self.local_ids = devices.local_replica_ids(self.devices)
+    self._place(num_devices, fused, available_devices)
     self.tau = tau
     alpha = core.moving_rate(alpha, learning_rate, rho)
     inner = core.inner_or_default(optimizer, learning_rate, momentum)
     self.optimizer = elastic.elastic(inner, alpha, tau)
-    local_step = core.make_elastic_step(loss_fn, self.optimizer)  # Eq. (1)
+    elastic_step = core.make_elastic_step(loss_fn, self.optimizer)  # Eq. (1)
 
-    def exchange_step(local, opt_state, center, batch):
-      gaps = lax.psum(elastic.gap(local, opt_state, center), devices.AXIS)
-      new_center = elastic.center_update(center, gaps, alpha)  # Eq. (2)
-      local, opt_state, loss = local_step(local, opt_state, center, batch)
-      return local, opt_state, new_center, loss
+    def local_step(state, batch):  # the gate e is 0: no pull, no collective
+      local, opt_state, loss = elastic_step(state.locals, state.opt_states, state.center, batch)
+      return state._replace(locals=local, opt_states=opt_state), loss
 
-    self._exchange_step = devices.pmap(exchange_step, self.devices)
-    self._local_step = devices.pmap(local_step, self.devices)  # the gate is 0: no collective
-    self.max_in_flight = devices.max_in_flight(self.devices)
+    def exchange_step(state, batch):  # e is 1: Eq. (1) against the old center, and Eq. (2)
+      gaps = self.replica_sum(elastic.gap(state.locals, state.opt_states, state.center))
+      local, opt_state, loss = elastic_step(state.locals, state.opt_states, state.center, batch)
+      center = elastic.center_update(state.center, gaps, alpha)
+      return SyncEASGDState(center, local, opt_state, None), loss
+
+    self.phases = (local_step, exchange_step)
+
+  def phase(self, step):
+    return int(step % self.tau == 0)  # steps 0, tau, 2 tau, ... exchange
 
   @classmethod
   def from_config(cls, config, loss_fn, available_devices=None):
@@ -73,6 +75,7 @@ class SyncEASGD(Defaults):
       alpha=config.moving_rate,
       tau=config.tau,
       optimizer=cls.inner_optimizer(config),
+      **cls.placement(config, available_devices),
     )
 
   def init(self, params_host) -> SyncEASGDState:
@@ -82,17 +85,6 @@ class SyncEASGD(Defaults):
       opt_states=devices.replicate(self.optimizer.init(params_host), self.devices),
       step=0,
     )
-
-  def step(self, state: SyncEASGDState, batch_local):
-    batch = devices.put_replicas(batch_local, self.devices)
-    center = state.center
-    if state.step % self.tau == 0:
-      local, opt_state, center, loss = self._exchange_step(
-        state.locals, state.opt_states, center, batch
-      )
-    else:
-      local, opt_state, loss = self._local_step(state.locals, state.opt_states, center, batch)
-    return SyncEASGDState(center, local, opt_state, state.step + 1), loss
 
   def eval_params(self, state: SyncEASGDState):
     return devices.first_replica(state.center)

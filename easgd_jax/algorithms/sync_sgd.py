@@ -4,15 +4,15 @@ The training set is split into P parts, one per device. Every step each device c
 subgradient of its own batch, an all-reduce combines them, and every replica applies the same
 update, so the replicas never drift apart: the seed's "master sums the subgradients, then
 broadcasts W", without a master. With per-device mean losses the gradient of the mean loss over
-all P*b samples is the *mean* of the device gradients, hence `pmean` (a sum scaled by 1/P).
+all P*b samples is the *mean* of the device gradients, hence `pmean` (a sum scaled by 1/P):
+
+  every step     W <- W + u((1/P) sum_i Delta W^i)      (one all-reduce)
 """
 
 from typing import Any, NamedTuple
 
-from jax import lax
-
 from easgd_jax import core, devices
-from easgd_jax.algorithms.base import Defaults
+from easgd_jax.algorithms.base import DataParallel
 
 
 class SyncSGDState(NamedTuple):
@@ -21,20 +21,31 @@ class SyncSGDState(NamedTuple):
   step: int
 
 
-class SyncSGD(Defaults):
+class SyncSGD(DataParallel):
   name = "sync_sgd"
-  data_parallel = True
   model_parallel = True
 
-  def __init__(self, loss_fn, *, num_devices, learning_rate=None, momentum=0.0, optimizer=None):
+  def __init__(
+    self,
+    loss_fn,
+    *,
+    num_devices,
+    learning_rate=None,
+    momentum=0.0,
+    optimizer=None,
+    fused=False,
+    available_devices=None,
+  ):
     core.check_hyperparameters(num_devices=num_devices)
-    self.devices = devices.replica_devices(num_devices)
-    self.batches_per_step = num_devices  # per-device batches per step, across all processes
-    self.local_ids = devices.local_replica_ids(self.devices)
+    self._place(num_devices, fused, available_devices)
     self.optimizer = core.inner_or_default(optimizer, learning_rate, momentum)
-    step = core.make_sgd_step(loss_fn, self.optimizer, lambda g: lax.pmean(g, devices.AXIS))
-    self._sgd_step = devices.pmap(step, self.devices)
-    self.max_in_flight = devices.max_in_flight(self.devices)
+    sgd_step = core.make_sgd_step(loss_fn, self.optimizer, self.replica_mean)
+
+    def step(state, batch):
+      params, opt_state, loss = sgd_step(state.params, state.opt_state, batch)
+      return SyncSGDState(params, opt_state, None), loss
+
+    self.phases = (step,)
 
   @classmethod
   def from_config(cls, config, loss_fn, available_devices=None):
@@ -42,7 +53,12 @@ class SyncSGD(Defaults):
       from easgd_jax.algorithms.model_parallel import ModelParallelSGD
 
       return ModelParallelSGD.from_config(config, loss_fn)
-    return cls(loss_fn, num_devices=config.num_devices, optimizer=cls.inner_optimizer(config))
+    return cls(
+      loss_fn,
+      num_devices=config.num_devices,
+      optimizer=cls.inner_optimizer(config),
+      **cls.placement(config, available_devices),
+    )
 
   def init(self, params_host) -> SyncSGDState:
     return SyncSGDState(
@@ -50,12 +66,6 @@ class SyncSGD(Defaults):
       opt_state=devices.replicate(self.optimizer.init(params_host), self.devices),
       step=0,
     )
-
-  def step(self, state: SyncSGDState, batch_local):
-    """batch_local: this process's batches, leading axis one per local device."""
-    batch = devices.put_replicas(batch_local, self.devices)
-    params, opt_state, loss = self._sgd_step(state.params, state.opt_state, batch)
-    return SyncSGDState(params, opt_state, state.step + 1), loss
 
   def eval_params(self, state: SyncSGDState):
     return devices.first_replica(state.params)

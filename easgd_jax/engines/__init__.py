@@ -15,7 +15,9 @@ The local engines: `steps.StepEngine` (the host scheduler, for algorithms driven
 `threads.ThreadEngine` (one thread per worker, for those driven by WORKERS). The Ray engine
 (`--engine=ray`, ray.py): `ray.AsyncEngine` (a parameter server actor and worker actors) and
 `ray.RoundRobinEngine` (Algorithm 1's scheduler driving worker actors). `create` picks the one
-the algorithm declares, on the engine `--engine` names, inside `cluster(config)`.
+the algorithm declares, on the engine `--engine` names, inside `cluster(config)`. The simulated
+engine (`--engine=simulated`, simulated.py) runs every algorithm: G workers fused on one device
+under a virtual clock.
 """
 
 import contextlib
@@ -65,6 +67,10 @@ def create(config, algorithm, dataset, params_host, sampler=None):
     else:
       engine = ray.AsyncEngine(config, algorithm, dataset, params_host)
     return engine
+  if config.engine == "simulated":
+    from easgd_jax.engines import simulated
+
+    return simulated.SimulatedEngine(config, algorithm, dataset, params_host, sampler)
   if algorithm.driven_by == STEPS:
     return steps.StepEngine(config, algorithm, sampler, params_host)
   return threads.ThreadEngine(config, algorithm, dataset, params_host)

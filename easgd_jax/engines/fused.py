@@ -1,6 +1,6 @@
 """Fused execution for the simulated cluster: all G workers' states stacked on one device.
 
-The simulated engine (issue "Simulated clusters", in progress) runs a cluster's arithmetic on one
+The simulated engine (simulated.py) runs a cluster's arithmetic on one
 device: every worker's weights and optimizer state stacked along a leading axis of G, the
 training set on the device, and each iteration's batch gathered there by the example numbers the
 local engine's host sampler draws (`data.Sampler.indices`: same seed, same stream). Iterations
@@ -62,12 +62,14 @@ def round_robin(algorithm, images, labels):
   num_workers, tau = algorithm.num_workers, algorithm.tau
   elastic_step, center_update = algorithm._elastic_step, algorithm._center_update
 
-  def iteration(state: Stacked, index):
+  def iteration(state: Stacked, xs):
+    index, poison = xs
     j = state.step % num_workers
     exchange = (state.step // num_workers) % tau == 0
     local = jax.tree.map(lambda x: x[j], state.locals)
     opt_state = jax.tree.map(lambda x: x[j], state.opt_states)
-    batch = {"image": images[index], "label": labels[index]}
+    image = jnp.where(poison, jnp.nan, images[index])  # --inject_nan: this batch all NaN
+    batch = {"image": image, "label": labels[index]}
     # Eq. (2) with W^j_t before its update, on j's exchange steps only.
     center = jax.lax.cond(
       exchange, lambda: center_update(state.center, local, opt_state), lambda: state.center
@@ -85,7 +87,11 @@ def round_robin(algorithm, images, labels):
     return state, loss
 
   @jax.jit
-  def run(stacked, indices):
-    return jax.lax.scan(iteration, stacked, jnp.asarray(indices))
+  def run(stacked, indices, poison=None):
+    """`poison`: [iterations] bools, the iterations whose batch is all NaN (default none)."""
+    indices = jnp.asarray(indices)
+    if poison is None:
+      poison = jnp.zeros(indices.shape[:1], bool)
+    return jax.lax.scan(iteration, stacked, (indices, poison))
 
   return run

@@ -8,9 +8,10 @@ then runs that schedule; nothing here touches JAX.
 Costs (`Costs`, all > 0 and finite): one local step of one worker (`compute_s`), one message's
 latency (`latency_s`) plus its bytes over the link's bandwidth (`bandwidth_bytes_s`; every worker
 has its own link to the master, full duplex), and the master's time to apply one update
-(`service_s`; it applies one at a time, first come first served). Compute times may vary: a
-seeded lognormal factor with sigma `jitter` on every step (mean 1), and `stragglers` workers (the
-last ones) `straggler_slowdown` times slower.
+(`service_s`; it applies one at a time, first come first served, or for the Hogwild family in
+`events` each on arrival, overlapping). Compute times may vary: a seeded lognormal factor with
+sigma `jitter` on every step (mean 1), and `stragglers` workers (the last ones)
+`straggler_slowdown` times slower.
 
 What a schedule reports, all in virtual seconds:
 - `makespan`: when the last worker finished its last step;
@@ -21,10 +22,20 @@ What a schedule reports, all in virtual seconds:
 - `master_utilization`: the master's service time over the makespan;
 - the staleness of every master update: updates applied between the worker's previous read and
   this update.
+
+Every worker's compute times come from its own stream (`StepTimes`), and `events` simulates
+workers that run forever, so the asynchronous family's event stream, like the `synchronous` and
+`round_robin` clocks, has the prefix property: a run's first n iterations are the same whatever
+its total, and a run resumed with a raised --steps continues the same stream. (`parameter_server`,
+a budgeted run of exactly `steps` iterations, does not have it.)
 """
 
 import dataclasses
+import heapq
+import itertools
 import math
+import numbers
+import operator
 from typing import NamedTuple
 
 import numpy as np
@@ -68,6 +79,78 @@ class Costs:
     return times
 
 
+def _count(name, value, least):
+  """`value` as an int, or a ValueError naming `name` unless it is an integer >= `least`."""
+  try:
+    if isinstance(value, bool):  # True is an int, but not a count
+      raise TypeError
+    value = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name} must be an integer >= {least} (got {value!r})") from None
+  if value < least:
+    raise ValueError(f"{name} must be an integer >= {least} (got {value!r})")
+  return value
+
+
+class StepTimes:
+  """Compute seconds of every worker's own steps, each worker from its own stream.
+
+  Worker w's lognormal jitter factors come from `np.random.default_rng([seed, w])`, drawn in order
+  of its own steps, so a step's time depends neither on how many steps are asked for nor on the
+  other workers' progress. The last `costs.stragglers` workers are `straggler_slowdown` slower.
+  """
+
+  BLOCK = 1024  # draws per refill; a generator's draws are the same in blocks of any size
+
+  def __init__(self, costs, num_workers, seed=0):
+    num_workers = _count("num_workers", num_workers, 1)
+    if costs.stragglers > num_workers:
+      raise ValueError(f"stragglers ({costs.stragglers}) must be at most the {num_workers} workers")
+    self.costs, self.num_workers, self.seed = costs, num_workers, seed
+    self._slowdown = np.where(
+      np.arange(num_workers) >= num_workers - costs.stragglers, costs.straggler_slowdown, 1.0
+    )
+    self._rngs = [None] * num_workers  # made on the first draw: no jitter, no generator
+    self._times = [np.empty(0) for _ in range(num_workers)]  # grown by doubling
+    self._drawn = [0] * num_workers  # valid entries of each
+
+  def _draw(self, worker, count):
+    """Worker `worker`'s first `count` step times, drawn if not yet."""
+    drawn = self._drawn[worker]
+    if drawn >= count:
+      return
+    if self._rngs[worker] is None:
+      self._rngs[worker] = np.random.default_rng([self.seed, worker])
+    more = -(-(count - drawn) // self.BLOCK) * self.BLOCK
+    sigma = self.costs.jitter  # lognormal with mean 1: exp(N(-sigma^2 / 2, sigma^2))
+    factors = self._rngs[worker].lognormal(-(sigma**2) / 2, sigma, size=more)
+    times = self._times[worker]
+    if len(times) < drawn + more:  # doubling: drawing n steps copies O(n) times in all
+      grown = np.empty(2 * (drawn + more))
+      grown[:drawn] = times[:drawn]
+      times = self._times[worker] = grown
+    times[drawn : drawn + more] = self.costs.compute_s * factors * self._slowdown[worker]
+    self._drawn[worker] = drawn + more
+
+  def __call__(self, worker, own_step):
+    """Seconds worker `worker` takes for its own step `own_step` (0-based)."""
+    if own_step < 0:
+      raise ValueError(f"own_step must be >= 0 (got {own_step!r})")
+    if not self.costs.jitter:
+      return float(self.costs.compute_s * self._slowdown[worker])
+    self._draw(worker, own_step + 1)
+    return float(self._times[worker][own_step])
+
+  def table(self, num_steps):
+    """[num_workers, num_steps]: every worker's first `num_steps` step times."""
+    num_steps = _count("num_steps", num_steps, 0)
+    if not self.costs.jitter:
+      return np.full((self.num_workers, num_steps), self.costs.compute_s) * self._slowdown[:, None]
+    for w in range(self.num_workers):
+      self._draw(w, num_steps)
+    return np.stack([times[:num_steps] for times in self._times])
+
+
 class Schedule(NamedTuple):
   """A parameter-server run in the order the master applied the updates."""
 
@@ -103,10 +186,8 @@ def parameter_server(costs, num_workers, steps, num_bytes, tau=1, seed=0):
   Iterations are given out in the order workers finish their steps, so a fast worker does more
   of the `steps` than a slow one, as real workers do.
   """
-  if not (isinstance(num_workers, int) and num_workers >= 1):
-    raise ValueError(f"num_workers must be an integer >= 1 (got {num_workers!r})")
-  if not (isinstance(tau, int) and tau >= 1):
-    raise ValueError(f"tau must be an integer >= 1 (got {tau!r})")
+  num_workers = _count("num_workers", num_workers, 1)
+  tau = _count("tau", tau, 1)
   rng = np.random.default_rng(seed)
   step_times = costs.step_times(num_workers, steps, rng)
   transfer = costs.transfer_s(num_bytes)
@@ -174,11 +255,9 @@ def synchronous(costs, num_workers, steps, num_bytes, tau=1, seed=0):
   compute, and on every tau-th one they all-reduce `num_bytes` as a ring does: 2 (G - 1)
   messages of num_bytes / G in turn on every link. The time a fast worker waits for the
   slowest counts as communication, as it does on a real cluster."""
-  if not (isinstance(num_workers, int) and num_workers >= 1):
-    raise ValueError(f"num_workers must be an integer >= 1 (got {num_workers!r})")
-  if not (isinstance(tau, int) and tau >= 1):
-    raise ValueError(f"tau must be an integer >= 1 (got {tau!r})")
-  step_times = costs.step_times(num_workers, steps, np.random.default_rng(seed))
+  num_workers = _count("num_workers", num_workers, 1)
+  tau = _count("tau", tau, 1)
+  step_times = StepTimes(costs, num_workers, seed).table(steps)
   hops = 2 * (num_workers - 1)
   all_reduce = hops * costs.transfer_s(num_bytes / num_workers) if hops else 0.0
   exchanges = (np.arange(1, steps + 1) % tau == 0) * all_reduce
@@ -198,11 +277,9 @@ def round_robin(costs, num_workers, steps, num_bytes, tau=1, seed=0):
   steps (its own steps 0, tau, 2 tau, ...) the center travels to device j, j takes its step, and
   x^j travels back for the master's Eq. (2); other iterations are one local step. One device
   works at a time, so with G workers at most 1/G of the workers' time is compute."""
-  if not (isinstance(num_workers, int) and num_workers >= 1):
-    raise ValueError(f"num_workers must be an integer >= 1 (got {num_workers!r})")
-  if not (isinstance(tau, int) and tau >= 1):
-    raise ValueError(f"tau must be an integer >= 1 (got {tau!r})")
-  step_times = costs.step_times(num_workers, -(-steps // num_workers), np.random.default_rng(seed))
+  num_workers = _count("num_workers", num_workers, 1)
+  tau = _count("tau", tau, 1)
+  step_times = StepTimes(costs, num_workers, seed).table(-(-steps // num_workers))
   t = np.arange(steps)
   worker, own = t % num_workers, t // num_workers
   compute = step_times[worker, own]
@@ -218,3 +295,162 @@ def round_robin(costs, num_workers, steps, num_bytes, tau=1, seed=0):
     if makespan
     else 0.0,
   )
+
+
+class Events(NamedTuple):
+  """An asynchronous run's iterations (`events`) in the order the fused arithmetic applies them."""
+
+  worker: np.ndarray  # [iterations] int64: whose iteration
+  own_step: np.ndarray  # [iterations] int64: its number among that worker's own, from 0
+  exchange: np.ndarray  # [iterations] bool: it touches the master
+  time: np.ndarray  # [iterations] float64: the key (exchange: master's start; local: compute's end)
+  compute_s: np.ndarray  # [iterations] float64: that step's compute time
+  staleness: np.ndarray  # [iterations] int64: updates by others since the worker's read; -1 local
+  update: np.ndarray  # [iterations] int64: the master's update number; -1 local
+  num_workers: int
+  transfer_s: float  # one message, one way
+  service_s: float  # the master applying one update
+  locked: bool  # updates applied one at a time (else they may overlap)
+
+
+_COMPUTED, _ARRIVED = 0, 1  # a worker's step finished; its message reached the master
+
+
+def events(
+  costs, num_workers, num_events, num_bytes, tau=1, seed=0, opens_round=False, locked=True
+):
+  """The first `num_events` iterations of G asynchronous workers around one master that run
+  forever (async_sgd, downpour, hogwild: closing; async_easgd, hogwild_easgd: `opens_round`).
+
+  Closing: worker w computes its steps d = 0, 1, ... back to back; after step d with
+  (d + 1) % tau == 0 it sends `num_bytes` to the master and starts step d + 1 when the reply
+  (`num_bytes`) arrives. Opening: before a step d with d % tau == 0 (d = 0 at time 0 too) it sends,
+  waits for the reply, then computes d. Either way step d is an exchange iteration, the others
+  local. Each message costs `costs.transfer_s(num_bytes)` on the worker's own full-duplex link.
+  The master applies updates in arrival order: `locked`, one at a time (start = max(arrival,
+  master free)); unlocked (the Hogwild family), on arrival, overlapping. The reply leaves when
+  the update ends and carries the weights after it. Iterations are ordered by their key time, the
+  master's start for an exchange, the compute's end for a local step, ties in the order the
+  simulation recorded them. Independent of `num_events` but for the length (the prefix property).
+  """
+  num_workers = _count("num_workers", num_workers, 1)
+  num_events = _count("num_events", num_events, 1)
+  tau = _count("tau", tau, 1)
+  if not (isinstance(num_bytes, numbers.Real) and math.isfinite(num_bytes) and num_bytes >= 0):
+    raise ValueError(f"num_bytes must be a finite number >= 0 (got {num_bytes!r})")
+  times = StepTimes(costs, num_workers, seed)
+  transfer, service = costs.transfer_s(num_bytes), costs.service_s
+  phase = 0 if opens_round else tau - 1  # own step d is an exchange when d % tau == phase
+  queue, sequence = [], itertools.count()  # (time, sequence, kind, worker, own step): ties by seq
+
+  def schedule(at, kind, worker, own_step):
+    heapq.heappush(queue, (at, next(sequence), kind, worker, own_step))
+
+  for w in range(num_workers):
+    if opens_round:
+      schedule(transfer, _ARRIVED, w, 0)
+    else:
+      schedule(times(w, 0), _COMPUTED, w, 0)
+  # Why sorting by key time gives a valid order (all costs > 0):
+  # (a) Each worker's keys increase with its own steps. After a local step's key (its compute's
+  #     end) come the next compute's end, or the next message's arrival and the master's start
+  #     on it, later still. After an exchange's key (the master's start) the worker computes
+  #     (closing: its next step; opening: this one) only once the reply is back, a service and a
+  #     transfer later. A worker has one event pending at a time, so its iterations are recorded
+  #     in order too, and equal keys (a tiny cost lost in a float's rounding) keep it.
+  # (b) Update numbers are given at arrival, in the order the heap pops arrivals, and the start
+  #     times follow it: locked, each starts after the previous one's end; unlocked, start =
+  #     arrival. Exchanges are recorded at arrival too, so ties keep the application order.
+  records = []  # (worker, own step, key, compute, staleness, update) in recording order
+  read = [0] * num_workers  # the version each worker holds: the master's updates it has seen
+  updates, master_free = 0, 0.0
+  # Every iteration recorded from now on has key >= now (a local step's key is the time it is
+  # recorded, an exchange's start no earlier than its arrival), so once num_events recorded keys
+  # are <= now, the first num_events of the stable sort are final.
+  settled, unsettled = 0, []  # how many recorded keys are <= now; the other keys (a heap)
+  while True:
+    now, _, kind, w, d = heapq.heappop(queue)
+    while unsettled and unsettled[0] <= now:
+      heapq.heappop(unsettled)
+      settled += 1
+    if settled >= num_events:
+      break
+    if kind == _ARRIVED:
+      start = max(now, master_free) if locked else now
+      end = start + service
+      if locked:
+        master_free = end
+      records.append((w, d, start, times(w, d), updates - read[w], updates))
+      if start <= now:
+        settled += 1
+      else:
+        heapq.heappush(unsettled, start)
+      read[w] = updates + 1  # the reply carries the weights after this update
+      updates += 1
+      step = d if opens_round else d + 1  # the step the reply lets the worker compute
+      schedule(end + transfer + times(w, step), _COMPUTED, w, step)
+      continue
+    if d % tau != phase:  # a local step: its key is now
+      records.append((w, d, now, times(w, d), -1, -1))
+      settled += 1
+    elif not opens_round:  # a closing exchange: its key is known when the message arrives
+      schedule(now + transfer, _ARRIVED, w, d)
+      continue
+    if opens_round and (d + 1) % tau == phase:
+      schedule(now + transfer, _ARRIVED, w, d + 1)
+    else:
+      schedule(now + times(w, d + 1), _COMPUTED, w, d + 1)
+  worker, own_step, key, compute, staleness, update = map(np.asarray, zip(*records, strict=True))
+  order = np.argsort(key, kind="stable")[:num_events]
+  return Events(
+    worker=worker[order].astype(np.int64),
+    own_step=own_step[order].astype(np.int64),
+    exchange=update[order] >= 0,
+    time=key[order].astype(np.float64),
+    compute_s=compute[order].astype(np.float64),
+    staleness=staleness[order].astype(np.int64),
+    update=update[order].astype(np.int64),
+    num_workers=num_workers,
+    transfer_s=float(transfer),
+    service_s=float(service),
+    locked=bool(locked),
+  )
+
+
+def _first(events, n):
+  """`n` as an int, or a ValueError unless 1 <= n <= the events simulated."""
+  n = _count("n", n, 1)
+  if n > len(events.time):
+    raise ValueError(f"n ({n}) must be at most the {len(events.time)} events simulated")
+  return n
+
+
+def metrics(events, n):
+  """The clock of the first `n` iterations of `events`, as a dict.
+
+  `virtual_time_s`: the n-th iteration's key time; `compute_share`: their compute time over
+  G * virtual_time_s, at most 1; `communication_share`: 1 - it; `link_busy_share`: two messages
+  per exchange over G * virtual_time_s; `master_utilization`: the exchanges' service time over
+  virtual_time_s (above 1 when unlocked updates overlap); `mean_staleness` of the exchanges (0.0
+  when none).
+  """
+  n = _first(events, n)
+  virtual_time = float(events.time[n - 1])
+  exchange = events.exchange[:n]
+  count = int(exchange.sum())
+  workers_time = events.num_workers * virtual_time
+  compute_share = min(1.0, float(events.compute_s[:n].sum()) / workers_time)
+  return {
+    "virtual_time_s": virtual_time,
+    "compute_share": compute_share,
+    "communication_share": 1.0 - compute_share,
+    "link_busy_share": 2 * count * events.transfer_s / workers_time,
+    "master_utilization": count * events.service_s / virtual_time,
+    "mean_staleness": float(events.staleness[:n][exchange].mean()) if count else 0.0,
+  }
+
+
+def staleness_histogram(events, n):
+  """(values, counts): the staleness of the exchanges among the first `n` iterations."""
+  n = _first(events, n)
+  return np.unique(events.staleness[:n][events.exchange[:n]], return_counts=True)

@@ -1,0 +1,299 @@
+"""--engine=simulated (easgd_jax/engines/simulated.py): the same numbers as the local engine.
+
+The deterministic algorithms give the local engine's weights; the asynchronous family's weights
+are those of the local engine's own rules (or, for the Hogwild family, NumPy) replayed in the
+order of the schedule the run wrote (schedule.npz). Also: a resumed run is bitwise the whole one,
+the rows carry the virtual clock, and bad costs or too many workers are one line.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from easgd_jax import algorithms, core, data, reporting, train, workers
+from easgd_jax.config import Config, ConfigError
+from easgd_jax.engines import simulated, virtual_clock
+
+BASE = dict(
+  dataset="digits",
+  model="mlp",
+  num_devices=4,
+  batch_size=16,
+  steps=60,
+  eval_every=30,
+  checkpoint_every=30,
+)
+COSTS = dict(sim_compute_ms=1.0, sim_service_us=50.0)  # given: measured ones would vary
+
+
+def config_of(**changes):
+  costs = COSTS if changes.get("engine") == "simulated" else {}
+  return Config(**{**BASE, **costs, **changes})
+
+
+def run(workdir, **changes):
+  return train.train_and_evaluate(config_of(**changes), str(workdir))
+
+
+def final_params(workdir):
+  return reporting.load_params(workdir / reporting.PARAMS)
+
+
+def keyed(tree):
+  """A parameter pytree as params.npz names it."""
+  return {
+    jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def assert_params_close(a, b, rtol=1e-6):
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=rtol / 10, err_msg=name)
+
+
+# sync_sgd and local_sgd: their phases vmapped equal the pmapped step (tests/test_phases.py).
+DETERMINISTIC = {
+  "sgd": {},
+  "easgd": {"tau": 2},
+  "sync_easgd": {"tau": 2},
+  # DiLoCo magnifies the one difference between the engines, the order in which an all-reduce
+  # (pmap) and the fused sum (devices.psum) add the replicas' float32 values: its
+  # pseudo-gradient W-bar - mean_i W^i cancels nearly equal numbers, and the outer Nesterov
+  # momentum and AdamW carry the difference on (1e-3 relative by step 60, ReLUs flipping): four
+  # outer steps here, to 1e-4.
+  "diloco": {"tau": 3, "steps": 12, "eval_every": 6, "checkpoint_every": 6},
+}
+TOLERANCE = {"diloco": 1e-4}
+
+
+@pytest.mark.parametrize("algorithm", list(DETERMINISTIC))
+def test_a_deterministic_algorithm_ends_with_the_local_engines_weights(tmp_path, algorithm):
+  changes = dict(algorithm=algorithm, **DETERMINISTIC[algorithm])
+  local = run(tmp_path / "local", **changes)
+  fused = run(tmp_path / "simulated", engine="simulated", **changes)
+  assert_params_close(
+    final_params(tmp_path / "local"),
+    final_params(tmp_path / "simulated"),
+    rtol=TOLERANCE.get(algorithm, 1e-6),
+  )
+  # The same batches: the same training losses at every evaluation, to float32 rounding.
+  np.testing.assert_allclose(
+    [r["train_loss"] for r in local["history"]],
+    [r["train_loss"] for r in fused["history"]],
+    rtol=1e-5,
+  )
+
+
+def replay_inputs(workdir, config):
+  """The run's schedule, its data and initial weights, and each worker's sampler."""
+  schedule = dict(np.load(workdir / simulated.SCHEDULE))
+  dataset, _, loss_fn, params = train.setup(config)
+  samplers = [
+    data.Sampler(dataset.train_images, dataset.train_labels, workers.worker_seed(config.seed, j))
+    for j in range(config.num_devices)
+  ]
+  return schedule, loss_fn, params, samplers
+
+
+ASYNC = {
+  "async_sgd": {},
+  "async_easgd": {"tau": 2},
+  "downpour": {"tau": 3},
+  "hogwild": {},
+  "hogwild_easgd": {"tau": 2},
+}
+
+
+@pytest.mark.parametrize("algorithm", list(ASYNC))
+def test_an_asynchronous_run_is_its_schedule_replayed(tmp_path, algorithm):
+  """Through the local engine's rules (locked family) or in NumPy (Hogwild family), one
+  iteration at a time in the order of schedule.npz."""
+  changes = dict(algorithm=algorithm, sim_jitter=0.5, sim_stragglers=1, **ASYNC[algorithm])
+  config = config_of(**changes, engine="simulated")
+  run(tmp_path, **changes, engine="simulated")
+  schedule, loss_fn, params, samplers = replay_inputs(tmp_path, config)
+  b, tau = config.batch_size, config.tau
+  assert len(schedule["worker"]) == config.steps
+  assert len(set(schedule["worker"].tolist())) == config.num_devices  # everyone took part
+  # Each worker's own steps in order, the master's updates in order.
+  for w in range(config.num_devices):
+    own = schedule["own_step"][schedule["worker"] == w]
+    assert own.tolist() == list(range(len(own)))
+  updates = schedule["update"][schedule["exchange"]]
+  assert updates.tolist() == list(range(len(updates)))
+  local = algorithms.create(
+    config_of(**{k: v for k, v in changes.items() if not k.startswith("sim_")}), loss_fn
+  )
+  if algorithm == "async_sgd":  # a worker reads W with the reply to its own update
+    local.init(params)
+    read = [local.params] * config.num_devices
+    for w in schedule["worker"]:
+      grads, _ = local.gradient(read[w], samplers[w].next(b))
+      local.apply(w, grads, 0)
+      read[w] = local.params
+    replayed = local.params
+  elif algorithm in ("async_easgd", "downpour"):  # `iterate` is a worker's whole iteration
+    local.init(params)
+    states = [local.init_worker(j, params) for j in range(config.num_devices)]
+    for w in schedule["worker"]:
+      states[w], _, _ = local.iterate(int(w), states[w], samplers[w].next(b))
+    replayed = local.snapshot()
+    ends_round = (schedule["own_step"] + (algorithm == "downpour")) % tau == 0
+    assert (schedule["exchange"] == ends_round).all()
+  elif algorithm == "hogwild":
+    gradient = jax.jit(core.make_gradient(loss_fn))
+    weights = jax.tree.map(np.asarray, params)
+    read = [weights] * config.num_devices
+    for w in schedule["worker"]:  # W <- W - eta * Delta W(W read); the worker reads after
+      grads, _ = gradient(read[w], samplers[w].next(b))
+      weights = jax.tree.map(
+        lambda x, g: x - np.float32(config.learning_rate) * np.asarray(g), weights, grads
+      )
+      read[w] = weights
+    replayed = weights
+  else:  # hogwild_easgd: the center in NumPy, each worker's Eq. (1) step by its jitted rule
+    alpha = np.float32(config.moving_rate)
+    center = jax.tree.map(np.asarray, params)
+    states = [(params, local.optimizer.init(params)) for _ in range(config.num_devices)]
+    for w, exchange in zip(schedule["worker"], schedule["exchange"], strict=True):
+      x, opt_state = states[w]
+      read = center
+      if exchange:  # Eq. (2) with the center read, whole, on arrival
+        center = jax.tree.map(lambda c, xi: c + alpha * (np.asarray(xi) - c), center, x)
+      states[w] = local._elastic_step(x, opt_state, read, samplers[w].next(b))[:2]
+    replayed = center
+  assert_params_close(keyed(replayed), final_params(tmp_path))
+
+
+@pytest.mark.parametrize(
+  "changes",
+  [
+    dict(algorithm="downpour", tau=2, sim_jitter=0.5, sim_stragglers=1),
+    dict(algorithm="sync_easgd", tau=2),
+    dict(algorithm="easgd", tau=2),
+  ],
+  ids=lambda c: c["algorithm"],
+)
+def test_a_resumed_run_is_bitwise_the_whole_run(tmp_path, changes):
+  changes = dict(engine="simulated", steps=120, **changes)
+  whole = run(tmp_path / "whole", **changes)
+  run(tmp_path / "resumed", **{**changes, "steps": 50})  # stops between two checkpoints
+  resumed = run(tmp_path / "resumed", **changes)  # a raised --steps continues the same stream
+  a, b = final_params(tmp_path / "whole"), final_params(tmp_path / "resumed")
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  # (train_loss differs at step 60: the first launch's last row took the losses up to 50)
+  keys = ("step", "test_loss", "test_accuracy", "virtual_time_s", "communication_share")
+  at = {r["step"] for r in whole["history"]}  # the resumed log has the first launch's last row
+  rows = lambda s: [[r[k] for k in keys] for r in s["history"] if r["step"] in at]  # noqa: E731
+  assert rows(resumed) == rows(whole)
+
+
+def test_rows_and_summary_carry_the_virtual_clock(tmp_path):
+  summary = run(
+    tmp_path,
+    algorithm="async_easgd",
+    engine="simulated",
+    steps=120,
+    tau=2,
+    target_accuracy=0.5,
+    sim_latency_us=1000.0,
+  )
+  rows = summary["history"]
+  times = [r["virtual_time_s"] for r in rows]
+  assert times == sorted(times) and times[0] > 0
+  for r in rows:
+    assert 0 <= r["compute_share"] <= 1
+    assert r["communication_share"] == pytest.approx(1 - r["compute_share"])
+    assert 0 < r["master_utilization"] and 0 < r["link_busy_share"] <= 1
+  assert summary["virtual_seconds_to_target"] in times
+  histogram = summary["sim_staleness_histogram"]
+  schedule = np.load(tmp_path / simulated.SCHEDULE)
+  assert sum(histogram.values()) == int(schedule["exchange"].sum())
+  assert (tmp_path / simulated.STALENESS_PLOT).exists() and (tmp_path / reporting.PLOT).exists()
+  # The costs the run used: the flags, and the bytes of one message (the MLP's weights).
+  assert summary["sim_costs"]["latency_s"] == pytest.approx(1e-3)
+  assert summary["sim_message_bytes"] == 4 * sum(
+    np.size(v) for v in final_params(tmp_path).values()
+  )
+
+
+def test_sixty_four_workers_run_on_one_device(tmp_path):
+  summary = run(
+    tmp_path,
+    algorithm="sync_easgd",
+    engine="simulated",
+    num_devices=64,
+    steps=20,
+    eval_every=10,
+    batch_size=4,
+  )
+  assert summary["final"]["step"] == 20 and summary["samples"] == 20 * 64 * 4
+
+
+def test_unset_costs_are_measured_once_and_kept_for_the_relaunch(tmp_path):
+  changes = dict(
+    algorithm="async_sgd",
+    engine="simulated",
+    sim_compute_ms=None,
+    sim_service_us=None,
+    steps=30,
+    eval_every=30,
+  )
+  run(tmp_path, **changes)
+  saved = json.loads((tmp_path / reporting.CONFIG).read_text())
+  assert saved["sim_compute_ms"] > 0 and saved["sim_service_us"] > 0
+  summary = run(tmp_path, **{**changes, "steps": 60})  # resumes: the same costs, not new ones
+  assert summary["sim_costs"]["compute_s"] == pytest.approx(saved["sim_compute_ms"] / 1e3)
+
+
+@pytest.mark.parametrize(
+  "changes, named",
+  [
+    (dict(sim_latency_us=0.0), "--sim_latency_us"),
+    (dict(sim_bandwidth_gbps=float("nan")), "--sim_bandwidth_gbps"),
+    (dict(sim_compute_ms=-1.0), "--sim_compute_ms"),
+    (dict(sim_service_us=float("inf")), "--sim_service_us"),
+    (dict(sim_jitter=-0.5), "--sim_jitter"),
+    (dict(sim_stragglers=5), "--sim_stragglers"),
+    (dict(sim_straggler_slowdown=0.5), "--sim_straggler_slowdown"),
+    (dict(engine="ray", sim_latency_us=5.0), "--sim_latency_us applies to --engine=simulated"),
+    (dict(inject_failure="0:3", algorithm="async_sgd"), "--inject_failure"),
+  ],
+)
+def test_bad_costs_are_refused_naming_the_flag(changes, named):
+  with pytest.raises(ConfigError, match=named.replace("-", r"\-")):
+    config_of(**{"engine": "simulated", **changes}).validate()
+
+
+def test_workers_that_will_not_fit_are_refused_before_allocating(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "available_bytes", lambda: 2**20)  # 1 MiB free
+  with pytest.raises(data.DataError, match="need about .* GiB of host memory"):
+    run(tmp_path, algorithm="easgd", engine="simulated", num_devices=64)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_simulated_workdir_is_not_resumed_on_another_engine(tmp_path):
+  run(tmp_path, algorithm="easgd", engine="simulated", steps=30)
+  with pytest.raises(ConfigError, match="--engine=simulated"):
+    run(tmp_path, algorithm="easgd", steps=60)
+
+
+def test_the_clock_of_a_schedule_is_the_clock_module_s(tmp_path):
+  """schedule.npz holds virtual_clock.events for the run's costs, first --steps of them."""
+  config = config_of(algorithm="async_sgd", engine="simulated")
+  run(tmp_path, algorithm="async_sgd", engine="simulated")
+  schedule = np.load(tmp_path / simulated.SCHEDULE)
+  _, _, _, params = train.setup(config)
+  events = virtual_clock.events(
+    simulated.costs(config),
+    4,
+    config.steps,
+    simulated._bytes(params),
+    seed=config.seed,
+    locked=True,
+  )
+  np.testing.assert_array_equal(schedule["worker"], events.worker[: config.steps])
+  np.testing.assert_array_equal(schedule["time"], events.time[: config.steps])
