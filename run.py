@@ -363,7 +363,8 @@ def main(argv):
     # Emulated CPU devices must be requested before jax touches a device.
     from easgd_jax import devices, train
 
-    devices.emulate_cpu_devices(config.local_devices)
+    # The simulated cluster's G workers share one device: none to emulate for them.
+    devices.emulate_cpu_devices(1 if config.engine == "simulated" else config.local_devices)
     devices.initialize_processes(config)
     summary = train.train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as error:

@@ -15,6 +15,9 @@ the end the study writes:
                              a run that diverges is noted (diverged.json) and counted, not averaged
   accuracy_vs_samples.png    one curve per arm: mean over seeds, band = min..max
   accuracy_vs_time.png
+  accuracy_vs_virtual_time.png  when some arm runs --engine=simulated: against the simulated
+                             cluster's clock, and the table adds the virtual seconds to the
+                             target and the communication share (simulated.py)
   sweep.png                  for a sweep: final accuracy and samples to target against the
                              swept value, one line per family
 """
@@ -58,6 +61,7 @@ class Study:
   eval_samples: int = 3_200  # samples between evaluations
   target_accuracy: float = 0.95
   sweep_name: str | None = None  # x-axis label of sweep.png; None: not a sweep
+  header: str = ""  # results.md: this text (the study's settings, say) above the table
 
   def config(self, arm, seed):
     """The run's Config: iterations from the sample budget (P * b samples per sync step)."""
@@ -72,7 +76,15 @@ class Study:
     ).validate()
 
   def devices_needed(self):
-    return max(max(c.local_devices for c in (self.config(arm, 0) for arm in self.arms)), 1)
+    """Devices to emulate: the most any run drives. A simulated run fuses its G workers on one
+    device, so a G = 64 simulated arm needs one, not 64."""
+    configs = (self.config(arm, 0) for arm in self.arms)
+    return max(max(1 if c.engine == "simulated" else c.local_devices for c in configs), 1)
+
+  @property
+  def simulated(self):
+    """Some arm runs on the simulated cluster: the table and plots add its clock."""
+    return any(self.config(arm, 0).engine == "simulated" for arm in self.arms)
 
 
 def run_dir(workdir, arm, seed):
@@ -139,7 +151,7 @@ def rows(study, results):
     diverged = len(results[arm.label]) - len(summaries)
     accuracy, accuracy_std = _mean_std([s["final"]["test_accuracy"] for s in summaries])
     reached = [s for s in summaries if s.get("steps_to_target") is not None]
-    staleness = [s["staleness"]["median"] for s in summaries if s.get("staleness")]
+    staleness = [_staleness_median(s) for s in summaries]
     table.append(
       {
         "arm": arm.label,
@@ -157,15 +169,42 @@ def rows(study, results):
         "staleness_median": _mean_std(staleness)[0],
       }
     )
+    if study.simulated:  # only then, so the other studies' tables keep their columns
+      table[-1].update(_clock_columns(summaries, reached))
   return table
+
+
+def _staleness_median(summary):
+  """The median staleness of an asynchronous run: measured (local, ray), or from the simulated
+  cluster's histogram {staleness: count}; None for the other algorithms."""
+  if summary.get("staleness"):
+    return summary["staleness"]["median"]
+  histogram = summary.get("sim_staleness_histogram")
+  if not histogram:
+    return None
+  values = sorted((int(v), c) for v, c in histogram.items())  # JSON keys are strings
+  return float(np.median(np.repeat([v for v, _ in values], [c for _, c in values])))
+
+
+def _clock_columns(summaries, reached):
+  """The simulated cluster's columns (None for an arm on a real engine, or never reaching it)."""
+  mean = lambda runs, key: _mean_std([s.get(key) for s in runs])[0]  # noqa: E731
+  return {
+    "virtual_seconds_to_target": mean(reached, "virtual_seconds_to_target"),
+    "virtual_time_s": mean(summaries, "sim_virtual_time_s"),
+    "communication_share": mean(summaries, "sim_communication_share"),
+    "link_busy_share": mean(summaries, "sim_link_busy_share"),
+  }
 
 
 def markdown(study, table):
   target = f"{study.target_accuracy:.0%}"
+  simulated = bool(table) and "communication_share" in table[0]
+  clock = f" virtual s to {target} | virtual s in all | communication share |" if simulated else ""
   lines = [
     f"| run | final test accuracy | reached {target} | steps to {target} | samples to {target} "
-    f"| seconds to {target} | samples/s | staleness (median) |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    f"| seconds to {target} | samples/s | staleness (median) |{clock}",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * (3 if simulated else 0),
   ]
   for row in table:
     diverged = f"{row['diverged']}/{row['seeds']} diverged"
@@ -179,8 +218,15 @@ def markdown(study, table):
       f"| {row['reached_target']} | {_fmt(row['steps_to_target'], '.0f')} "
       f"| {_fmt(row['samples_to_target'], '.0f')} | {_fmt(row['seconds_to_target'], '.1f')} "
       f"| {_fmt(row['samples_per_s'], '.0f')} | {_fmt(row['staleness_median'], '.1f')} |"
+      + (
+        f" {_fmt(row['virtual_seconds_to_target'], '.4g')} | {_fmt(row['virtual_time_s'], '.4g')} "
+        f"| {_fmt(row['communication_share'], '.1%')} |"
+        if simulated
+        else ""
+      )
     )
-  return "\n".join(lines) + "\n"
+  header = study.header.strip()
+  return (header + "\n\n" if header else "") + "\n".join(lines) + "\n"
 
 
 def _fmt(value, spec):
@@ -200,8 +246,8 @@ def curves(study, results, x_key):
   out = {}
   for arm in study.arms:
     histories = [run[1] for run in results[arm.label] if run is not None]
-    if not histories:
-      continue  # every seed diverged: no curve (the table says so)
+    if not histories or any(x_key not in h[-1] for h in histories):
+      continue  # every seed diverged (the table says so), or no such clock (a real engine's run)
     length = min(len(h) for h in histories)
     accuracy = np.array([[r["test_accuracy"] for r in h[:length]] for h in histories])
     x = np.array([[r[x_key] for r in h[:length]] for h in histories]).mean(axis=0)
@@ -296,6 +342,14 @@ def report(study, workdir):
     "wall time (s, evaluation excluded)",
     os.path.join(workdir, TIME_PLOT),
   )
+  if study.simulated:
+    plot_curves(
+      study,
+      results,
+      "virtual_time_s",
+      "virtual time on the simulated cluster (s)",
+      os.path.join(workdir, VIRTUAL_TIME_PLOT),
+    )
   if study.sweep_name:
     plot_sweep(study, table, os.path.join(workdir, SWEEP_PLOT))
   logging.info("%s: results in %s\n%s", study.name, workdir, markdown(study, table))
@@ -303,10 +357,12 @@ def report(study, workdir):
 
 
 SAMPLES_PLOT, TIME_PLOT, SWEEP_PLOT = "accuracy_vs_samples.png", "accuracy_vs_time.png", "sweep.png"
+VIRTUAL_TIME_PLOT = "accuracy_vs_virtual_time.png"  # simulated studies
 
 
-def main(make_study):
-  """The absl entry point every experiments/*.py study file calls."""
+def main(make_study, finish=None):
+  """The absl entry point every experiments/*.py study file calls; `finish(study, workdir,
+  table)`, if given, runs after the study's own report (a study's extra tables and plots)."""
   from absl import app, flags
 
   from easgd_jax.config import parse_flags
@@ -359,7 +415,9 @@ def main(make_study):
 
     devices.emulate_cpu_devices(study.devices_needed())
     try:
-      run(study, FLAGS.workdir)
+      table = run(study, FLAGS.workdir)
+      if finish:
+        finish(study, FLAGS.workdir, table)
     except ConfigError as error:  # e.g. another study holds the workdir
       exit_bad_input(error)
     except KeyboardInterrupt:

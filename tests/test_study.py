@@ -186,3 +186,37 @@ def test_a_diverging_run_is_reported_and_the_study_goes_on(tmp_path, cpu_devices
   results = study.load(small, str(tmp_path))
   assert study.plot_curves(small, results, "samples", "", str(tmp_path / "c.png")) == ["sgd"]
   assert [row["arm"] for row in study.run(small, str(tmp_path))] == ["sgd", "poisoned"]  # skipped
+
+
+def test_simulated_arms_need_one_device_and_add_the_clock_columns():
+  """A G = 64 simulated arm fuses its workers on one device; only a simulated study's table
+  carries the virtual time to target and the communication share."""
+  arms = (
+    study.Arm("sgd", {"algorithm": "sgd"}),
+    study.Arm("sync_easgd G=64", {"algorithm": "sync_easgd", "num_devices": 64, "alpha": 0.01}),
+  )
+  base = Config(model="mlp", engine="simulated", sim_compute_ms=1.0, sim_service_us=20.0)
+  simulated = study.Study(name="sim", arms=arms, base=base, seeds=(0,), header="# settings")
+  local = study.Study(name="local", arms=arms[:1], base=Config(model="mlp"), seeds=(0,))
+  assert simulated.devices_needed() == 1 and simulated.simulated and not local.simulated
+  summary = {
+    "final": {"test_accuracy": 0.9},
+    "steps_to_target": 10,
+    "samples_to_target": 320,
+    "seconds_to_target": 1.0,
+    "samples_per_s": 100.0,
+    "virtual_seconds_to_target": 0.25,
+    "sim_virtual_time_s": 0.5,
+    "sim_communication_share": 0.2,
+    "sim_link_busy_share": 0.1,
+    "sim_staleness_histogram": {"0": 1, "3": 5},  # as summary.json has it: string keys
+  }
+  results = {arm.label: [(summary, [])] for arm in arms}
+  table = study.rows(simulated, results)
+  assert table[1]["virtual_seconds_to_target"] == 0.25 and table[1]["communication_share"] == 0.2
+  assert table[1]["staleness_median"] == 3.0
+  text = study.markdown(simulated, table)
+  assert text.startswith("# settings\n\n| run |") and "| 0.25 | 0.5 | 20.0% |" in text
+  plain = study.rows(local, {"sgd": [(summary, [])]})
+  assert "communication_share" not in plain[0]
+  assert "virtual" not in study.markdown(local, plain)

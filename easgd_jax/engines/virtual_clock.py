@@ -267,7 +267,8 @@ def synchronous(costs, num_workers, steps, num_bytes, tau=1, seed=0):
   return Timing(
     step_end=step_end,
     makespan=makespan,
-    compute_share=float(step_times.sum() / (num_workers * makespan)) if makespan else 1.0,
+    # min: one worker's share is its steps over their own sum, 1 up to rounding (never above)
+    compute_share=min(1.0, float(step_times.sum() / (num_workers * makespan))) if makespan else 1.0,
     link_busy_share=busy / makespan if makespan else 0.0,
   )
 
@@ -290,7 +291,7 @@ def round_robin(costs, num_workers, steps, num_bytes, tau=1, seed=0):
   return Timing(
     step_end=step_end,
     makespan=makespan,
-    compute_share=float(compute.sum() / (num_workers * makespan)) if makespan else 1.0,
+    compute_share=min(1.0, float(compute.sum() / (num_workers * makespan))) if makespan else 1.0,
     link_busy_share=float(exchanges.sum() * round_trip / (num_workers * makespan))
     if makespan
     else 0.0,
