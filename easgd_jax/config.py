@@ -21,6 +21,9 @@ ENGINES = ("local", "ray", "simulated")
 MAX_DEVICES = 4096
 MAX_SEED = 2**32 - 1  # jax.random.key keeps only 32 bits with x64 off: 2**32 would equal seed 0
 MAX_TIMEOUT_S = 24 * 3600
+# sigma of the simulated compute time's lognormal factor: at 3 the median step is already 1 %
+# of the mean; far above, float64 rounds most steps to nothing.
+MAX_JITTER = 3.0
 
 
 class ConfigError(ValueError):
@@ -286,10 +289,11 @@ class Config:
       return
     for flag in ("sim_compute_ms", "sim_latency_us", "sim_bandwidth_gbps", "sim_service_us"):
       value = getattr(self, flag)
-      if value is not None and not (_is_number(value) and value > 0):
+      # 1 / value finite too: a subnormal bandwidth (1e-320) makes every transfer infinite
+      if value is not None and not (_is_number(value) and value > 0 and math.isfinite(1 / value)):
         raise ConfigError(f"--{flag} must be a finite number > 0 (got {value})")
-    if not (_is_number(self.sim_jitter) and self.sim_jitter >= 0):
-      raise ConfigError(f"--sim_jitter must be a finite number >= 0 (got {self.sim_jitter})")
+    if not (_is_number(self.sim_jitter) and 0 <= self.sim_jitter <= MAX_JITTER):
+      raise ConfigError(f"--sim_jitter must be in [0, {MAX_JITTER}] (got {self.sim_jitter})")
     if not (_is_number(self.sim_straggler_slowdown) and self.sim_straggler_slowdown >= 1):
       raise ConfigError(
         f"--sim_straggler_slowdown must be a finite number >= 1 (got {self.sim_straggler_slowdown})"

@@ -2,7 +2,7 @@
 
   python experiments/benchmark.py            # about 30 minutes on a 2-core machine
   python experiments/benchmark.py --only=ray # (j) the Ray engine alone, about 16 minutes
-  python experiments/benchmark.py --only=simulated  # (k) the simulated engine, about 8 minutes
+  python experiments/benchmark.py --only=simulated  # (k) the simulated engine, about 6 minutes
   python experiments/benchmark.py --only=hogwild --torch_python=/tmp/torchvenv/bin/python
                                              # (g) alone, about 6 minutes
 

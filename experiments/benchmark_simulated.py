@@ -1,6 +1,6 @@
 """Benchmark (k): the simulated engine against the local one, and its G = 64 runs end to end.
 
-  python experiments/benchmark_simulated.py         # about 8 minutes on a 2-core machine
+  python experiments/benchmark_simulated.py         # about 6 minutes on a 2-core machine
   python experiments/benchmark_simulated.py --no-g64 # the ratio table alone, about 4 minutes
   python experiments/benchmark.py --only=simulated  # the same tables
 

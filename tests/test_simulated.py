@@ -7,6 +7,7 @@ the rows carry the virtual clock, and bad costs or too many workers are one line
 """
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -257,6 +258,8 @@ def test_unset_costs_are_measured_once_and_kept_for_the_relaunch(tmp_path):
     (dict(sim_compute_ms=-1.0), "--sim_compute_ms"),
     (dict(sim_service_us=float("inf")), "--sim_service_us"),
     (dict(sim_jitter=-0.5), "--sim_jitter"),
+    (dict(sim_jitter=1e6), "--sim_jitter"),  # every step's time would round to nothing
+    (dict(sim_bandwidth_gbps=1e-320), "--sim_bandwidth_gbps"),  # every transfer infinite
     (dict(sim_stragglers=5), "--sim_stragglers"),
     (dict(sim_straggler_slowdown=0.5), "--sim_straggler_slowdown"),
     (dict(engine="ray", sim_latency_us=5.0), "--sim_latency_us applies to --engine=simulated"),
@@ -268,11 +271,17 @@ def test_bad_costs_are_refused_naming_the_flag(changes, named):
     config_of(**{"engine": "simulated", **changes}).validate()
 
 
-def test_workers_that_will_not_fit_are_refused_before_allocating(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "available_bytes", lambda: 2**20)  # 1 MiB free
+@pytest.mark.parametrize("algorithm", ["easgd", "sync_easgd", "async_easgd"])
+def test_workers_that_will_not_fit_are_refused_before_allocating(tmp_path, monkeypatch, algorithm):
+  config = config_of(algorithm=algorithm, engine="simulated", num_devices=64, alpha=0.01)
+  dataset, _, loss_fn, params = train.setup(config)
+  one = algorithms.create(config_of(**{**config.to_dict(), "num_devices": 1}), loss_fn)
+  replica = simulated._bytes(jax.tree.map(np.asarray, one.init(params) or one.fused_init(params)))
+  # Room for 64 copies of one worker's whole state, not for the scan's three
+  monkeypatch.setattr(data, "available_bytes", lambda: 64 * replica)
   with pytest.raises(data.DataError, match="need about .* GiB of host memory"):
-    run(tmp_path, algorithm="easgd", engine="simulated", num_devices=64)
-  assert not (tmp_path / "checkpoints").exists()
+    run(tmp_path, **config.to_dict())
+  assert set(os.listdir(tmp_path)) <= {".lock"}  # no config.json, no checkpoint
 
 
 def test_a_simulated_workdir_is_not_resumed_on_another_engine(tmp_path):

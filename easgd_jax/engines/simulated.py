@@ -45,9 +45,11 @@ from easgd_jax.algorithms import WORKERS, RoundRobinEASGD
 from easgd_jax.engines import Point, fused, virtual_clock
 
 CHUNK = 100  # iterations per dispatch: one lax.scan each
+MAX_LENGTHS = 4  # scan lengths compiled as they come; beyond, chunks are split in binary pieces
 BYTES_PER_GBIT = 1e9 / 8
 SCHEDULE = "schedule.npz"  # in the workdir: the asynchronous family's event order
 STALENESS_PLOT = "staleness.png"
+SCHEDULE_BYTES_PER_STEP = 400  # the event simulation's peak per iteration (measured: ~370)
 SAFETY = 3  # the scan's carry, its new value and a checkpoint copy of the stacked state
 
 
@@ -96,13 +98,19 @@ def _median_seconds(call, repeats=15):
 
 
 def check_memory(config, algorithm, params_host, dataset):
-  """DataError (one line, exit 2) before the G copies are allocated, when they would not fit."""
-  per_worker = _bytes(params_host) + _bytes(
-    jax.eval_shape(getattr(algorithm, "optimizer", optax.identity()).init, params_host)
-  )
+  """DataError (one line, exit 2) before the G copies are allocated, when they would not fit:
+  G times one worker's state (a replica's whole state for the synchronous family: its center,
+  weights, optimizer and outer states), the dataset, and the asynchronous family's schedule."""
   if algorithm.driven_by == WORKERS:
-    per_worker += _bytes(params_host)  # the worker's read copy, or its accumulator
-  needed = SAFETY * config.num_devices * per_worker + _bytes(
+    master, worker = algorithm.fused_init(params_host)
+    per_worker, fixed = _bytes(worker), _bytes(master)
+    fixed += SCHEDULE_BYTES_PER_STEP * config.steps  # computed ahead for the whole run
+  elif isinstance(algorithm, RoundRobinEASGD):
+    per_worker = _bytes(params_host) + _bytes(jax.eval_shape(algorithm.optimizer.init, params_host))
+    fixed = _bytes(params_host)  # the center
+  else:  # one replica's state (fused: `init` holds one), which the engine repeats G times
+    per_worker, fixed = _bytes(algorithm.init(params_host)._replace(step=None)), 0
+  needed = SAFETY * (config.num_devices * per_worker + fixed) + _bytes(
     (dataset.train_images, dataset.train_labels)
   )
   flags = f"--engine=simulated with --num_devices={config.num_devices} and --model={config.model}"
@@ -144,6 +152,7 @@ class SimulatedEngine:
     self.samplers = [sampler]  # the asynchronous family: one per worker, made below
     build[self.kind](params_host, images, labels)
     self.start, self.pending, self._launch = 0, [], (0, 0.0)
+    self._compiled = set()  # the scan lengths compiled so far
 
   @property
   def state(self):
@@ -270,11 +279,12 @@ class SimulatedEngine:
     seconds, warm, pending = 0.0, None, list(self.pending)
     step = self.start
     while step < config.steps:
-      count = min(CHUNK - step % CHUNK, config.steps - step, _to_next_point(step, config))
-      xs = self._inputs(step, count)
-      self.stacked, losses = self._scan(self.stacked, xs)
-      pending.append(_Chunk(step, count, losses))
-      step += count
+      count = min(CHUNK, config.steps - step, _to_next_point(step, config))
+      for piece in self._lengths(count):
+        xs = self._inputs(step, piece)
+        self.stacked, losses = self._scan(self.stacked, xs)
+        pending.append(_Chunk(step, piece, losses))
+        step += piece
       if warm is None:  # the first chunk of a launch compiles: leave it out of the throughput
         jax.block_until_ready(losses)
         warm = (step, seconds + time.perf_counter() - clock)
@@ -303,6 +313,18 @@ class SimulatedEngine:
       if stopping:
         return
       clock = time.perf_counter()
+
+  def _lengths(self, count):
+    """`count` iterations as scan lengths: itself when compiled already or while few lengths
+    are, else binary pieces: points at varied distances (--checkpoint_every=33 beside
+    --eval_every=100) would otherwise compile a scan for every distance; the numbers are the
+    same either way."""
+    if count in self._compiled or len(self._compiled) < MAX_LENGTHS:
+      self._compiled.add(count)
+      return [count]
+    pieces = _pieces(count)
+    self._compiled.update(pieces)
+    return pieces
 
   def _host_losses(self, pending):
     """[(step, values, who)] of every iteration, on the host."""
@@ -421,6 +443,11 @@ SCHEDULE_COLUMNS = ("worker", "own_step", "exchange", "time", "compute_s", "stal
 def _poisoned(images, xs):
   """--inject_nan: that iteration's batch all NaN (the trainer's divergence handling)."""
   return jnp.where(xs["poison"], jnp.nan, images)
+
+
+def _pieces(count):
+  """`count` (at most CHUNK) as scan lengths 64, 32, ..., 1, largest first."""
+  return [1 << k for k in range(CHUNK.bit_length() - 1, -1, -1) if count & (1 << k)]
 
 
 def _to_next_point(step, config):

@@ -445,7 +445,8 @@ def metrics(events, n):
     "virtual_time_s": virtual_time,
     "compute_share": compute_share,
     "communication_share": 1.0 - compute_share,
-    "link_busy_share": 2 * count * events.transfer_s / workers_time,
+    # min: the n-th key is when the master starts an update, so the last replies hang over it
+    "link_busy_share": min(1.0, 2 * count * events.transfer_s / workers_time),
     "master_utilization": count * events.service_s / virtual_time,
     "mean_staleness": float(events.staleness[:n][exchange].mean()) if count else 0.0,
   }
