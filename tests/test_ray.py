@@ -358,3 +358,12 @@ def test_an_unreachable_ray_address_exits_2_within_30_seconds(tmp_path):
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "--ray_address=127.0.0.1:9" in errors[0]
   assert not (tmp_path / "w").exists()
+
+
+def test_round_robin_on_ray_keeps_its_golden_values(ray_cluster, tmp_path):
+  """Algorithm 1 with its workers as actors: the golden values of tests/test_golden.py."""
+  import test_golden
+
+  name = "ray/easgd_tau2"
+  found = test_golden.run_case(name, tmp_path, {"ray_address": ray_cluster.address})
+  test_golden.check(name, found)
