@@ -35,7 +35,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from easgd_jax import devices
-from easgd_jax.config import ConfigError
+from easgd_jax.errors import ConfigError, OlderCheckpoint
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -51,11 +51,9 @@ FOLDER = "checkpoints"
 SET_ASIDE = "unreadable_checkpoints"  # corrupted checkpoints are moved here, not deleted
 
 
-FORMAT = 2  # arrays stored under their pytree path names; 1 (no "format"): by position
-
-
-class OlderCheckpoint(ConfigError):
-  """A checkpoint written by an older version, which this one cannot resume."""
+# 3: the one-rule redesign (a worker/master run stores {master, workers}, the record carries the
+# run's config and the applied-update count); 2: arrays by path name; 1 (no "format"): position.
+FORMAT = 3
 
 
 def path_name(path):
@@ -302,13 +300,15 @@ class Checkpointer:
       record = ocp.JsonCheckpointHandler().restore(self.manager.directory / str(step) / "record")
     except Exception:  # unreadable: _read reports it and sets the checkpoint aside
       return
-    if isinstance(record, dict) and "step" in record and record.get("format") != FORMAT:
-      raise OlderCheckpoint(
-        f"checkpoint {step} in {self.directory} was written by an older easgd_jax (format "
-        f"{record.get('format', 1)}, arrays stored by position; this version stores them by name "
-        f"and reads format {FORMAT}): resume it with the version that wrote it, or use another "
-        f"--workdir"
-      )
+    if not (isinstance(record, dict) and "step" in record) or record.get("format") == FORMAT:
+      return
+    if "record_sha256" in record and record["record_sha256"] != _record_digest(record):
+      return  # damaged, not older: _read reports it and sets the checkpoint aside
+    raise OlderCheckpoint(
+      f"checkpoint {step} in {self.directory} was written by an older easgd_jax (format "
+      f"{record.get('format', 1)}; this version reads format {FORMAT}): resume it with the "
+      f"version that wrote it, or use another --workdir"
+    )
 
   def _read(self, step, template_arrays):
     """The arrays and record of checkpoint `step`, verified; raises when they can't be used.

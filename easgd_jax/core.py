@@ -113,24 +113,6 @@ def elastic_stability(alpha, num_workers, all_at_once):
   return None
 
 
-def divergence_advice(config):
-  """What to change after a NaN/inf loss, for the run's DivergenceError message.
-
-  An elastic run whose coupling breaks its stability condition (elastic_stability: alpha < 1
-  for one-at-a-time exchanges, alpha + beta < 2 for synchronous ones) is told that condition with
-  its values; any other run is told to lower the learning rate.
-  """
-  from easgd_jax.algorithms import REGISTRY  # the algorithms are built on this module
-
-  kind = REGISTRY[config.algorithm]
-  alpha = config.moving_rate
-  if kind.elastic and alpha > 0:  # alpha = 0 is uncoupled, not unstable
-    unstable = elastic_stability(alpha, config.num_devices, kind.all_at_once)
-    if unstable:
-      return f"{unstable} (now {config.elastic_flags})"
-  return f"lower --learning_rate (now {config.learning_rate})"
-
-
 def make_evaluate(loss_fn, batch_size=1000):
   """evaluate(params, images, labels) -> (mean loss, accuracy), in fixed-size chunks."""
 

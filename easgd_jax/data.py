@@ -13,11 +13,7 @@ import os
 
 import numpy as np
 
-from easgd_jax.config import ConfigError
-
-
-class DataError(ConfigError):
-  """The dataset can't be had as asked; the message says how to get it."""
+from easgd_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +28,15 @@ class Dataset:
   @property
   def image_shape(self):
     return self.train_images.shape[1:]
+
+  @property
+  def num_train(self):
+    """Training examples a sampler draws from."""
+    return len(self.train_labels)
+
+  def take(self, index):
+    """The training batch of examples `index` (host arrays)."""
+    return {"image": self.train_images[index], "label": self.train_labels[index]}
 
 
 def load(config) -> Dataset:
@@ -203,22 +208,20 @@ class Sampler:
   """Algorithm 1, line 7: the host picks b random samples per iteration from a seeded generator.
 
   Sampling is with replacement, independently each iteration, as in the algorithm. The whole
-  sampler state is the generator state, so a run can be resumed exactly.
+  sampler state is the generator state, so a run can be resumed exactly. `dataset` is anything
+  with `num_train` and `take(index)` (a Dataset).
   """
 
-  def __init__(self, images, labels, seed):
-    self.images, self.labels = images, labels
+  def __init__(self, dataset, seed):
+    self.dataset = dataset
     self.rng = np.random.default_rng(seed)
 
   def next(self, batch_size):
-    return self.take(self.indices(batch_size))
+    return self.dataset.take(self.indices(batch_size))
 
   def indices(self, batch_size):
     """The next batch's example numbers (what a remote worker needs to gather it itself)."""
-    return self.rng.integers(0, len(self.labels), size=batch_size)
-
-  def take(self, index):
-    return {"image": self.images[index], "label": self.labels[index]}
+    return self.rng.integers(0, self.dataset.num_train, size=batch_size)
 
   def state(self):
     """The generator's position, as plain JSON data (for checkpoints)."""
@@ -236,15 +239,14 @@ class ShardedSampler:
   `next` returns this process's batches stacked on a leading axis, one per shard in `shard_ids`.
   """
 
-  def __init__(self, images, labels, num_shards, shard_ids, seed):
-    self.images, self.labels = images, labels
-    parts = np.array_split(np.random.default_rng(seed).permutation(len(labels)), num_shards)
+  def __init__(self, dataset, num_shards, shard_ids, seed):
+    self.dataset = dataset
+    parts = np.array_split(np.random.default_rng(seed).permutation(dataset.num_train), num_shards)
     self.parts = [parts[p] for p in shard_ids]
     self.rngs = [np.random.default_rng([seed, p]) for p in shard_ids]
 
   def next(self, batch_size):
-    index = self.indices(batch_size)
-    return {"image": self.images[index], "label": self.labels[index]}
+    return self.dataset.take(self.indices(batch_size))
 
   def indices(self, batch_size):
     """The next batches' example numbers, [shards, batch_size] (for a gather on the device)."""
@@ -261,3 +263,19 @@ class ShardedSampler:
   def set_state(self, state):
     for rng, position in zip(self.rngs, state, strict=True):
       rng.bit_generator.state = position
+
+
+def sampler(dataset, config, shards=None, shard_ids=None):
+  """One seeded sampler over the training set, or (data parallelism) one per data shard, this
+  process's `shard_ids` of `shards` (default: all of them)."""
+  if shards is None:
+    return Sampler(dataset, seed=config.seed)
+  shard_size = dataset.num_train // shards
+  if config.batch_size > shard_size:
+    raise ConfigError(
+      f"--batch_size={config.batch_size} is larger than a device's part of the training set "
+      f"({shard_size} = {dataset.num_train} / {shards} devices); lower --batch_size or "
+      f"--num_devices"
+    )
+  ids = range(shards) if shard_ids is None else shard_ids
+  return ShardedSampler(dataset, shards, ids, config.seed)

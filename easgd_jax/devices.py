@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from easgd_jax.config import ConfigError
+from easgd_jax.collectives import AXIS
+from easgd_jax.errors import ConfigError
 
 
 class _QuietTPUProbe(std_logging.Filter):
@@ -106,11 +107,6 @@ def mesh(data, model, axis_names):
   return Mesh(np.array(available[: data * model]).reshape(data, model), axis_names)
 
 
-# --- Replicated (pmap) placement: one copy of the state per device, stacked on a leading axis.
-
-AXIS = "devices"  # the pmap axis every collective names (lax.pmean(x, devices.AXIS))
-
-
 def initialize_processes(config):
   """Join a multi-process run (JAX's distributed runtime; gloo collectives on CPU)."""
   if config.num_processes == 1:
@@ -158,6 +154,7 @@ def wait_for_coordinator(address, timeout_s):
       time.sleep(0.2)
 
 
+# Replicated (pmap) placement: one copy of the state per device, stacked on a leading axis.
 def replica_devices(count):
   """The first `count` devices of the run (all processes), for a pmap over them."""
   available = jax.devices()
@@ -175,7 +172,7 @@ def local_replica_ids(replicas):
 
 
 def pmap(fn, replicas, **kwargs):
-  """fn run on every replica device at once; collectives inside name AXIS."""
+  """fn run on every replica device at once; its collectives (easgd_jax.collectives) name AXIS."""
   return jax.pmap(fn, axis_name=AXIS, devices=replicas, **kwargs)
 
 
@@ -183,46 +180,6 @@ def _replica_sharding(replicas):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
   return NamedSharding(Mesh(np.array(replicas), (AXIS,)), PartitionSpec(AXIS))
-
-
-def psum(tree, fused=False):
-  """Sum over the replicas (AXIS): an all-reduce across devices under pmap; `fused` (the
-  simulated engine's replicas, a vmapped axis on one device), one product with a vector of ones
-  per leaf. Why not lax.psum there too: under vmap it becomes a reduction over the leading axis,
-  which XLA:CPU runs ~6x slower than the product (64 replicas of a 235k-weight MLP: 140 ms
-  against 23 ms), and a sync_easgd step spent most of its time in it."""
-  if not fused:
-    return jax.lax.psum(tree, AXIS)
-  return jax.tree.map(_replica_sum, tree)
-
-
-def pmean(tree, fused=False):
-  """The mean over the replicas, as `psum` computes the sum."""
-  if not fused:
-    return jax.lax.pmean(tree, AXIS)
-  return jax.tree.map(_replica_mean, tree)
-
-
-def _over_replicas(mean):
-  @jax.custom_batching.custom_vmap
-  def reduce(x):  # a single replica (not vmapped): its own sum and mean
-    return x
-
-  @reduce.def_vmap
-  def batched(axis_size, in_batched, x):
-    (is_batched,) = in_batched
-    if not is_batched:  # the same value on every replica
-      return (x if mean else x * axis_size), False
-    flat = x.reshape(axis_size, -1)
-    total = (jax.numpy.ones((1, axis_size), x.dtype) @ flat).reshape(x.shape[1:])
-    if mean:
-      total = total / axis_size
-    return jax.numpy.broadcast_to(total, x.shape), True
-
-  return reduce
-
-
-_replica_sum, _replica_mean = _over_replicas(mean=False), _over_replicas(mean=True)
 
 
 def put_replicas(tree_local, replicas):

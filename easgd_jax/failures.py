@@ -1,12 +1,9 @@
-"""How a run stops early: divergence, preemption by a signal, and the advice it prints.
+"""How a run stops early: the signals it stops on, NaN/inf checks, and the advice it prints.
 
-Every loop (step-wise and asynchronous) raises these, and run.py maps them to exit codes: 1 for
-DivergenceError, 3 for ServerLost (the Ray engine's parameter server died), 128 + the signal
-for Preempted.
+The exceptions themselves live in easgd_jax/errors.py and the exit codes in easgd_jax/cli.py.
 """
 
 import contextlib
-import os
 import signal
 import threading
 
@@ -15,27 +12,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from easgd_jax import checkpoints, core
-
-
-class DivergenceError(RuntimeError):
-  """Training produced a NaN or infinite loss or weight."""
-
-
-class Preempted(Exception):
-  """SIGTERM or SIGINT arrived; a checkpoint of the current step was saved."""
-
-  def __init__(self, signum, step, workdir):
-    self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
-    super().__init__(
-      f"{signal.Signals(signum).name} at step {step}; checkpoint saved in "
-      f"{os.path.join(workdir, checkpoints.FOLDER)}: run the same command to resume"
-    )
-
-
-class ServerLost(RuntimeError):
-  """The Ray engine's parameter server died; the run stops (exit 3) and a relaunch resumes."""
-
-  exit_code = 3
+from easgd_jax.algorithms import REGISTRY
+from easgd_jax.errors import DivergenceError
 
 
 class StopRequest:
@@ -62,10 +40,26 @@ def stop_signals(enabled):
       signal.signal(signum, handler)
 
 
+def divergence_advice(config):
+  """What to change after a NaN/inf loss, for the run's DivergenceError message.
+
+  An elastic run whose coupling breaks its stability condition (core.elastic_stability: alpha < 1
+  for one-at-a-time exchanges, alpha + beta < 2 for synchronous ones) is told that condition with
+  its values; any other run is told to lower the learning rate.
+  """
+  kind = REGISTRY[config.algorithm]
+  alpha = config.moving_rate
+  if kind.elastic and alpha > 0:  # alpha = 0 is uncoupled, not unstable
+    unstable = core.elastic_stability(alpha, config.num_devices, kind.all_at_once)
+    if unstable:
+      return f"{unstable} (now {config.elastic_flags})"
+  return f"lower --learning_rate (now {config.learning_rate})"
+
+
 def advice(config, checkpointer):
   latest = checkpointer and max(checkpointer.steps(), default=None)
   kept = f"; the last good checkpoint (step {latest}) is kept" if latest else ""
-  return f"{core.divergence_advice(config)}{kept}"
+  return f"{divergence_advice(config)}{kept}"
 
 
 def check_losses(losses, config, checkpointer):

@@ -93,8 +93,9 @@ def create(name, learning_rate, momentum=0.0, weight_decay=1e-4):
   raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def from_config(config, steps_per_count=1):
-  """The inner optimizer a Config asks for (see the module docstring)."""
+def from_config(config, steps_per_count=1, default="sgd"):
+  """The inner optimizer a Config asks for (see the module docstring); `default` when the
+  config has not been resolved (easgd_jax.algorithms.resolve writes the default in)."""
   eta = schedule(
     config.lr_schedule,
     config.learning_rate,
@@ -102,4 +103,5 @@ def from_config(config, steps_per_count=1):
     config.warmup_steps,
     steps_per_count,
   )
-  return create(config.inner_optimizer, eta, config.momentum, config.weight_decay)
+  name = config.optimizer or ("nesterov" if config.momentum else default)
+  return create(name, eta, config.momentum, config.weight_decay)

@@ -29,7 +29,7 @@ models.py.
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from easgd_jax.config import ConfigError
+from easgd_jax.errors import ConfigError
 
 DATA, MODEL = "data", "model"  # the mesh's axis names
 

@@ -18,7 +18,7 @@ SUMMARY = "summary.json"
 CONFIG = "config.json"
 PLOT = "accuracy.png"
 PARAMS = "params.npz"  # the trained weights (the center for EASGD), keyed by their tree path
-APPLIED = "applied_updates.json"  # async family: (worker, its step) of every applied iteration
+APPLIED = "applied_updates.jsonl"  # worker/master family: every update the master applied
 
 
 @contextlib.contextmanager
@@ -165,25 +165,59 @@ class MetricsLog:
       self._events.close()
 
 
-def read_events(workdir):
-  """[(tag, step, value)] from the TensorBoard event files in `workdir`, without TensorFlow."""
-  import glob
-  import struct
+class AppliedLog:
+  """WORKDIR/applied_updates.jsonl: the record of every update a master applied, in the order
+  applied, one line [worker, worker step, version read, version made] each (engines/base.py's
+  `Applied`). Append-only; a checkpoint counts its lines, and a resume cuts it back to that
+  count, so after any number of kills and relaunches each update is in it once."""
 
-  from tensorboardX.proto import event_pb2
+  def __init__(self, workdir=None):
+    self.path = workdir and os.path.join(workdir, APPLIED)
+    self.count, self._file = 0, None
 
-  scalars = []
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      data = f.read()
-    offset = 0
-    while offset + 12 <= len(data):  # TFRecord: length, crc, payload, crc
-      (length,) = struct.unpack("<Q", data[offset : offset + 8])
-      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-      offset += 12 + length + 4
-      for value in event.summary.value:
-        scalars.append((value.tag, event.step, value.simple_value))
-  return scalars
+  def start(self, keep):
+    """Keep the first `keep` lines (a checkpoint's count), drop any written after it."""
+    self.count = keep
+    if not self.path:
+      return
+    if os.path.exists(self.path):
+      offset, lines = 0, 0
+      with open(self.path, "rb") as f:
+        for line in f:
+          if lines == keep:
+            break
+          offset, lines = offset + len(line), lines + 1
+      if lines < keep:
+        from absl import logging
+
+        logging.warning(
+          "%s holds %d of the %d updates its checkpoint counts", self.path, lines, keep
+        )
+      os.truncate(self.path, offset)
+    self._file = open(self.path, "a")
+
+  def append(self, entries):
+    if not entries:
+      return
+    self.count += len(entries)
+    if self._file:
+      self._file.write("".join(json.dumps(entry) + "\n" for entry in entries))
+
+  def flush(self):
+    if self._file:
+      self._file.flush()
+      os.fsync(self._file.fileno())
+
+  def close(self):
+    if self._file:
+      self._file.close()
+      self._file = None
+
+
+def read_applied(workdir):
+  """The applied-update record of `workdir`: [[worker, worker step, read, made], ...]."""
+  with open(os.path.join(workdir, APPLIED)) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def summarize(rows, target_accuracy=None):

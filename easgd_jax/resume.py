@@ -8,8 +8,9 @@ import dataclasses
 import json
 import os
 
-from easgd_jax import checkpoints, reporting
-from easgd_jax.config import ConfigError
+from easgd_jax import checkpoints, engines, reporting
+from easgd_jax.algorithms import REGISTRY
+from easgd_jax.errors import ConfigError
 
 # Config fields a resumed run may change: none of them changes the math of the steps already
 # taken. Every other field, including any added later, must equal the workdir's config.json.
@@ -47,16 +48,16 @@ def fix_decay_steps(config, workdir):
   return dataclasses.replace(config, decay_steps=decay_steps)
 
 
-def fix_measured_costs(config, workdir):
-  """--engine=simulated: the compute and service times measured at the first launch (in its
-  config.json) are the ones every relaunch uses, so its virtual clock gives the same order."""
+def fix_measured(config, workdir):
+  """What the engine measured at the first launch (the simulated clock's compute and service
+  times, in its config.json) is what every relaunch uses, so the run stays the same."""
   saved = saved_config(workdir) or {}
   measured = {
     flag: saved[flag]
-    for flag in ("sim_compute_ms", "sim_service_us")
+    for flag in engines.measured_fields(config)
     if getattr(config, flag) is None and saved.get(flag) is not None
   }
-  return dataclasses.replace(config, **measured) if config.engine == "simulated" else config
+  return dataclasses.replace(config, **measured)
 
 
 def saved_config(workdir):
@@ -142,12 +143,16 @@ def check_same_experiment(saved, config):
     old = saved.get(field, defaults[field])
     if field == "decay_steps" and old is None:  # older config.json: its schedule spanned --steps
       old = saved.get("steps")
+    if field == "optimizer" and old is None:  # older config.json: the default it ran with
+      kind = REGISTRY.get(saved.get("algorithm", config.algorithm))
+      delta = saved.get("momentum", defaults["momentum"])
+      old = getattr(kind, "default_optimizer", None) or ("nesterov" if delta else "sgd")
     if isinstance(new, tuple) and isinstance(old, list):
       old = tuple(old)
-    if field == "engine" and "simulated" in (old, new) and old != new:
+    if field == "engine" and not engines.same_checkpoints(old, new):
       raise ConfigError(
-        f"the workdir holds a run on --engine={old}, not {new}: a simulated cluster's checkpoint "
-        f"is its own; use another --workdir, or --engine={old} to resume it"
+        f"the workdir holds a run on --engine={old}, not {new}: its checkpoints are that "
+        f"engine's own; use another --workdir, or --engine={old} to resume it"
       )
     if field == "steps" or field in RESUMABLE or old == new:
       continue

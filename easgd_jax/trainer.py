@@ -1,19 +1,21 @@
-"""The one training loop, for every algorithm and engine: evaluation, metrics, checkpoints,
-resume, NaN handling, signals and progress.
+"""The one training loop, for every algorithm and engine: evaluation, metrics and diagnostics,
+checkpoints, resume, the applied-update record, NaN handling, signals and progress.
 
-The engine trains and stops at Points (easgd_jax/engines); here each Point becomes a metrics row
-(scored on the test set, with the diagnostics below), a checkpoint, a DivergenceError or a
-Preempted. Every row has the same core keys for every algorithm:
+The engine yields events (engines/base.py) at the points of the trainer's Plan; here each
+Snapshot becomes a metrics row (scored on the test set, with the diagnostics below), a
+checkpoint, a DivergenceError or a Preempted. Every row has the same core keys:
 
   step, samples, wall_time_s, train_loss, test_loss, test_accuracy,
   param_norm   ||W|| of the evaluated weights (the center, for elastic algorithms),
   grad_norm    ||Delta W|| of the training loss at those weights, on a fixed probe batch,
   gap_mean, gap_max   over the workers of ||x^i - W-bar|| / ||W-bar|| (algorithms with
-                      workers beside a center: the EASGD family, local SGD, DiLoCo),
+                      workers beside a center: the EASGD family, local SGD, DiLoCo, DOWNPOUR),
 
-plus what the algorithm's engine adds (staleness for the asynchronous family).
+plus the engine's columns (staleness for asynchronous runs, the virtual clock when simulated).
 """
 
+import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -23,8 +25,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from easgd_jax import core, devices, reporting
-from easgd_jax.failures import DivergenceError, Preempted, advice, check_losses, check_weights
+from easgd_jax import core, devices, failures, reporting
+from easgd_jax.engines.base import Plan, Progress, Snapshot, WorkerJoined, WorkerLost
+from easgd_jax.errors import DivergenceError, Preempted
 
 PROBE_SIZE = 256  # training examples the gradient-norm diagnostic is measured on
 
@@ -32,7 +35,7 @@ PROBE_SIZE = 256  # training examples the gradient-norm diagnostic is measured o
 _param_norm = jax.jit(optax.tree.norm)  # one program, not one per leaf and operation
 
 
-class Progress:
+class ProgressLine:
   """A progress line on stderr every `every_s` seconds: steps/s, samples/s, ETA."""
 
   def __init__(self, total, start, samples_per_step, every_s):
@@ -63,21 +66,22 @@ def _duration(seconds):
 
 
 class Trainer:
-  """Scores, logs and checkpoints one run; `fit(engine)` drives the engine to --steps."""
+  """Scores, logs and checkpoints one run; `fit(engine, stop)` drives the engine to --steps."""
 
-  def __init__(self, config, algorithm, dataset, loss_fn, log, checkpointer):
-    self.config, self.algorithm, self.log, self.checkpointer = config, algorithm, log, checkpointer
-    self.samples_per_step = type(algorithm).samples_per_step(config)
+  def __init__(self, config, rule, dataset, loss_fn, log, checkpointer, placement=None):
+    """`placement`: where the engine's weights are scored (a device or a sharding)."""
+    self.config, self.rule, self.log, self.checkpointer = config, rule, log, checkpointer
+    self.samples_per_step = type(rule).samples_per_step(config)
     self.evaluate = core.make_evaluate(loss_fn)
-    # On process 1+, global device 0 is elsewhere; a model-parallel run scores on its whole mesh.
-    placement = getattr(algorithm, "eval_placement", None) or jax.local_devices()[0]
-    self.test_images = devices.put(dataset.test_images, placement)
-    self.test_labels = devices.put(dataset.test_labels, placement)
-    probe = {"image": dataset.train_images[:PROBE_SIZE], "label": dataset.train_labels[:PROBE_SIZE]}
-    self.probe = devices.put(probe, placement)
+    # On process 1+, global device 0 is elsewhere; a model-parallel run scores on its mesh.
+    placement = placement or jax.local_devices()[0]
+    test = (dataset.test_images, dataset.test_labels, dataset.take(slice(0, PROBE_SIZE)))
+    self.test_images, self.test_labels, self.probe = devices.put(test, placement)
     gradient = core.make_gradient(loss_fn)
     self._grad_norm = jax.jit(lambda params, batch: optax.tree.norm(gradient(params, batch)[0]))
     self.offset, self.measured = 0.0, [0, 0.0]  # seconds and throughput of earlier launches
+    self.applied = reporting.AppliedLog(log.workdir)
+    self.lost, self.joined = [], []  # (worker, run step, why) as the engine reported them
 
   def compile_evaluation(self, params_host):
     """Score once now: with concurrent workers the first evaluation would otherwise lag far."""
@@ -91,7 +95,7 @@ class Trainer:
     if not math.isfinite(test_loss):
       raise DivergenceError(
         f"test loss is {test_loss} at step {step}: the weights diverged; "
-        f"{advice(self.config, self.checkpointer)}"
+        f"{failures.advice(self.config, self.checkpointer)}"
       )
     row = {
       "step": step,
@@ -105,13 +109,8 @@ class Trainer:
     }
     self.log.append(row)
     logging.info(
-      "step %d/%d  train_loss %.4f  test_loss %.4f  test_accuracy %.4f  %.1fs",
-      step,
-      self.config.steps,
-      train_loss,
-      test_loss,
-      test_accuracy,
-      wall_time_s,
+      f"step {step}/{self.config.steps}  train_loss {train_loss:.4f}  test_loss "
+      f"{test_loss:.4f}  test_accuracy {test_accuracy:.4f}  {wall_time_s:.1f}s"
     )
 
   def diagnostics(self, params, points):
@@ -133,50 +132,76 @@ class Trainer:
     return found
 
   def fit(self, engine, stop):
-    """Resume the engine from the newest checkpoint, if any, and train it to --steps."""
+    """Resume the engine from the newest checkpoint, if any, and train it to --steps; returns
+    the throughput of every launch together, [iterations, seconds]."""
     config, checkpointer = self.config, self.checkpointer
-    engine.checkpointing = checkpointer is not None
-    engine.workdir = checkpointer and checkpointer.workdir
     start = 0
     restored = checkpointer and checkpointer.restore_latest(engine.checkpoint_arrays())
     if restored:
       arrays, saved = restored
       engine.restore(arrays, saved)
       start, self.offset = saved["step"], saved["train_seconds"]
-      self.measured = list(saved.get("throughput", self.measured))
+      self.measured = list(saved["throughput"])
+      self.applied.start(keep=saved["applied"])
+      self.lost, self.joined = saved["lost"], saved["joined"]
       logging.info("resuming from the checkpoint at step %d of %d", start, config.steps)
+    else:
+      self.applied.start(keep=0)
     self.log.start(keep_until=start if restored else None)
     if restored and not self.log.workdir and checkpointer.shared:  # process 1+: for its summary
       self.log.rows = [
         r for r in reporting.read_metrics(checkpointer.workdir) if r["step"] <= start
       ]
-    progress = Progress(config.steps, start, self.samples_per_step, config.progress_every_s)
-    engine.run(lambda point: self._at(point, engine), progress.tick, lambda: stop.signum)
+    progress = ProgressLine(config.steps, start, self.samples_per_step, config.progress_every_s)
+    plan = Plan(config, checkpointer is not None, stop)
+    with contextlib.closing(engine.run(plan)) as events:  # closing: the engine stops its workers
+      for event in events:
+        if isinstance(event, Progress):
+          progress.tick(event.step)
+        elif isinstance(event, Snapshot):
+          self._at(event, engine)
+        elif isinstance(event, WorkerLost):
+          self.lost.append(dataclasses.asdict(event))
+        elif isinstance(event, WorkerJoined):
+          self.joined.append(dataclasses.asdict(event))
+    self.applied.close()
     return self.throughput(engine)
 
   def throughput(self, engine):
     iterations, seconds = engine.throughput()
     return [self.measured[0] + iterations, self.measured[1] + seconds]
 
-  def _at(self, point, engine):
-    check_losses(point.losses, self.config, self.checkpointer)
-    wall_time_s = self.offset + point.wall_time_s
-    if point.params is not None:
-      values = [v for _, vs, _ in point.losses for v in np.ravel(vs)]
+  def _at(self, snapshot, engine):
+    failures.check_losses(snapshot.losses, self.config, self.checkpointer)
+    self.applied.append(snapshot.applied)
+    wall_time_s = self.offset + snapshot.wall_time_s
+    if snapshot.params is not None:
+      values = [v for _, vs, _ in snapshot.losses for v in np.ravel(vs)]
       train_loss = float(np.mean(values)) if values else float("nan")
-      self.row(point.step, point.params, train_loss, wall_time_s, point.points, **point.extra)
-    if point.checkpoint is not None and self.checkpointer is not None:
-      arrays, record = point.checkpoint
-      check_weights(arrays, point.step, self.config, self.checkpointer)
-      pending = [] if point.params is not None else point.losses
+      points, extra = snapshot.points, snapshot.extra
+      self.row(snapshot.step, snapshot.params, train_loss, wall_time_s, points, **extra)
+    if snapshot.state is not None and self.checkpointer is not None:
+      arrays, record = snapshot.state
+      failures.check_weights(arrays, snapshot.step, self.config, self.checkpointer)
+      pending = [] if snapshot.params is not None else snapshot.losses
       record = {
         **record,
+        "config": self.config.to_dict(),
         "train_seconds": wall_time_s,
         "throughput": self.throughput(engine),
-        "pending_losses": [(int(s), np.ravel(v).tolist()) for s, v, _ in pending],
+        "losses": [(int(s), np.ravel(v).tolist()) for s, v, _ in pending],
+        "applied": self.applied.count,
+        "lost": self.lost,
+        "joined": self.joined,
       }
-      self.checkpointer.save(point.step, arrays, record)
-      if hasattr(engine, "saved"):
-        engine.saved(point.step, record)
-    if point.stopped:
-      raise Preempted(point.stopped, point.step, self.checkpointer.workdir)
+      self.applied.flush()  # the record the checkpoint counts is on disk before it
+      self.checkpointer.save(snapshot.step, arrays, record)
+    if snapshot.stopped:
+      raise Preempted(snapshot.stopped, snapshot.step, self.checkpointer.directory)
+
+  def summary(self):
+    """The workers the engine lost and took back over the whole run, every launch's."""
+    restarted = {}
+    for joined in self.joined:
+      restarted[str(joined["worker"])] = restarted.get(str(joined["worker"]), 0) + 1
+    return {"failed_workers": self.lost, "restarted_workers": restarted}

@@ -4,7 +4,7 @@ import fcntl
 import os
 import tempfile
 
-from easgd_jax.config import ConfigError
+from easgd_jax.errors import ConfigError
 
 
 class Busy(ConfigError):

@@ -29,34 +29,24 @@ noisy neighbour slows both sides of a ratio alike):
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 
 # Four emulated CPU devices (16 with --only=simulated, main); set before jax touches a device.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 jax.config.update("jax_num_cpu_devices", 4)
 
-from easgd_jax import core, data, models, train, workers  # noqa: E402
-from easgd_jax.algorithms import (  # noqa: E402
-  SGD,
-  AsyncEASGD,
-  AsyncSGD,
-  Hogwild,
-  ModelParallelSGD,
-  RoundRobinEASGD,
-  SyncEASGD,
-  SyncSGD,
-)
+import measure  # noqa: E402
+
+from easgd_jax import algorithms, models, train  # noqa: E402
 from easgd_jax.config import Config  # noqa: E402
 
 CASES = [
@@ -64,144 +54,109 @@ CASES = [
   Config(dataset="synthetic", model="mlp", batch_size=128, synthetic_shape=(32, 32, 3)),
   Config(dataset="synthetic", model="cifar_cnn", batch_size=64, synthetic_shape=(32, 32, 3)),
 ]
+HYPER = dict(learning_rate=0.01, rho=1.0, progress_every_s=0)
+SETTLE = [True]  # --no_settle: cells back to back (an old-against-new comparison settles once)
 
 
-def seconds_per_iteration(algorithm, params_host, sampler, batch_size, iterations):
-  state = algorithm.init(params_host)
-  state, loss = algorithm.step(state, sampler.next(batch_size))  # compile outside the clock
-  jax.block_until_ready(loss)
-  limit = getattr(algorithm, "max_in_flight", None)  # the same bound the training loop keeps
-  start = time.perf_counter()
-  for i in range(1, iterations + 1):
-    state, loss = algorithm.step(state, sampler.next(batch_size))
-    if limit and i % limit == 0:
-      jax.block_until_ready(loss)
-  jax.block_until_ready((loss, algorithm.eval_params(state)))
-  return (time.perf_counter() - start) / iterations
+def samples_per_s(config, model=None):
+  """samples/s of one run (experiments/measure.py: the engine as train_and_evaluate drives it),
+  on an idle machine unless --no_settle."""
+  if SETTLE[0]:
+    measure.settle()
+  return measure.run(config, model)
 
 
-def interleaved_medians(contenders, samplers, params_host, batch_size, repeats, target_seconds):
-  """Median seconds per iteration of each contender, the repeats interleaved."""
-  first = next(iter(contenders))
-  probe = seconds_per_iteration(
-    contenders[first], params_host, samplers[first], batch_size, iterations=10
-  )
-  iterations = max(20, int(target_seconds / probe))
-  times = {name: [] for name in contenders}
-  for _ in range(repeats):  # interleaved, so drift on the machine hits every contender alike
-    for name, algorithm in contenders.items():
-      times[name].append(
-        seconds_per_iteration(algorithm, params_host, samplers[name], batch_size, iterations)
-      )
-  return {name: statistics.median(t) for name, t in times.items()}
+def interleaved(cells, repeats):
+  """{key: median samples/s} of each cell's config, the repeats interleaved, so that drift on
+  the machine hits every cell alike; each cell is run once first to compile outside the clock
+  (and to size it)."""
+  rates = {key: [] for key in cells}
+  for _ in range(repeats):
+    for key, (config, model) in cells.items():
+      rates[key].append(samples_per_s(config, model)[0])
+  return {key: statistics.median(r) for key, r in rates.items()}
 
 
-def measure(config, repeats=7, target_seconds=0.5):
-  dataset, _, loss_fn, params_host = train.setup(config)
-  sampler = data.Sampler(dataset.train_images, dataset.train_labels, seed=0)
-  devices = jax.devices()
-  contenders = {
-    "sgd": SGD(loss_fn, learning_rate=0.01, device=devices[0]),
-    "easgd_1": RoundRobinEASGD(
-      loss_fn, num_workers=1, learning_rate=0.01, rho=1.0, available_devices=devices[:1]
-    ),
-    "easgd_2": RoundRobinEASGD(
-      loss_fn, num_workers=2, learning_rate=0.01, rho=1.0, available_devices=devices[:2]
-    ),
+def sized(config, target_seconds, model=None):
+  """`config` with --steps for about `target_seconds` of training, from a short probe run."""
+  rate, _ = samples_per_s(dataclasses.replace(config, steps=40, eval_every=40), model)
+  per_step = algorithms.REGISTRY[config.algorithm].samples_per_step(config)
+  steps = max(40, int(rate * target_seconds / per_step))
+  return dataclasses.replace(config, steps=steps, eval_every=steps)
+
+
+def measure_bookkeeping(config, repeats=7, target_seconds=0.5):
+  """(a), (b): sgd, easgd on 1 and on 2 devices: {name: seconds per iteration}."""
+  base = dataclasses.replace(config, **HYPER)
+  cells = {
+    "sgd": dataclasses.replace(base, algorithm="sgd", num_devices=1),
+    "easgd_1": dataclasses.replace(base, algorithm="easgd", num_devices=1),
+    "easgd_2": dataclasses.replace(base, algorithm="easgd", num_devices=2),
   }
-  samplers = dict.fromkeys(contenders, sampler)
-  return interleaved_medians(
-    contenders, samplers, params_host, config.batch_size, repeats, target_seconds
-  )
+  cells = {key: (sized(c, target_seconds), None) for key, c in cells.items()}
+  rates = interleaved(cells, repeats)
+  return {key: config.batch_size / rate for key, rate in rates.items()}
 
 
 def measure_sync(config, repeats=5, target_seconds=0.5):
-  """(c) sync_sgd on 1, 2, 4 devices; (d) sync_easgd against round-robin easgd on 4."""
-  dataset, _, loss_fn, params_host = train.setup(config)
-  images, labels = dataset.train_images, dataset.train_labels
-  contenders, samplers = {}, {}
-  for p in (1, 2, 4):
-    contenders[f"sync_sgd_{p}"] = SyncSGD(loss_fn, num_devices=p, learning_rate=0.01)
-    samplers[f"sync_sgd_{p}"] = data.ShardedSampler(images, labels, p, range(p), seed=0)
-  contenders["sync_easgd_4"] = SyncEASGD(loss_fn, num_devices=4, learning_rate=0.01, rho=1.0)
-  samplers["sync_easgd_4"] = samplers["sync_sgd_4"]
-  contenders["easgd_4"] = RoundRobinEASGD(loss_fn, num_workers=4, learning_rate=0.01, rho=1.0)
-  samplers["easgd_4"] = data.Sampler(images, labels, seed=0)
-  return interleaved_medians(
-    contenders, samplers, params_host, config.batch_size, repeats, target_seconds
-  )
+  """(c) sync_sgd on 1, 2, 4 devices; (d) sync_easgd against round-robin easgd on 4:
+  {name: samples/s}."""
+  base = dataclasses.replace(config, **HYPER)
+  cells = {
+    f"sync_sgd_{p}": dataclasses.replace(base, algorithm="sync_sgd", num_devices=p)
+    for p in (1, 2, 4)
+  }
+  cells["sync_easgd_4"] = dataclasses.replace(base, algorithm="sync_easgd", num_devices=4)
+  cells["easgd_4"] = dataclasses.replace(base, algorithm="easgd", num_devices=4)
+  cells = {key: (sized(c, target_seconds), None) for key, c in cells.items()}
+  return interleaved(cells, repeats)
 
 
-ASYNC = {
-  "async_sgd": lambda loss_fn, g: AsyncSGD(loss_fn, num_workers=g, learning_rate=0.01),
-  "hogwild": lambda loss_fn, g: Hogwild(loss_fn, num_workers=g, learning_rate=0.01),
-  "async_easgd": lambda loss_fn, g: AsyncEASGD(loss_fn, num_workers=g, learning_rate=0.01, rho=1),
-}
-
-
-def async_run(algorithm, params_host, dataset, batch_size, steps):
-  """(samples/s, staleness median) of one threaded run of `steps` iterations."""
-  samplers = [
-    data.Sampler(dataset.train_images, dataset.train_labels, workers.worker_seed(0, j))
-    for j in range(len(algorithm.devices))
-  ]
-  algorithm.init(params_host)
-  run = workers.Run(
-    algorithm,
-    samplers,
-    steps=steps,
-    eval_every=steps,
-    batch_size=batch_size,
-    fail_fast=True,
-    failure=None,
-  )
-  run.run(params_host, lambda snapshot: None)
-  staleness = workers.staleness_summary(run.all_staleness) or {"median": 0.0}
-  iterations, seconds = run.throughput()  # each worker's first iteration left out
-  return iterations * batch_size / seconds, staleness["median"]
+ASYNC = ("async_sgd", "hogwild", "async_easgd")
 
 
 def measure_async(config, steps=600, repeats=3):
-  """(e) every async algorithm with 1, 2, 4 workers, repeats interleaved; medians."""
-  dataset, _, loss_fn, params_host = train.setup(config)
-  contenders = {(name, g): make(loss_fn, g) for name, make in ASYNC.items() for g in (1, 2, 4)}
-  for algorithm in contenders.values():  # compile on every worker's device outside the clock
-    async_run(algorithm, params_host, dataset, config.batch_size, 8 * len(algorithm.devices))
-  rates = {key: [] for key in contenders}
-  staleness = {key: [] for key in contenders}
+  """(e) every async algorithm with 1, 2, 4 workers, repeats interleaved: {(name, G):
+  (median samples/s, median staleness)}."""
+  base = dataclasses.replace(config, steps=steps, eval_every=steps, **HYPER)
+  rates, staleness = {}, {}
   for _ in range(repeats):
-    for key, algorithm in contenders.items():
-      rate, stale = async_run(algorithm, params_host, dataset, config.batch_size, steps)
-      rates[key].append(rate)
-      staleness[key].append(stale)
-  return {
-    key: (statistics.median(rates[key]), statistics.median(staleness[key])) for key in contenders
-  }
+    for name in ASYNC:
+      for g in (1, 2, 4):
+        rate, summary = samples_per_s(dataclasses.replace(base, algorithm=name, num_devices=g))
+        rates.setdefault((name, g), []).append(rate)
+        staleness.setdefault((name, g), []).append(
+          (summary["staleness"] or {"median": 0})["median"]
+        )
+  return {key: (statistics.median(rates[key]), statistics.median(staleness[key])) for key in rates}
 
 
 def measure_model_parallel(batch_size=128, repeats=5, target_seconds=1.0):
   """(f) ms per step and parameter MiB on one device, for M = 1, 2, 4."""
-  config = Config(dataset="synthetic", synthetic_shape=(32, 32, 3), batch_size=batch_size)
-  dataset = data.load(config)
-  model = models.create("mlp", dataset.num_classes, hidden=(4096, 4096))
-  loss_fn = core.make_loss_fn(model)
-  params_host = models.init_params(model, dataset.image_shape, seed=0)
-  sampler = data.Sampler(dataset.train_images, dataset.train_labels, seed=0)
-  contenders = {
-    m: ModelParallelSGD(loss_fn, data_parallel=1, model_parallel=m, learning_rate=0.01)
+  config = Config(
+    algorithm="sgd",
+    dataset="synthetic",
+    synthetic_shape=(32, 32, 3),
+    batch_size=batch_size,
+    **HYPER,
+  )
+  model = models.create("mlp", 10, hidden=(4096, 4096))
+  cells = {
+    m: (sized(dataclasses.replace(config, model_parallel=m), target_seconds, model), model)
     for m in (1, 2, 4)
   }
-  seconds = interleaved_medians(
-    contenders, dict.fromkeys(contenders, sampler), params_host, batch_size, repeats, target_seconds
-  )
+  rates = interleaved(cells, repeats)
+  seconds = {m: batch_size / rate for m, rate in rates.items()}
   bytes_on_device_0 = {}
-  for m, algorithm in contenders.items():
-    state = algorithm.init(params_host)
+  for m, (cell, _) in cells.items():
+    _, summary = samples_per_s(dataclasses.replace(cell, steps=1, eval_every=1), model)
+    state = summary["engine"].state
+    first = jax.devices()[0]
     bytes_on_device_0[m] = sum(
       shard.data.nbytes
       for leaf in jax.tree.leaves(state.params)
       for shard in leaf.addressable_shards
-      if shard.device == algorithm.devices[0]
+      if shard.device == first
     )
   return seconds, bytes_on_device_0
 
@@ -223,27 +178,28 @@ def torch_run(torch_python, data_path, model, num_workers, batch_size, steps, th
 
 def measure_hogwild(model, torch_python, torch_threads, repeats=5, target_seconds=1.0):
   """(g) {(name, G): median samples/s} for VS_TORCH and "torch", G in (2, 4), on digits."""
-  config = Config(dataset="digits", model=model, batch_size=32)
-  b = config.batch_size
-  dataset, _, loss_fn, params_host = train.setup(config)
-  contenders = {(name, g): ASYNC[name](loss_fn, g) for g in (2, 4) for name in VS_TORCH}
-  for algorithm in contenders.values():  # compile on every worker's device outside the clock
-    async_run(algorithm, params_host, dataset, b, 8 * len(algorithm.devices))
+  base = Config(dataset="digits", model=model, batch_size=32, **HYPER)
+  b = base.batch_size
   # One iteration count for every contender of a model: 1 s of hogwild, 2-3 s of the others.
-  probe, _ = async_run(contenders[("hogwild", 2)], params_host, dataset, b, 200)
-  steps = max(200, int(probe * target_seconds / b))
-  rates = {key: [] for key in contenders}
+  probe = sized(dataclasses.replace(base, algorithm="hogwild", num_devices=2), target_seconds)
+  steps = probe.steps
+  rates = {}
   with tempfile.TemporaryDirectory() as tmp:
     data_path = os.path.join(tmp, "train.npz")
+    dataset = train.setup(base)[0]
     np.savez(data_path, train_images=dataset.train_images, train_labels=dataset.train_labels)
     for _ in range(repeats):  # interleaved, so drift on the machine hits every contender alike
       for g in (2, 4):
         if torch_python:
+          if SETTLE[0]:
+            measure.settle()
           rate = torch_run(torch_python, data_path, model, g, b, steps, torch_threads)
           rates.setdefault(("torch", g), []).append(rate)
         for name in VS_TORCH:
-          rate, _ = async_run(contenders[(name, g)], params_host, dataset, b, steps)
-          rates[(name, g)].append(rate)
+          config = dataclasses.replace(
+            base, algorithm=name, num_devices=g, steps=steps, eval_every=steps
+          )
+          rates.setdefault((name, g), []).append(samples_per_s(config)[0])
   return {key: statistics.median(r) for key, r in rates.items()}, steps
 
 
@@ -308,12 +264,12 @@ def print_sync():
   for config in CASES[:2]:
     m = measure_sync(config)
     b = config.batch_size
-    rate = {p: p * b / m[f"sync_sgd_{p}"] for p in (1, 2, 4)}
+    rate = {p: m[f"sync_sgd_{p}"] for p in (1, 2, 4)}
     print(
       f"{config.dataset + '/' + config.model:<26}{b:>10}{rate[1]:>30.0f}"
       f"{rate[2]:>7.0f} ({rate[2] / rate[1]:.2f}x){rate[4]:>7.0f} ({rate[4] / rate[1]:.2f}x)"
-      f"{m['sync_easgd_4'] * 1e3:>23.3f}{m['easgd_4'] * 1e3:>9.3f}"
-      f"{4 * b / m['sync_easgd_4']:>23.0f}{b / m['easgd_4']:>9.0f}"
+      f"{4 * b / m['sync_easgd_4'] * 1e3:>23.3f}{b / m['easgd_4'] * 1e3:>9.3f}"
+      f"{m['sync_easgd_4']:>23.0f}{m['easgd_4']:>9.0f}"
     )
   print()
 
@@ -365,7 +321,13 @@ def main():
   )
   parser.add_argument("--torch_threads", type=int, default=1, help="per PyTorch process, (g)")
   parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of (g)")
+  parser.add_argument(
+    "--no_settle",
+    action="store_true",
+    help="run the cells back to back, without waiting for an idle machine before each",
+  )
   args = parser.parse_args()
+  SETTLE[0] = not args.no_settle
   only = args.only.split(",")
   if unknown := set(only) - set(SECTIONS):
     parser.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
@@ -376,7 +338,10 @@ def main():
     import benchmark_ray
   if "simulated" in only:
     import benchmark_simulated
-  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+  print(
+    f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, load average "
+    f"{measure.settle() if SETTLE[0] else measure.load_average():.2f}"
+  )
   if "bookkeeping" in only:
     print_bookkeeping()
   if "sync" in only:

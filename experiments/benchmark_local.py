@@ -14,18 +14,17 @@ same harness as experiments/benchmark.py):
       skipping communication buys here; on a network it is the point of the algorithms.
 """
 
+import dataclasses
 import os
-import sys
+import statistics
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchmark  # noqa: E402, I001  (sets up 4 CPU devices before jax touches one)
+import jax
+import measure
+import optax
 
-import benchmark  # noqa: E402  (sets up 4 CPU devices before jax touches one)
-import jax  # noqa: E402
-import optax  # noqa: E402
-
-from easgd_jax import core, data, devices, elastic, train  # noqa: E402
-from easgd_jax.algorithms import DiLoCo, LocalSGD, SyncSGD  # noqa: E402
+from easgd_jax import core, data, devices, elastic, train
 
 
 class HandWrittenElastic:
@@ -52,9 +51,6 @@ class HandWrittenElastic:
       w, opt_state, loss = self._steps[0](w, opt_state, batch)
     return (w, opt_state, center, t + 1), loss
 
-  def eval_params(self, state):
-    return state[0]
-
 
 class TransformElastic(HandWrittenElastic):
   """The same worker through elastic.elastic: one step function, the gate in the state."""
@@ -69,26 +65,57 @@ class TransformElastic(HandWrittenElastic):
     return (w, opt_state, center, t + 1), loss
 
 
-def measure(config):
+def seconds_per_step(worker, params, sampler, batch_size, iterations):
+  state = worker.init(params)
+  state, loss = worker.step(state, sampler.next(batch_size))  # compile outside the clock
+  jax.block_until_ready(loss)
+  start = time.perf_counter()
+  for _ in range(iterations):
+    state, loss = worker.step(state, sampler.next(batch_size))
+  jax.block_until_ready(state[0])
+  return (time.perf_counter() - start) / iterations
+
+
+def measure_elastic(config, repeats=5, iterations=300):
+  """(h) {name: median seconds per step} of the two forms of one elastic worker."""
   dataset, _, loss_fn, params = train.setup(config)
-  images, labels = dataset.train_images, dataset.train_labels
-  one = data.Sampler(images, labels, seed=0)
-  sharded = data.ShardedSampler(images, labels, 4, range(4), seed=0)
-  sgd = optax.sgd(0.01)
-  contenders = {
+  sampler = data.Sampler(dataset, seed=0)
+  workers = {
     "hand": HandWrittenElastic(loss_fn, 0.01, 0.01, 4),
     "transform": TransformElastic(loss_fn, 0.01, 0.01, 4),
-    "sync_sgd": SyncSGD(loss_fn, num_devices=4, optimizer=sgd),
-    "local_sgd_1": LocalSGD(loss_fn, num_devices=4, tau=1, optimizer=sgd),
-    "local_sgd_8": LocalSGD(loss_fn, num_devices=4, tau=8, optimizer=sgd),
-    "diloco_8": DiLoCo(loss_fn, num_devices=4, tau=8, optimizer=sgd),
   }
-  samplers = {name: one if name in ("hand", "transform") else sharded for name in contenders}
-  return benchmark.interleaved_medians(contenders, samplers, params, config.batch_size, 5, 0.5)
+  times = {name: [] for name in workers}
+  for _ in range(repeats):  # interleaved
+    for name, worker in workers.items():
+      times[name].append(seconds_per_step(worker, params, sampler, config.batch_size, iterations))
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+RUNS = {
+  "sync_sgd": dict(algorithm="sync_sgd"),
+  "local_sgd_1": dict(algorithm="local_sgd", tau=1),
+  "local_sgd_8": dict(algorithm="local_sgd", tau=8),
+  "diloco_8": dict(algorithm="diloco", tau=8, optimizer="sgd"),
+}
+
+
+def measure_runs(config, repeats=5, steps=300):
+  """(i) {name: median samples/s} of 4-device runs (experiments/measure.py), interleaved."""
+  base = dataclasses.replace(
+    config, num_devices=4, learning_rate=0.01, steps=steps, eval_every=steps, progress_every_s=0
+  )
+  rates = {name: [] for name in RUNS}
+  for _ in range(repeats):
+    for name, fields in RUNS.items():
+      rates[name].append(benchmark.samples_per_s(dataclasses.replace(base, **fields))[0])
+  return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def main():
-  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+  print(
+    f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, load "
+    f"average {measure.settle():.2f}"
+  )
   header = (
     f"{'dataset/model':<26}{'batch':>6}{'(h) ms/it hand':>16}{'transform':>11}{'ratio':>8}"
     f"{'(i) samples/s sync_sgd4':>25}{'local_sgd4 t=1':>16}{'t=8':>14}{'diloco4 t=8':>16}"
@@ -96,12 +123,10 @@ def main():
   print(header)
   print("-" * len(header))
   for config in benchmark.CASES[:2]:
-    m, b = measure(config), config.batch_size
-    names = ("sync_sgd", "local_sgd_1", "local_sgd_8", "diloco_8")
-    rate = {name: 4 * b / m[name] for name in names}
+    m, rate = measure_elastic(config), measure_runs(config)
     ratio = {name: rate[name] / rate["sync_sgd"] for name in rate}
     print(
-      f"{config.dataset + '/' + config.model:<26}{b:>6}{m['hand'] * 1e3:>16.3f}"
+      f"{config.dataset + '/' + config.model:<26}{config.batch_size:>6}{m['hand'] * 1e3:>16.3f}"
       f"{m['transform'] * 1e3:>11.3f}{m['transform'] / m['hand']:>8.3f}{rate['sync_sgd']:>25.0f}"
       f"{rate['local_sgd_1']:>9.0f} ({ratio['local_sgd_1']:.2f}x)"
       f"{rate['local_sgd_8']:>7.0f} ({ratio['local_sgd_8']:.2f}x)"

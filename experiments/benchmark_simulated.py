@@ -16,11 +16,11 @@ Prints two tables, every figure measured in this one run:
   it logs (the goal: the whole command under 2 minutes).
 
 The throughput is the engine's own (`engine.throughput()`, what the trainer's
-summary["samples_per_s"] reports: a run's first step or first chunk left out), of `engine.run`
-on an engine built once and warmed. Not `train.train_and_evaluate` per run: each call compiles
-afresh, and the local engine compiles its step once per device, G times, inside the measured
-steps (measured: local easgd, mlp, G = 16 gave 1515, 1991 and 5202 samples/s for 500, 1000 and
-3000 steps).
+summary["samples_per_s"] reports: a run's first step or first chunk left out), of launches of
+one engine, built as every run is (`train.build`) and warmed, each launch going on from where
+the previous one left. Not a fresh run per measurement: each compiles afresh, and the local
+engine compiles its step once per device, G times, inside the measured steps (measured: local
+easgd, mlp, G = 16 gave 1515, 1991 and 5202 samples/s for 500, 1000 and 3000 steps).
 """
 
 import argparse
@@ -34,7 +34,6 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
@@ -43,20 +42,23 @@ WORKER_COUNTS = (4, 16)
 # imports this module first for --only=simulated).
 jax.config.update("jax_num_cpu_devices", max(WORKER_COUNTS))
 
-from easgd_jax import algorithms, engines, train  # noqa: E402
+import measure  # noqa: E402
+
+from easgd_jax import train  # noqa: E402
 from easgd_jax.config import Config  # noqa: E402
-from easgd_jax.engines import simulated  # noqa: E402
+from easgd_jax.engines.base import Plan  # noqa: E402
+from easgd_jax.engines.simulated import steppers  # noqa: E402
 
 MODELS = ("mlp", "lenet")
 ALGORITHMS = ("easgd", "sync_easgd")
 ENGINES = ("local", "simulated")
 # Given, so nothing is measured at build time; they set only the virtual clock, not the work.
 SIM_COSTS = {"sim_compute_ms": 1.0, "sim_service_us": 20.0}
-WARM_STEPS = 2 * simulated.CHUNK  # one launch compiles, a second one sizes the timed runs
+WARM_STEPS = 2 * steppers.CHUNK  # one launch compiles, a second one sizes the timed runs
 
 
 def build(model, algorithm, workers, engine):
-  """(engine, samples per step) of one cell, built as train._train builds a run's engine."""
+  """One cell's run, built as every run is (train.build)."""
   config = Config(
     algorithm=algorithm,
     dataset="digits",
@@ -69,34 +71,28 @@ def build(model, algorithm, workers, engine):
     progress_every_s=0,
     engine=engine,
     **(SIM_COSTS if engine == "simulated" else {}),
-  ).validate()
-  dataset, _, loss_fn, params_host = train.setup(config)
-  if engine == "simulated":  # every worker on the one device, as train._train places them
-    algorithm = algorithms.create(config, loss_fn, [jax.devices()[0]] * workers)
-  else:
-    algorithm = algorithms.create(config, loss_fn)
-  sampler = None
-  if algorithm.driven_by == algorithms.STEPS:  # both engines draw from the local one's sampler
-    sampler = train.make_sampler(config, dataset, algorithm)
-  built = engines.create(config, algorithm, dataset, params_host, sampler)
-  return built, type(algorithm).samples_per_step(config)
+  )
+  return train.build(train.validate(config))
 
 
-def samples_per_s(engine, per_step):
-  """One launch of `engine` to its --steps, from the state the previous launch left."""
-  engine.run(lambda point: None, lambda step: None, lambda: None)
+def samples_per_s(built, steps=WARM_STEPS):
+  """One launch of `steps` more steps from where the previous launch left the engine.
+
+  Whole chunks only: a shorter last chunk would be a new scan length, compiled inside the clock.
+  """
+  steps = max(WARM_STEPS, -(-steps // steppers.CHUNK) * steppers.CHUNK)
+  engine = built.engine
+  total = engine.start + steps
+  for _ in engine.run(
+    Plan(dataclasses.replace(built.config, steps=total, eval_every=steps), False)
+  ):
+    pass
+  engine.start = total
   iterations, seconds = engine.throughput()
-  return iterations * per_step / seconds
+  return iterations * built.rule.samples_per_step(built.config) / seconds, steps
 
 
-def set_steps(engine, steps):
-  # Whole chunks only: a shorter last chunk would be a new scan length, compiled inside the clock.
-  steps = max(WARM_STEPS, -(-steps // simulated.CHUNK) * simulated.CHUNK)
-  engine.config = dataclasses.replace(engine.config, steps=steps, eval_every=steps)
-  return steps
-
-
-def measure(repeats, target_s):
+def measure_cells(repeats, target_s):
   """{(model, algorithm, G): {engine: (median samples/s, steps per run)}}."""
   cells = [(m, a, g) for m in MODELS for a in ALGORITHMS for g in WORKER_COUNTS]
   built, steps = {}, {}
@@ -104,13 +100,15 @@ def measure(repeats, target_s):
     for engine in ENGINES:
       key = (*cell, engine)
       built[key] = build(*cell, engine)
-      samples_per_s(*built[key])  # compiles (the local engine: on each of the G devices)
-      rate = samples_per_s(*built[key]) / built[key][1]  # iterations/s, warm
-      steps[key] = set_steps(built[key][0], int(rate * target_s))
+      samples_per_s(built[key])  # compiles (the local engine: on each of the G devices)
+      rate, _ = samples_per_s(built[key])  # warm
+      per_step = built[key].rule.samples_per_step(built[key].config)
+      steps[key] = int(rate / per_step * target_s)
   rates = {key: [] for key in built}
   for _ in range(repeats):  # interleaved, so drift on the machine hits both engines alike
     for key in built:
-      rates[key].append(samples_per_s(*built[key]))
+      rate, steps[key] = samples_per_s(built[key], steps[key])
+      rates[key].append(rate)
   return {
     cell: {e: (statistics.median(rates[(*cell, e)]), steps[(*cell, e)]) for e in ENGINES}
     for cell in cells
@@ -129,7 +127,7 @@ def print_ratios(repeats=3, target_s=1.0):
   )
   print(header)
   print("-" * len(header))
-  found = measure(repeats, target_s)
+  found = measure_cells(repeats, target_s)
   for (model, algorithm, workers), m in found.items():
     (local, local_steps), (sim, sim_steps) = m["local"], m["simulated"]
     print(
@@ -203,7 +201,10 @@ def main():
   parser.add_argument("--target_s", type=float, default=1.0, help="seconds per timed run")
   parser.add_argument("--g64", action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args()
-  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores")
+  print(
+    f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, load average "
+    f"{measure.settle():.2f}"
+  )
   print_ratios(args.repeats, args.target_s)
   if args.g64:
     print_g64()

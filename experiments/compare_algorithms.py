@@ -11,12 +11,7 @@ target accuracy, samples/s, staleness) and accuracy_vs_samples.png / accuracy_vs
 the workdir; rerunning the command skips the runs that finished.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from easgd_jax import study  # noqa: E402
+from easgd_jax import study
 
 G = 4  # workers (devices) for every parallel algorithm
 

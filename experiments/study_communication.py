@@ -9,7 +9,7 @@ the original EASGD (Algorithm 1, round robin) spending 87 % of its time in commu
 GPUs, Sync EASGD 14 %, and Sync EASGD 5.3x faster. This study runs the EASGD family (`easgd`,
 `sync_easgd`, `async_easgd`, `hogwild_easgd`) and its SGD counterparts (`sync_sgd`, `async_sgd`,
 `hogwild`; `sgd` on one worker as the baseline) on `--engine=simulated`, whose virtual clock
-(easgd_jax/engines/virtual_clock.py) gives every run its communication share and its virtual
+(easgd_jax/engines/simulated/) gives every run its communication share and its virtual
 seconds to the target accuracy, on two clusters:
 
   (a) one 8-GPU PCIe node, G = 4 and 8: latency 10 us, 96 Gbit/s per link (PCIe 3 x16, the
@@ -30,7 +30,7 @@ Every arm shares these costs, fixed, never measured, so the study is determinist
                            128-10), each way: 88 us on PCIe, 802 us on 10 GbE.
   no jitter, no stragglers.
 
-What the clock counts as communication (virtual_clock.py): 1 - compute time / (G * makespan),
+What the clock counts as communication (engines/simulated/): 1 - compute time / (G * makespan),
 i.e. every second a worker is not computing: sending, receiving, waiting on the master, and for
 Algorithm 1 waiting for its turn (one worker computes at a time, so at least 1 - 1/G), for the
 synchronous family waiting for the slowest worker and the ring all-reduce (2 (G - 1) messages of
@@ -49,11 +49,8 @@ against virtual time, one panel per cluster and G, and the communication shares)
 import dataclasses
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from easgd_jax import reporting, study  # noqa: E402
+from easgd_jax import reporting, study
 
 COMPUTE_MS = 1.0  # one worker step, virtual ms (see the docstring)
 SERVICE_US = 20.0  # the master applying one update, virtual us
@@ -191,9 +188,10 @@ def comparison(table):
 def shared_master_link(study_, table, message_bytes):
   """Markdown: the parameter-server arms on 10 GbE as the clock runs them (each worker its own
   link to the master) beside a master whose one link carries every message: its service time
-  then includes receiving the message, bytes / bandwidth. Clock only (virtual_clock.events), no
+  then includes receiving the message, bytes / bandwidth. Clock only (simulated events), no
   training: the arithmetic would change only by the order of the updates."""
-  from easgd_jax.engines import simulated, virtual_clock
+  from easgd_jax.engines import simulated
+  from easgd_jax.engines.simulated import clock, events
 
   name, latency, bandwidth, counts = CLUSTERS[1]
   steps = study_.config(study_.arms[0], SEEDS[0]).steps  # sgd's: b samples per step, as these
@@ -213,16 +211,14 @@ def shared_master_link(study_, table, message_bytes):
   ]
   for g in counts:
     for arm_name, opens in (("async_sgd", False), ("async_easgd", True)):
-      costs = virtual_clock.Costs(
+      costs = clock.Costs(
         compute_s=COMPUTE_MS / 1e3,
         latency_s=latency / 1e6,
         bandwidth_bytes_s=bandwidth * simulated.BYTES_PER_GBIT,
         service_s=(SERVICE_US + wire_us) / 1e6,
       )
-      events = virtual_clock.events(
-        costs, g, steps, message_bytes, seed=SEEDS[0], opens_round=opens
-      )
-      shared = virtual_clock.metrics(events, steps)
+      order = events.events(costs, g, steps, message_bytes, seed=SEEDS[0], opens_round=opens)
+      shared = events.metrics(order, steps)
       row = _row(table, f"{arm_name}, {setting(name, g)}")  # a diverged run has no clock
       lines.append(
         f"| {arm_name}, G = {g} | {_fmt(row['communication_share'], '.1%')} "

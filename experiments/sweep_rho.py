@@ -9,12 +9,7 @@ sync_easgd's alpha + beta = 4 above the stable bound 2 (the start-up warning say
 run shows what that does. Writes results.md / .csv, the accuracy plots and sweep.png.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from easgd_jax import study  # noqa: E402
+from easgd_jax import study
 
 RHOS = (0.25, 1.0, 4.0, 16.0)
 G = 4

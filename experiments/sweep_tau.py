@@ -10,12 +10,7 @@ DOWNPOUR pushes its accumulated tau local steps to the master and pulls the mast
 and is not swept here. Writes results.md / .csv, the accuracy plots and sweep.png.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from easgd_jax import study  # noqa: E402
+from easgd_jax import study
 
 TAUS = (1, 4, 16, 64)
 G = 4

@@ -29,11 +29,8 @@ tau_by_p.png (final accuracy and peak test loss against tau, one panel per p).
 import dataclasses
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from easgd_jax import reporting, study  # noqa: E402
+from easgd_jax import reporting, study
 
 TAUS = (1, 4, 16, 64)
 PS = (4, 8, 16)

@@ -9,12 +9,7 @@ emulated CPU devices the seconds measure overhead, not speed-up (see BENCHMARKS.
 Writes results.md / .csv, the accuracy plots and sweep.png.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from easgd_jax import study  # noqa: E402
+from easgd_jax import study
 
 WORKERS = (1, 2, 4, 8)
 

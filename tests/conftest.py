@@ -1,6 +1,7 @@
 """Eight emulated CPU devices for every test; must run before jax is imported anywhere.
 
-Also: one persistent compilation cache for the session, and the helpers that start processes.
+Also: one persistent compilation cache for the session, the order the test files run in, and
+the fixtures every file shares (what they share otherwise is in tests/helpers.py).
 """
 
 import os
@@ -20,69 +21,11 @@ COMPILATION_CACHE = tempfile.TemporaryDirectory(prefix="easgd_jax_tests_compilat
 os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE.name
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny programs too
 
-import contextlib  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE.name)  # if jax came in earlier
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def child_env(**extra):
-  """The environment of a command-line run: CPU, its own emulated devices, the shared cache."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-  env.pop("XLA_FLAGS", None)  # run.py and the experiments set up their own emulated devices
-  return env
-
-
-RESTORE_SIGINT = (
-  "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-  "os.execvp(sys.argv[1], sys.argv[1:])"
-)
-
-
-@contextlib.contextmanager
-def child_process(args, *, default_sigint=False, **popen_kwargs):
-  """subprocess.Popen(args) in its own process group, killed with everything it started on exit.
-
-  The test owns the process: however the block ends (an assertion, a timeout, Ctrl-C), the whole
-  group gets SIGKILL and the child is reaped, so no training run outlives the test that started
-  it. `default_sigint` restores SIGINT's default in the child for tests that send it: a shell's
-  background job starts with SIGINT ignored, and Python would then never raise KeyboardInterrupt.
-  """
-  if default_sigint:  # exec through a wrapper: a preexec_fn would fork this threaded process
-    args = [sys.executable, "-c", RESTORE_SIGINT, *args]
-  process = subprocess.Popen(args, start_new_session=True, **popen_kwargs)
-  try:
-    yield process
-  finally:
-    kill_group(process)
-
-
-def kill_group(process, timeout=30):
-  """SIGKILL the process group `process` leads (its pid), then reap it and close its pipes."""
-  with contextlib.suppress(ProcessLookupError):  # the group has already gone
-    os.killpg(process.pid, signal.SIGKILL)
-  process.wait(timeout)
-  for stream in (process.stdin, process.stdout, process.stderr):
-    if stream is not None:
-      stream.close()
-
-
-def run_process(args, *, timeout, **popen_kwargs):
-  """subprocess.run(args, capture_output=True, text=True) through child_process."""
-  with child_process(
-    args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs
-  ) as process:
-    stdout, stderr = process.communicate(timeout=timeout)
-  return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
-
 
 # The test files that take longest, longest first (measured on the 2-core CI machine). Under
 # pytest-xdist's --dist loadfile (pyproject.toml) whole files go to the workers in collection
@@ -106,6 +49,14 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
+
+
+@pytest.fixture(scope="module")
+def problem(request):
+  """(loss_fn, initial weights) of helpers.tiny_problem, seeded by the module's PROBLEM_SEED."""
+  import helpers
+
+  return helpers.tiny_problem(getattr(request.module, "PROBLEM_SEED", 3))
 
 
 @pytest.fixture(scope="session")

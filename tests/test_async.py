@@ -1,6 +1,6 @@
 """The asynchronous family: real threads, checked against their equations by replaying the logs.
 
-Each worker here reads its own fixed list of batches, so once the master's log says in which
+Each worker here reads its own fixed list of batches, so once the master's record says in which
 order the updates happened, the whole run can be replayed in NumPy (tests/reference.py).
 """
 
@@ -15,35 +15,32 @@ import jax
 import numpy as np
 import pytest
 
-from easgd_jax import core, models, train, workers
+from easgd_jax import train
 from easgd_jax.algorithms import SGD, AsyncEASGD, AsyncSGD, RoundRobinEASGD
-from easgd_jax.config import Config, ConfigError
+from easgd_jax.config import Config
+from easgd_jax.errors import ConfigError, WorkerFailure
 
 import reference
-from conftest import REPO, child_process
-from test_run import run_cli
+from helpers import (
+  BATCH,
+  IMAGE_SHAPE,
+  NUM_CLASSES,
+  REPO,
+  assert_params_close,
+  child_env,
+  child_process,
+  run_cli,
+  run_steps,
+  run_threads,
+)
 
-NUM_CLASSES, IMAGE_SHAPE, BATCH = 3, (4, 4, 1), 6
-
-
-class ListSampler:
-  """Hands out a fixed list of batches in order, like data.Sampler does from its generator."""
-
-  def __init__(self, batches):
-    self.batches, self.taken = batches, 0
-
-  def next(self, batch_size):
-    batch = self.batches[self.taken % len(self.batches)]
-    self.taken += 1
-    return batch
+PROBLEM_SEED = 3
 
 
 @pytest.fixture(scope="module")
-def problem():
-  model = models.create("mlp", NUM_CLASSES, hidden=(7,))
-  params = models.init_params(model, IMAGE_SHAPE, seed=3)
+def worker_batches():
   rng = np.random.default_rng(1)
-  batches = [
+  return [
     [
       {
         "image": rng.standard_normal((BATCH, *IMAGE_SHAPE)).astype(np.float32),
@@ -52,58 +49,33 @@ def problem():
       for _ in range(100)
     ]
     for _ in range(8)
-  ]  # batches[j] is worker j's stream
-  return core.make_loss_fn(model), params, batches
+  ]  # worker_batches[j] is worker j's stream
 
 
-def run_threads(algorithm, params, batches, steps, **kwargs):
-  """Train `algorithm` with len(batches) worker threads for `steps` iterations in total."""
-  algorithm.init(params)
-  run = workers.Run(
-    algorithm,
-    [ListSampler(b) for b in batches],
-    steps=steps,
-    eval_every=kwargs.pop("eval_every", 10**9),
-    batch_size=BATCH,
-    fail_fast=kwargs.pop("fail_fast", False),
-    failure=kwargs.pop("failure", None),
-  )
-  snapshots = []
-  final = run.run(params, snapshots.append)
-  return run, final, snapshots
+def applied(engine):
+  """The master's applied-update record, in the order applied (what `algorithm.log` was)."""
+  return list(engine.master.record.recent)
 
 
-def assert_close(actual, expected_layers, rtol=1e-5, atol=1e-6):
-  jax.tree.map(
-    lambda a, e: np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=atol),
-    actual,
-    reference.from_layers(expected_layers),
-  )
+def test_async_sgd_with_one_worker_equals_sgd_exactly(problem, worker_batches, cpu_devices):
+  loss_fn, params = problem
+  engine, _, _ = run_threads(AsyncSGD(loss_fn, learning_rate=0.1), params, worker_batches[:1], 20)
+  sgd_rule = SGD(loss_fn, learning_rate=0.1)
+  sgd = run_steps(sgd_rule, params, worker_batches[0][:20], devices=cpu_devices)
+  jax.tree.map(np.testing.assert_array_equal, engine.master.state["params"], sgd.state.params)
+  assert [u.read_at for u in applied(engine)] == list(range(20))  # one worker: never stale
 
 
-def test_async_sgd_with_one_worker_equals_sgd_exactly(problem, cpu_devices):
-  loss_fn, params, batches = problem
-  async_sgd = AsyncSGD(loss_fn, num_workers=1, learning_rate=0.1, available_devices=cpu_devices)
-  run_threads(async_sgd, params, batches[:1], steps=20)
-  sgd = SGD(loss_fn, learning_rate=0.1, device=cpu_devices[0])
-  state = sgd.init(params)
-  for batch in batches[0][:20]:
-    state, _ = sgd.step(state, batch)
-  jax.tree.map(np.testing.assert_array_equal, async_sgd.params, state.params)
-  assert [u.read_at for u in async_sgd.log] == list(range(20))  # one worker: never stale
-
-
-def test_async_sgd_applies_every_gradient_once_one_at_a_time(problem, cpu_devices):
-  loss_fn, params, batches = problem
+def test_async_sgd_applies_every_gradient_once_one_at_a_time(problem, worker_batches):
+  loss_fn, params = problem
   eta, steps = 0.1, 64
-  async_sgd = AsyncSGD(loss_fn, num_workers=8, learning_rate=eta, available_devices=cpu_devices)
-  run, _, _ = run_threads(async_sgd, params, batches, steps=steps)
-  log = async_sgd.log
+  engine, _, _ = run_threads(AsyncSGD(loss_fn, learning_rate=eta), params, worker_batches, steps)
+  log = applied(engine)
   # Exactly `steps` updates, numbered 1..steps in the order applied, and each worker's count of
   # applied gradients equals the iterations it finished (nothing dropped, nothing twice).
   assert [u.applied_as for u in log] == list(range(1, steps + 1))
-  assert [sum(u.worker == j for u in log) for j in range(8)] == run.worker_steps
-  assert sum(run.worker_steps) == steps and sum(1 for n in run.worker_steps if n) >= 2
+  assert [sum(u.worker == j for u in log) for j in range(8)] == engine.worker_steps
+  assert sum(engine.worker_steps) == steps and sum(1 for n in engine.worker_steps if n) >= 2
   # Never two at once: the critical sections, in time order, do not overlap.
   for before, after in zip(log, log[1:], strict=False):
     assert before.end <= after.start
@@ -111,44 +83,38 @@ def test_async_sgd_applies_every_gradient_once_one_at_a_time(problem, cpu_device
   history, taken = [reference.to_layers(params)], [0] * 8
   for u in log:
     j = u.worker
-    batch = batches[j][taken[j]]
+    batch = worker_batches[j][taken[j]]
     taken[j] += 1
     grad = reference.mlp_gradient(history[u.read_at], batch["image"], batch["label"])
     history.append(reference.axpy(-eta, grad, history[-1]))
-  assert_close(async_sgd.params, history[-1])
+  assert_params_close(engine.master.state["params"], history[-1])
   assert max(u.applied_as - 1 - u.read_at for u in log) >= 1  # the workers did run concurrently
 
 
-def test_async_easgd_with_one_worker_equals_round_robin_easgd_exactly(problem, cpu_devices):
-  loss_fn, params, batches = problem
-  kwargs = dict(learning_rate=0.1, rho=0.7, tau=1, available_devices=cpu_devices)
-  async_easgd = AsyncEASGD(loss_fn, num_workers=1, **kwargs)
-  _, final, _ = run_threads(async_easgd, params, batches[:1], steps=20)
-  easgd = RoundRobinEASGD(loss_fn, num_workers=1, **kwargs)
-  state, _ = easgd.run(easgd.init(params), batches[0][:20])
-  jax.tree.map(np.testing.assert_array_equal, async_easgd.center, state.center)
-  jax.tree.map(np.testing.assert_array_equal, final.params, state.center)
+def test_async_easgd_with_one_worker_equals_round_robin_easgd_exactly(
+  problem, worker_batches, cpu_devices
+):
+  loss_fn, params = problem
+  kwargs = dict(learning_rate=0.1, rho=0.7, tau=1)
+  engine, final, _ = run_threads(AsyncEASGD(loss_fn, **kwargs), params, worker_batches[:1], 20)
+  easgd_rule = RoundRobinEASGD(loss_fn, **kwargs)
+  easgd = run_steps(easgd_rule, params, worker_batches[0][:20], num_devices=1, devices=cpu_devices)
+  center = easgd.state["master"]
+  jax.tree.map(np.testing.assert_array_equal, engine.master.state, center)
+  jax.tree.map(np.testing.assert_array_equal, final.params, center)
 
 
 @pytest.mark.parametrize("tau, momentum", [(1, 0.0), (3, 0.0)])  # EAMSGD: test_eamsgd.py
 def test_async_easgd_center_equals_numpy_replay_of_the_exchange_order(
-  problem, cpu_devices, tau, momentum
+  problem, worker_batches, tau, momentum
 ):
-  loss_fn, params, batches = problem
+  loss_fn, params = problem
   eta, rho, num_workers, steps = 0.05, 0.5, 6, 60
-  async_easgd = AsyncEASGD(
-    loss_fn,
-    num_workers=num_workers,
-    learning_rate=eta,
-    rho=rho,
-    tau=tau,
-    momentum=momentum,
-    available_devices=cpu_devices,
-  )
-  run, _, _ = run_threads(async_easgd, params, batches[:num_workers], steps=steps)
-  order = [(e.worker, e.worker_step) for e in async_easgd.log]
+  rule = AsyncEASGD(loss_fn, learning_rate=eta, rho=rho, tau=tau, momentum=momentum)
+  engine, _, _ = run_threads(rule, params, worker_batches[:num_workers], steps)
+  order = [(e.worker, e.worker_step) for e in applied(engine)]
   assert len(set(w for w, _ in order)) > 1
-  # Replay: before each logged exchange, the worker takes its local steps since the last one;
+  # Replay: before each recorded exchange, the worker takes its local steps since the last one;
   # the exchange applies Eq. (2) to the center and Eq. (1) with the center read.
   center = reference.to_layers(params)
   local = [center] * num_workers
@@ -156,7 +122,7 @@ def test_async_easgd_center_equals_numpy_replay_of_the_exchange_order(
   done = [0] * num_workers
 
   def local_step(j, pull_to=None):
-    batch = batches[j][done[j]]
+    batch = worker_batches[j][done[j]]
     grad = reference.mlp_gradient(local[j], batch["image"], batch["label"])
     new, velocity[j] = reference.local_step(local[j], velocity[j], grad, eta, momentum)
     if pull_to is not None:
@@ -171,15 +137,15 @@ def test_async_easgd_center_equals_numpy_replay_of_the_exchange_order(
     read = center
     center = reference.axpy(eta * rho, reference.axpy(-1.0, read, local[j]), center)  # Eq. (2)
     local_step(j, pull_to=read)  # Eq. (1)
-  assert_close(async_easgd.center, center, rtol=1e-4)
-  assert sum(run.worker_steps) == steps
+  assert_params_close(engine.master.state, center, rtol=1e-4)
+  assert sum(engine.worker_steps) == steps
 
 
 def test_hogwild_workers_write_concurrently_and_still_learn_digits(cpu_devices):
   summary = train.train_and_evaluate(
     Config(algorithm="hogwild", num_devices=2, steps=1500, eval_every=500)
   )
-  log = summary["state"].log
+  log = list(summary["state"].record.recent)  # the engine's master (SharedMaster)
   by_start = sorted(log, key=lambda w: w.start)
   overlapping = [
     (a.worker, b.worker)
@@ -205,39 +171,40 @@ def test_four_workers_reach_90_percent_on_digits(cpu_devices, algorithm):
   assert summary["staleness"]["median"] >= 0 and summary["history"][-1]["staleness_max"] >= 1
 
 
-def test_evaluation_snapshots_come_while_training(problem, cpu_devices):
-  loss_fn, params, batches = problem
-  async_sgd = AsyncSGD(loss_fn, num_workers=4, learning_rate=0.1, available_devices=cpu_devices)
-  run, final, snapshots = run_threads(async_sgd, params, batches[:4], steps=40, eval_every=10)
+def test_evaluation_snapshots_come_while_training(problem, worker_batches):
+  loss_fn, params = problem
+  rule = AsyncSGD(loss_fn, learning_rate=0.1)
+  engine, final, snapshots = run_threads(rule, params, worker_batches[:4], 40, eval_every=10)
   # An evaluation point reached while the previous snapshot is being scored is skipped, and
   # its losses go into the next row (tests/test_workdir.py makes that happen on purpose).
   assert {s.step for s in snapshots} <= {10, 20, 30} and final.step == 40
-  assert len(snapshots) + run.evaluations_skipped == 3
-  assert [len(s.losses) for s in snapshots] == [10 * (1 + s.skipped) for s in snapshots]
+  assert len(snapshots) + engine.evaluations_skipped == 3
+  assert [len(s.losses) for s in snapshots] == [
+    10 * (1 + s.extra["evaluations_skipped"]) for s in snapshots
+  ]
   assert sum(len(s.losses) for s in [*snapshots, final]) == 40
-  assert sum(final.worker_steps) == 40
+  assert sum(final.extra["worker_steps"]) == 40
 
 
-def test_a_failed_worker_is_reported_and_the_others_finish(problem, cpu_devices):
-  loss_fn, params, batches = problem
-  async_sgd = AsyncSGD(loss_fn, num_workers=3, learning_rate=0.1, available_devices=cpu_devices)
+def test_a_failed_worker_is_reported_and_the_others_finish(problem, worker_batches):
+  loss_fn, params = problem
+  rule = AsyncSGD(loss_fn, learning_rate=0.1)
   # Worker 1 fails on its first iteration, which it takes as soon as its thread starts (300
   # iterations are far more than the others can finish before then).
-  run, final, _ = run_threads(async_sgd, params, batches[:3], steps=300, failure=(1, 0))
-  assert [(f.worker, f.step) for f in run.failures] == [(1, 0)]
-  assert "InjectedFailure" in run.failures[0].error
-  assert final.worker_steps[1] == 0 and sum(final.worker_steps) == 300
-  assert len(async_sgd.log) == 300
+  engine, final, _ = run_threads(rule, params, worker_batches[:3], 300, failure=(1, 0))
+  assert [(f.worker, f.step) for f in engine.failures] == [(1, 0)]
+  assert "InjectedFailure" in engine.failures[0].error
+  assert final.extra["worker_steps"][1] == 0 and sum(final.extra["worker_steps"]) == 300
+  assert len(applied(engine)) == 300
 
 
-def test_fail_fast_and_no_workers_left_stop_with_a_clear_error(problem, cpu_devices):
-  loss_fn, params, batches = problem
-  async_sgd = AsyncSGD(loss_fn, num_workers=2, learning_rate=0.1, available_devices=cpu_devices)
-  with pytest.raises(workers.WorkerFailure, match="worker 1 failed at its step 0.*--fail_fast"):
-    run_threads(async_sgd, params, batches[:2], steps=300, failure=(1, 0), fail_fast=True)
-  single = AsyncSGD(loss_fn, num_workers=1, learning_rate=0.1, available_devices=cpu_devices)
-  with pytest.raises(workers.WorkerFailure, match="all 1 workers failed after 3 of 30"):
-    run_threads(single, params, batches[:1], steps=30, failure=(0, 3))
+def test_fail_fast_and_no_workers_left_stop_with_a_clear_error(problem, worker_batches):
+  loss_fn, params = problem
+  rule = AsyncSGD(loss_fn, learning_rate=0.1)
+  with pytest.raises(WorkerFailure, match="worker 1 failed at its step 0.*--fail_fast"):
+    run_threads(rule, params, worker_batches[:2], 300, failure=(1, 0), fail_fast=True)
+  with pytest.raises(WorkerFailure, match="all 1 workers failed after 3 of 30"):
+    run_threads(rule, params, worker_batches[:1], 30, failure=(0, 3))
 
 
 def test_injected_failure_from_the_command_line_is_named_in_the_summary(tmp_path):
@@ -268,12 +235,10 @@ def test_fail_fast_from_the_command_line_exits_1(tmp_path):
 
 
 def test_ctrl_c_stops_every_worker(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   command = [sys.executable, os.path.join(REPO, "run.py"), "--algorithm=hogwild_easgd"]
   with child_process(
     [*command, "--steps=10000000"],
-    env=env,
+    env=child_env(),
     stderr=subprocess.PIPE,
     text=True,
     default_sigint=True,  # Ctrl-C works even when the tests run as a background job
@@ -291,11 +256,11 @@ def test_ctrl_c_stops_every_worker(tmp_path):
 
 def test_async_flags_are_checked():
   with pytest.raises(ConfigError, match="accepts --optimizer=sgd"):  # --momentum means Nesterov
-    Config(algorithm="hogwild", momentum=0.9).validate()
+    train.validate(Config(algorithm="hogwild", momentum=0.9))
   with pytest.raises(ConfigError, match="--inject_failure must be WORKER:STEP"):
     Config(algorithm="async_sgd", num_devices=2, inject_failure="2:1").validate()
   with pytest.raises(ConfigError, match="--inject_failure must be WORKER:STEP"):
     Config(algorithm="async_sgd", inject_failure="x").validate()
   with pytest.raises(ConfigError, match="asynchronous algorithms"):
-    Config(algorithm="easgd", inject_failure="0:1").validate()
+    train.validate(Config(algorithm="easgd", inject_failure="0:1"))
   assert Config(algorithm="hogwild_easgd", inject_failure="1:0").failure_point == (1, 0)

@@ -16,12 +16,11 @@ import time
 import numpy as np
 import pytest
 
-from easgd_jax import core, reporting
+from easgd_jax import failures, reporting
 from easgd_jax.config import MAX_SEED, Config, ConfigError
 from easgd_jax.workdir import check_workdir
 
-from conftest import REPO, child_env, child_process, run_process
-from test_run import bad_input_runs, run_at_once
+from helpers import REPO, bad_input_runs, child_env, child_process, run_at_once, run_process
 
 RUN = os.path.join(REPO, "run.py")
 STUDY = os.path.join(REPO, "experiments", "sweep_rho.py")
@@ -219,7 +218,7 @@ def test_a_diverging_easgd_run_is_told_the_stability_condition_it_breaks():
   ),
 )
 def test_divergence_advice_names_the_violated_condition(config, expected):
-  advice = core.divergence_advice(config)
+  advice = failures.divergence_advice(config)
   assert all(part in advice for part in expected), advice
 
 

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from easgd_jax import checkpoints, core, reporting, train
-from easgd_jax.config import Config, ConfigError
+from easgd_jax.config import Config
+from easgd_jax.errors import ConfigError
 
-from conftest import REPO, child_process
+from helpers import REPO, child_env, child_process
 
 # One driver of each kind: one device, a worker per device in turn, every device at once (pmap),
 # and the simulated cluster.
@@ -45,15 +46,14 @@ SHORT = ["--steps=300", f"--eval_every={EVERY}", f"--checkpoint_every={EVERY}"] 
 
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # run.py sets up its own emulated devices
-  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return env
+  return child_env(  # run.py sets up its own emulated devices
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
 
 
 def launch(env, workdir, *args, stderr=subprocess.PIPE):
-  """run.py in its own process group (conftest.child_process): a context manager."""
+  """run.py in its own process group (helpers.child_process): a context manager."""
   return child_process(
     [sys.executable, os.path.join(REPO, "run.py"), *args, f"--workdir={workdir}"],
     env=env,
@@ -176,8 +176,9 @@ def test_async_runs_resume_from_the_saved_master(tmp_path, cpu_devices, algorith
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert [r["step"] for r in summary["history"]] == [100, 200, 300, 400]
   assert sum(summary["worker_steps"]) == 400  # the first 200 counted, 200 more done
-  master = summary["state"]
-  counter = master.exchanges if "easgd" in algorithm else master.updates
+  # The engine's master counts its updates (`version`) for every algorithm: the EASGD family's
+  # exchanges and the others' updates are one counter now.
+  counter = summary["state"].version
   assert counter >= 200  # the master's update counter carried on from the checkpoint
   assert not all(
     np.array_equal(saved[k], v)

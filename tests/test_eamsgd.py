@@ -14,47 +14,18 @@ converted to W only for the comparison.
 import jax
 import numpy as np
 import pytest
-from test_easgd import BATCH, IMAGE_SHAPE, NUM_CLASSES, assert_params_close
 
-from easgd_jax import core, models, workers
 from easgd_jax.algorithms import AsyncEASGD, RoundRobinEASGD, SyncEASGD
 
 import reference
+from helpers import assert_params_close, random_batches, run_steps, run_threads
 
 DELTA = 0.9
-
-
-@pytest.fixture(scope="module")
-def problem():
-  model = models.create("mlp", NUM_CLASSES, hidden=(7,))
-  params = models.init_params(model, IMAGE_SHAPE, seed=11)
-  return core.make_loss_fn(model), params
+PROBLEM_SEED = 11
 
 
 def make_batches(count, seed):
-  rng = np.random.default_rng(seed)
-  return [
-    {
-      "image": rng.standard_normal((BATCH, *IMAGE_SHAPE)).astype(np.float32),
-      "label": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
-    }
-    for _ in range(count)
-  ]
-
-
-class ListSampler:
-  """A worker's fixed list of batches, handed out in order (the samplers' `next`)."""
-
-  def __init__(self, batches):
-    self.batches, self.taken = batches, 0
-
-  def next(self, batch_size):
-    self.taken += 1
-    return self.batches[self.taken - 1]
-
-
-def stacked(batches):
-  return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+  return random_batches(count, seed)
 
 
 def replica(tree, index):
@@ -73,39 +44,28 @@ def test_round_robin_eamsgd_matches_algorithm_2(problem, cpu_devices):
   loss_fn, params = problem
   eta, rho, tau, num_workers = 0.05, 2.0, 3, 3  # alpha = 0.1
   batches = make_batches(num_workers * 7, seed=1)  # 7 own steps each: exchanges at 0, 3, 6
-  easgd = RoundRobinEASGD(
-    loss_fn,
-    num_workers=num_workers,
-    learning_rate=eta,
-    rho=rho,
-    tau=tau,
-    momentum=DELTA,
-    available_devices=cpu_devices,
-  )
-  state, _ = easgd.run(easgd.init(params), batches)
+  easgd = RoundRobinEASGD(loss_fn, learning_rate=eta, rho=rho, tau=tau, momentum=DELTA)
+  state = run_steps(easgd, params, batches, num_devices=num_workers, devices=cpu_devices).state
   center, local = reference.round_robin_easgd(
     reference.to_layers(params), batches, num_workers, eta, rho, tau, DELTA
   )
-  assert_params_close(state.center, center)
+  assert_params_close(state["master"], center)
   for j in range(num_workers):
-    assert_params_close(state.locals[j], local[j])
+    assert_params_close(state["workers"][j].local, local[j])
 
 
 def test_sync_eamsgd_matches_algorithm_2(problem):
   loss_fn, params = problem
   eta, rho, tau, replicas = 0.05, 2.0, 2, 4  # alpha = 0.1, alpha + beta = 0.5 < 2
   steps = [make_batches(replicas, seed=100 + t) for t in range(7)]
-  sync = SyncEASGD(
-    loss_fn, num_devices=replicas, learning_rate=eta, rho=rho, tau=tau, momentum=DELTA
-  )
-  state = sync.init(params)
-  for batches in steps:
-    state, _ = sync.step(state, stacked(batches))
+  sync = SyncEASGD(loss_fn, learning_rate=eta, rho=rho, tau=tau, momentum=DELTA)
+  runner = run_steps(sync, params, steps, num_devices=replicas)
+  state = runner.state
   center, local = reference.sync_easgd(reference.to_layers(params), steps, eta, rho, tau, DELTA)
-  assert_params_close(sync.eval_params(state), center)
+  assert_params_close(runner.eval_params(), center)
   for i in range(replicas):
     assert_params_close(replica(state.center, i), center)  # every device's copy of the center
-    assert_params_close(replica(state.locals, i), local[i])
+    assert_params_close(replica(state.local, i), local[i])
 
 
 def test_sync_eamsgd_pulls_x_not_the_lookahead_point(problem):
@@ -113,13 +73,9 @@ def test_sync_eamsgd_pulls_x_not_the_lookahead_point(problem):
   loss_fn, params = problem
   eta, rho, tau, replicas = 0.05, 2.0, 1, 4
   steps = [make_batches(replicas, seed=200 + t) for t in range(8)]
-  sync = SyncEASGD(
-    loss_fn, num_devices=replicas, learning_rate=eta, rho=rho, tau=tau, momentum=DELTA
-  )
-  state = sync.init(params)
-  for batches in steps:
-    state, _ = sync.step(state, stacked(batches))
-  got = reference.to_layers(jax.device_get(sync.eval_params(state)))
+  sync = SyncEASGD(loss_fn, learning_rate=eta, rho=rho, tau=tau, momentum=DELTA)
+  runner = run_steps(sync, params, steps, num_devices=replicas)
+  got = reference.to_layers(jax.device_get(runner.eval_params()))
   start = reference.to_layers(params)
   on_x, _ = reference.sync_easgd(start, steps, eta, rho, tau, DELTA)
   on_w, _ = reference.sync_easgd(start, steps, eta, rho, tau, DELTA, elastic_on_w=True)
@@ -136,27 +92,9 @@ def test_async_eamsgd_center_equals_replay_of_the_exchange_log(
   loss_fn, params = problem
   eta, rho, steps = 0.05, 2.0, 36  # alpha = 0.1
   streams = [make_batches(steps, seed=300 + j) for j in range(num_workers)]
-  async_easgd = AsyncEASGD(
-    loss_fn,
-    num_workers=num_workers,
-    learning_rate=eta,
-    rho=rho,
-    tau=tau,
-    momentum=DELTA,
-    available_devices=cpu_devices,
-  )
-  async_easgd.init(params)
-  run = workers.Run(
-    async_easgd,
-    [ListSampler(s) for s in streams],
-    steps=steps,
-    eval_every=10**9,
-    batch_size=BATCH,
-    fail_fast=True,
-    failure=None,
-  )
-  final = run.run(params, lambda snapshot: None)
-  order = [(e.worker, e.worker_step) for e in async_easgd.log]
+  async_easgd = AsyncEASGD(loss_fn, learning_rate=eta, rho=rho, tau=tau, momentum=DELTA)
+  engine, final, _ = run_threads(async_easgd, params, streams, steps, fail_fast=True)
+  order = [(e.worker, e.worker_step) for e in engine.master.record.recent]
   assert len({w for w, _ in order}) > 1  # both or all workers exchanged
   assert all(step % tau == 0 for _, step in order)
   # Replay in x and v: before each logged exchange the worker takes its local steps since its
@@ -181,10 +119,10 @@ def test_async_eamsgd_center_equals_replay_of_the_exchange_log(
     gap = own_step(j, read=center)
     center = reference.axpy(alpha, gap, center)
   for j in range(num_workers):  # the local steps after each worker's last exchange
-    while done[j] < run.worker_steps[j]:
+    while done[j] < engine.worker_steps[j]:
       own_step(j)
   assert sum(done) == steps
-  assert_params_close(async_easgd.center, center)
+  assert_params_close(engine.master.state, center)
   assert_params_close(final.params, center)
   for j in range(num_workers):
-    assert_params_close(run.worker_states[j].local, reference.lookahead(x[j], v[j], DELTA))
+    assert_params_close(engine.workers.states[j].local, reference.lookahead(x[j], v[j], DELTA))

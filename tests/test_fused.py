@@ -1,14 +1,18 @@
-"""Fused execution (easgd_jax/engines/fused.py): G workers stacked on one device, the iterations
-as one lax.scan per chunk, against the local engine's host scheduler on G devices."""
+"""Fused execution, now the simulated engine's round robin (engines/simulated/steppers.Workers,
+which replaced engines/fused.py): G workers stacked on one device, the iterations as one
+lax.scan per chunk, against the local engine's host scheduler on G devices."""
 
 import jax
 import numpy as np
 import pytest
 
-from easgd_jax import core, data, devices, models
+from easgd_jax import core, data, models
 from easgd_jax.algorithms import RoundRobinEASGD
 from easgd_jax.config import Config
-from easgd_jax.engines import fused
+from easgd_jax.engines import simulated
+from easgd_jax.engines.simulated import steppers
+
+from helpers import stepper
 
 G, BATCH, ITERATIONS = 4, 16, 60
 
@@ -26,48 +30,33 @@ def test_round_robin_fused_on_one_device_equals_the_host_scheduler(
   digits, cpu_devices, tau, momentum
 ):
   dataset, loss_fn, params = digits
-  algorithm = RoundRobinEASGD(
-    loss_fn,
-    num_workers=G,
-    learning_rate=0.05,
-    rho=1.0,
+  rule = RoundRobinEASGD(loss_fn, learning_rate=0.05, rho=1.0, tau=tau, momentum=momentum)
+  sampler = data.Sampler(dataset, seed=0)  # what the local engine's sampler hands
+  host = stepper(rule, params, num_devices=G, devices=cpu_devices)
+  expected_losses = [host.step(t, sampler.next(BATCH))[0] for t in range(ITERATIONS)]
+
+  config = Config(
+    algorithm="easgd",
+    engine="simulated",
+    num_devices=G,
+    batch_size=BATCH,
+    steps=ITERATIONS,
     tau=tau,
-    momentum=momentum,
-    available_devices=cpu_devices[:G],
+    sim_compute_ms=1.0,
+    sim_service_us=50.0,
   )
-  sampler = data.Sampler(dataset.train_images, dataset.train_labels, seed=0)
-  indices = np.stack([sampler.indices(BATCH) for _ in range(ITERATIONS)])
-  batches = [sampler.take(index) for index in indices]  # what the local engine's sampler hands
-  expected, expected_losses = algorithm.run(algorithm.init(params), batches)
-
-  device = cpu_devices[0]
-  run = fused.round_robin(
-    algorithm,
-    devices.put(dataset.train_images, device),
-    devices.put(dataset.train_labels, device),
+  run = steppers.Workers(
+    config, rule, dataset, params, simulated.costs(config), 1, [data.Sampler(dataset, seed=0)]
   )
-  stacked, losses = fused.stack(algorithm.init(params), device), []
-  for chunk in np.split(indices, 3):  # three dispatches of 20 iterations
-    stacked, chunk_losses = run(stacked, chunk)
-    losses.extend(np.asarray(chunk_losses))
-  assert {leaf.device for leaf in jax.tree.leaves(stacked)} == {device}
-  found = fused.unstack(stacked, G)
-  assert found.step == ITERATIONS
+  pending = []
+  for step in range(0, ITERATIONS, ITERATIONS // 3):  # three dispatches of 20 iterations
+    pending += run.advance(step, ITERATIONS // 3)
+  losses = [values for _, values, _ in run.host_losses(pending)]
+  assert {leaf.device for leaf in jax.tree.leaves(run.state)} == {cpu_devices[0]}
+  assert run.reached == ITERATIONS
+  center, workers, _ = run.state
   close = lambda a, b: np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6, atol=1e-7)  # noqa: E731
-  jax.tree.map(close, found.center, expected.center)
-  jax.tree.map(close, found.locals, expected.locals)
-  jax.tree.map(close, found.opt_states, expected.opt_states)
-  np.testing.assert_allclose(losses, np.asarray(expected_losses), rtol=1e-6)
-
-
-def test_stacking_and_unstacking_keeps_every_array(digits, cpu_devices):
-  _, loss_fn, params = digits
-  algorithm = RoundRobinEASGD(
-    loss_fn, num_workers=3, learning_rate=0.05, momentum=0.9, available_devices=cpu_devices[:3]
-  )
-  state = algorithm.init(params)
-  state = state._replace(
-    locals=tuple(jax.tree.map(lambda x, k=k: x + k, w) for k, w in enumerate(state.locals))
-  )
-  back = fused.unstack(fused.stack(state, cpu_devices[5]), 3)
-  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, state))
+  jax.tree.map(close, center, host.state["master"])
+  for j in range(G):  # each worker's local weights and optimizer state, unstacked
+    jax.tree.map(lambda x, e, j=j: close(x[j], e), workers, host.state["workers"][j])
+  np.testing.assert_allclose(np.ravel(losses), np.asarray(expected_losses), rtol=1e-6)

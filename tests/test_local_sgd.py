@@ -4,41 +4,21 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_easgd import BATCH, IMAGE_SHAPE, NUM_CLASSES, assert_params_close
 
-from easgd_jax import core, models, optimizers, train
+from easgd_jax import optimizers, train
 from easgd_jax.algorithms import DiLoCo, LocalSGD, SyncSGD
 from easgd_jax.config import Config
 
 import reference
+from helpers import assert_params_close, random_batches, run_steps, stacked, stepper
 
 REPLICAS = 4
-
-
-@pytest.fixture(scope="module")
-def problem():
-  model = models.create("mlp", NUM_CLASSES, hidden=(7,))
-  params = models.init_params(model, IMAGE_SHAPE, seed=7)
-  return core.make_loss_fn(model), params
+PROBLEM_SEED = 7
 
 
 def make_steps(num_steps, replicas=REPLICAS, seed=0):
   """A fixed list of steps, each a list of one batch per device."""
-  rng = np.random.default_rng(seed)
-  return [
-    [
-      {
-        "image": rng.standard_normal((BATCH, *IMAGE_SHAPE)).astype(np.float32),
-        "label": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
-      }
-      for _ in range(replicas)
-    ]
-    for _ in range(num_steps)
-  ]
-
-
-def stacked(batches):
-  return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+  return random_batches(num_steps, seed, replicas)
 
 
 def replica(tree, index):
@@ -47,10 +27,8 @@ def replica(tree, index):
 
 
 def train_steps(algorithm, params, steps):
-  state = algorithm.init(params)
-  for batches in steps:
-    state, _ = algorithm.step(state, stacked(batches))
-  return state
+  """The replicas (one per device) taken through `steps`: the local engine's stepper."""
+  return run_steps(algorithm, params, steps, num_devices=REPLICAS)
 
 
 def assert_trees_close(actual, expected, rtol=1e-6, atol=1e-7):
@@ -73,13 +51,14 @@ def test_local_sgd_with_tau_1_is_sync_sgd(problem, inner):
   """Averaging the weights after every linear step = stepping with the averaged gradient."""
   loss_fn, params = problem
   eta, steps = 0.1, make_steps(6, seed=1)
-  local = LocalSGD(loss_fn, num_devices=REPLICAS, tau=1, optimizer=INNER[inner](eta))
-  sync = SyncSGD(loss_fn, num_devices=REPLICAS, optimizer=INNER[inner](eta))
-  local_state, sync_state = train_steps(local, params, steps), train_steps(sync, params, steps)
-  expected = sync.eval_params(sync_state)
-  assert_trees_close(local.eval_params(local_state), expected)
+  local = LocalSGD(loss_fn, tau=1, optimizer=INNER[inner](eta))
+  sync = SyncSGD(loss_fn, optimizer=INNER[inner](eta))
+  local_run, sync_run = train_steps(local, params, steps), train_steps(sync, params, steps)
+  local_state = local_run.state
+  expected = sync_run.eval_params()
+  assert_trees_close(local_run.eval_params(), expected)
   for i in range(REPLICAS):
-    assert_trees_close(replica(local_state.locals, i), expected)
+    assert_trees_close(replica(local_state.local, i), expected)
     assert_trees_close(replica(local_state.center, i), expected)
   # and the weights did move: the comparison is not between two copies of the initial weights
   moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), expected, params)
@@ -90,11 +69,11 @@ def test_local_sgd_with_learning_rate_is_sync_sgd(problem):
   """The learning_rate / momentum constructor arguments give the same default inner optimizer."""
   loss_fn, params = problem
   steps = make_steps(4, seed=2)
-  local = LocalSGD(loss_fn, num_devices=REPLICAS, tau=1, learning_rate=0.1, momentum=0.9)
-  sync = SyncSGD(loss_fn, num_devices=REPLICAS, learning_rate=0.1, momentum=0.9)
+  local = LocalSGD(loss_fn, tau=1, learning_rate=0.1, momentum=0.9)
+  sync = SyncSGD(loss_fn, learning_rate=0.1, momentum=0.9)
   assert_trees_close(
-    local.eval_params(train_steps(local, params, steps)),
-    sync.eval_params(train_steps(sync, params, steps)),
+    train_steps(local, params, steps).eval_params(),
+    train_steps(sync, params, steps).eval_params(),
   )
 
 
@@ -102,19 +81,20 @@ def test_local_sgd_averages_only_after_every_tau_th_step(problem):
   """Between averages the workers drift apart; after the tau-th step they all equal the mean."""
   loss_fn, params = problem
   tau, eta = 3, 0.1
-  local = LocalSGD(loss_fn, num_devices=REPLICAS, tau=tau, learning_rate=eta)
-  state = local.init(params)
+  local = LocalSGD(loss_fn, tau=tau, learning_rate=eta)
+  runner = stepper(local, params, num_devices=REPLICAS)
   expected = [reference.to_layers(params)] * REPLICAS
   for t, batches in enumerate(make_steps(2 * tau + 1, seed=3)):
-    state, _ = local.step(state, stacked(batches))
+    runner.step(t, stacked(batches))
     expected = [reference.sgd(w, [b], eta) for w, b in zip(expected, batches, strict=True)]
     if (t + 1) % tau == 0:
       expected = [reference.scale(1.0 / REPLICAS, reference.add(*expected))] * REPLICAS
-      assert_params_close(local.eval_params(state), expected[0])
+      assert_params_close(runner.eval_params(), expected[0])
     for i in range(REPLICAS):
-      assert_params_close(replica(state.locals, i), expected[i])
+      assert_params_close(replica(runner.state.local, i), expected[i])
+  state = runner.state
   assert not np.allclose(
-    replica(state.locals, 0)["Dense_0"]["kernel"], replica(state.locals, 1)["Dense_0"]["kernel"]
+    replica(state.local, 0)["Dense_0"]["kernel"], replica(state.local, 1)["Dense_0"]["kernel"]
   )
 
 
@@ -125,18 +105,17 @@ def test_diloco_with_outer_sgd_at_rate_1_is_local_sgd(problem):
   adamw = optax.adamw(0.01, weight_decay=0.05)
   diloco = DiLoCo(
     loss_fn,
-    num_devices=REPLICAS,
     tau=tau,
     optimizer=adamw,
     outer_learning_rate=1.0,
     outer_momentum=0.0,
   )
-  local = LocalSGD(loss_fn, num_devices=REPLICAS, tau=tau, optimizer=adamw)
-  diloco_state, local_state = train_steps(diloco, params, steps), train_steps(local, params, steps)
-  assert_trees_close(diloco.eval_params(diloco_state), local.eval_params(local_state), rtol=1e-5)
+  local = LocalSGD(loss_fn, tau=tau, optimizer=adamw)
+  diloco_run, local_run = train_steps(diloco, params, steps), train_steps(local, params, steps)
+  assert_trees_close(diloco_run.eval_params(), local_run.eval_params(), rtol=1e-5)
   for i in range(REPLICAS):
     assert_trees_close(
-      replica(diloco_state.locals, i), replica(local_state.locals, i), rtol=1e-5, atol=1e-6
+      replica(diloco_run.state.local, i), replica(local_run.state.local, i), rtol=1e-5, atol=1e-6
     )
 
 
@@ -146,23 +125,23 @@ def test_diloco_matches_numpy_replay_of_adamw_inside_nesterov_outside(problem):
   steps = make_steps(2 * tau + 1, seed=5)  # two rounds, then one inner step of the third
   diloco = DiLoCo(
     loss_fn,
-    num_devices=REPLICAS,
     tau=tau,
     optimizer=optax.adamw(inner_lr, weight_decay=weight_decay),
     outer_learning_rate=outer_lr,
     outer_momentum=outer_momentum,
   )
-  state = diloco.init(params)
+  runner = stepper(diloco, params, num_devices=REPLICAS)
   start = reference.to_layers(params)
   for t in range(len(steps)):
-    state, _ = diloco.step(state, stacked(steps[t]))
+    runner.step(t, stacked(steps[t]))
+    state = runner.state
     center, local = reference.diloco(
       start, steps[: t + 1], tau, inner_lr, weight_decay, outer_lr, outer_momentum
     )
-    assert_params_close(diloco.eval_params(state), center)
+    assert_params_close(runner.eval_params(), center)
     for i in range(REPLICAS):
       assert_params_close(replica(state.center, i), center)
-      assert_params_close(replica(state.locals, i), local[i])
+      assert_params_close(replica(state.local, i), local[i])
   # The outer momentum mattered: without it (or without Nesterov) the second round ends elsewhere.
   plain, _ = reference.diloco(start, steps[: 2 * tau], tau, inner_lr, weight_decay, outer_lr, 0.0)
   nesterov, _ = reference.diloco(

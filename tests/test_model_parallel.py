@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from easgd_jax import core, data, models, partitioning, train
-from easgd_jax.algorithms import SGD, ModelParallelSGD, SyncSGD
-from easgd_jax.config import Config, ConfigError
+from easgd_jax.algorithms import SGD, SyncSGD
+from easgd_jax.config import Config
+from easgd_jax.engines.local import mesh_shape, steps
+from easgd_jax.errors import ConfigError
 
-from test_run import run_cli
+from helpers import run_cli, stepper
 
 SHAPES = {"mlp": (8, 8, 1), "lenet": (8, 8, 1), "cifar_cnn": (16, 16, 3)}
 BATCH, NUM_CLASSES = 16, 10
@@ -30,6 +32,11 @@ def setup(name, seed=0):
   return model, core.make_loss_fn(model), params, batches
 
 
+def on_mesh(rule, params, data_parallel, model_parallel):
+  """The local engine's model-parallel placement of `rule`: one replica on a (data, model) mesh."""
+  return steps.Mesh(None, rule, None, params, (data_parallel, model_parallel))
+
+
 def close(actual, expected):
   jax.tree.map(
     lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-6),
@@ -42,8 +49,8 @@ def close(actual, expected):
 @pytest.mark.parametrize("m", [2, 4, 8])
 def test_equals_the_single_device_run(cpu_devices, name, m):
   model, loss_fn, params, batches = setup(name)
-  parallel = ModelParallelSGD(loss_fn, data_parallel=1, model_parallel=m, learning_rate=0.1)
-  state = parallel.init(params)
+  parallel = on_mesh(SGD(loss_fn, learning_rate=0.1), params, 1, m)
+  state = parallel.state
   batch = jax.device_put(batches[0], partitioning.batch_sharding(parallel.mesh))
 
   def logits_loss_grads(p, b):
@@ -53,19 +60,17 @@ def test_equals_the_single_device_run(cpu_devices, name, m):
   sharded = jax.jit(logits_loss_grads)(state.params, batch)
   single = jax.jit(logits_loss_grads)(params, batches[0])
   close(sharded, single)  # logits, loss and every gradient
-  sgd = SGD(loss_fn, learning_rate=0.1, device=cpu_devices[0])
-  sgd_state = sgd.init(params)
-  for b in batches:
-    state, _ = parallel.step(state, b)
-    sgd_state, _ = sgd.step(sgd_state, b)
-  close(state.params, sgd_state.params)
+  sgd = stepper(SGD(loss_fn, learning_rate=0.1), params, devices=cpu_devices[:1])
+  for t, b in enumerate(batches):
+    parallel.step(t, b)
+    sgd.step(t, b)
+  close(parallel.state.params, sgd.state.params)
 
 
 @pytest.mark.parametrize("m", [2, 4, 8])
 def test_each_device_holds_one_mth_of_every_split_layer(cpu_devices, m):
   _, loss_fn, params, _ = setup("cifar_cnn")
-  parallel = ModelParallelSGD(loss_fn, data_parallel=1, model_parallel=m, learning_rate=0.1)
-  state = parallel.init(params)
+  state = on_mesh(SGD(loss_fn, learning_rate=0.1), params, 1, m).state
   specs = partitioning.specs(params)
   split = 0
   for name, layer in state.params.items():
@@ -90,14 +95,14 @@ def count(op, hlo):
 @pytest.mark.parametrize("name, reduces, gathers", [("mlp", 1, 0), ("lenet", 3, 2)])
 def test_devices_communicate_only_where_the_math_needs_it(cpu_devices, name, reduces, gathers):
   _, loss_fn, params, batches = setup(name)
-  parallel = ModelParallelSGD(loss_fn, data_parallel=1, model_parallel=4, learning_rate=0.1)
-  state = parallel.init(params)
+  parallel = on_mesh(SGD(loss_fn, learning_rate=0.1), params, 1, 4)
+  state = parallel.state
   batch = jax.device_put(batches[0], partitioning.batch_sharding(parallel.mesh))
   forward = jax.jit(lambda p, b: loss_fn(p, b)[0]).lower(state.params, batch).compile().as_text()
   assert count("all-reduce", forward) == 1  # the Megatron pair: one reduction
   assert count("all-gather", forward) == gathers  # one per convolution's output channels
-  _, _, compiled = parallel._for_layout(state.params)  # the step, compiled once per layout
-  step = compiled.lower(state.params, state.opt_state, batch).compile().as_text()
+  compiled = parallel._phases[0]  # the step, compiled for the state's layout
+  step = compiled.lower(state, batch).compile().as_text()
   assert (count("all-reduce", step), count("all-gather", step)) == (reduces, gathers)
 
 
@@ -106,16 +111,16 @@ def test_data_times_model_mesh_equals_sync_sgd_on_two_devices(cpu_devices):
   rng = np.random.default_rng(5)
   images = rng.standard_normal((200, *SHAPES["lenet"])).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, 200).astype(np.int32)
-  mesh = ModelParallelSGD(loss_fn, data_parallel=2, model_parallel=4, learning_rate=0.1)
-  sync = SyncSGD(loss_fn, num_devices=2, learning_rate=0.1)
-  mesh_state, sync_state = mesh.init(params), sync.init(params)
+  dataset = data.Dataset("random", images, labels, images[:0], labels[:0], NUM_CLASSES)
+  mesh = on_mesh(SyncSGD(loss_fn, learning_rate=0.1), params, 2, 4)
+  sync = stepper(SyncSGD(loss_fn, learning_rate=0.1), params, num_devices=2)
   assert mesh.mesh.shape == {"data": 2, "model": 4}
-  mesh_data = data.ShardedSampler(images, labels, 2, [0, 1], seed=1)
-  sync_data = data.ShardedSampler(images, labels, 2, [0, 1], seed=1)
-  for _ in range(4):
-    mesh_state, mesh_loss = mesh.step(mesh_state, mesh_data.next(BATCH))
-    sync_state, sync_loss = sync.step(sync_state, sync_data.next(BATCH))
-  close(mesh_state.params, sync.eval_params(sync_state))
+  mesh_data = data.ShardedSampler(dataset, 2, [0, 1], seed=1)
+  sync_data = data.ShardedSampler(dataset, 2, [0, 1], seed=1)
+  for t in range(4):
+    mesh_loss, _ = mesh.step(t, mesh_data.next(BATCH))
+    sync_loss, _ = sync.step(t, sync_data.next(BATCH))
+  close(mesh.state.params, sync.eval_params())
   close(mesh_loss, np.mean(sync_loss))
 
 
@@ -131,10 +136,11 @@ def test_an_indivisible_layer_is_a_clear_start_up_error(tmp_path):
 
 def test_model_parallel_flags_are_checked():
   with pytest.raises(ConfigError, match="--model_parallel=2 supports --algorithm=sgd or sync_sgd"):
-    Config(algorithm="easgd", model_parallel=2).validate()
+    train.validate(Config(algorithm="easgd", model_parallel=2))
   with pytest.raises(ConfigError, match="--num_devices=6 must be a multiple of --model_parallel"):
-    Config(algorithm="sync_sgd", num_devices=6, model_parallel=4).validate()
-  assert Config(algorithm="sync_sgd", num_devices=8, model_parallel=4).mesh_shape == (2, 4)
+    train.validate(Config(algorithm="sync_sgd", num_devices=6, model_parallel=4))
+  config = Config(algorithm="sync_sgd", num_devices=8, model_parallel=4)
+  assert mesh_shape(config, SyncSGD) == (2, 4)
   assert Config(algorithm="sgd", model_parallel=8).local_devices == 8
 
 

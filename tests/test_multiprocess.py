@@ -2,7 +2,7 @@
 
 Every run here is two `run.py` processes on this machine, each with 2 emulated CPU devices (4 in
 all), given the same workdir as two machines on shared storage would be. The processes share the
-tests' compilation cache (conftest.child_env), so a launch costs seconds after the first.
+tests' compilation cache (helpers.child_env), so a launch costs seconds after the first.
 """
 
 import contextlib
@@ -15,11 +15,10 @@ import time
 
 import numpy as np
 import pytest
-from test_sync import two_process_command
 
 from easgd_jax import checkpoints, reporting
 
-from conftest import REPO, child_env, child_process
+from helpers import REPO, child_env, child_process, two_process_command
 
 HEARTBEAT_S = 10
 STEPS, EVERY = 150, 25  # a kill after the checkpoint at step 50 lands mid-run
@@ -41,7 +40,7 @@ def free_port():
 
 @contextlib.contextmanager
 def start(workdir, port, process_id, flags, log_path):
-  """One process of a 2-process run.py, its output in `log_path` (a conftest.child_process)."""
+  """One process of a 2-process run.py, its output in `log_path` (a helpers.child_process)."""
   command = two_process_command(process_id, port, workdir, *flags)
   env = child_env(PYTHONUNBUFFERED="1")
   with open(log_path, "w") as log:

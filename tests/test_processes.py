@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import child_process, run_process
+from helpers import child_process, run_process
 
 
 def live_members(group):

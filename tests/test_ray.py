@@ -20,11 +20,12 @@ import jax
 import numpy as np
 import pytest
 
-from easgd_jax import core, data, models, reporting, study, train, workers
+from easgd_jax import core, data, models, reporting, study, train
 from easgd_jax.config import Config
+from easgd_jax.engines.local.threads import worker_seed
 
-from conftest import REPO, child_env, child_process
-from test_run import bad_input_runs, run_cli
+import helpers
+from helpers import REPO, bad_input_runs, child_env, child_process, run_cli
 
 pytestmark = pytest.mark.slow
 SMALL = dict(dataset="digits", model="mlp", batch_size=16, learning_rate=0.05, eval_every=1000)
@@ -78,16 +79,14 @@ def test_async_sgd_replays_sequentially_from_its_log(ray_cluster, tmp_path, pipe
   replayed one after another in this process, gives the run's final parameters."""
   fields = dict(algorithm="async_sgd", num_devices=3, steps=60, seed=5, ray_pipeline=pipeline)
   summary, final = ray_run(ray_cluster, tmp_path, **fields)
-  applied = json.loads((tmp_path / reporting.APPLIED).read_text())["applied"]
+  # The record's entries: [worker, its own step, the version it read, the version it made].
+  applied = [entry[:3] for entry in reporting.read_applied(tmp_path)]
   assert len(applied) == 60 and len({w for w, _, _ in applied}) == 3
   config = Config(**{**SMALL, **fields})
   dataset = data.load(config)
   model = models.create(config.model, dataset.num_classes)
   gradient = jax.jit(core.make_gradient(core.make_loss_fn(model)))
-  samplers = [
-    data.Sampler(dataset.train_images, dataset.train_labels, workers.worker_seed(5, j))
-    for j in range(3)
-  ]
+  samplers = [data.Sampler(dataset, worker_seed(5, j)) for j in range(3)]
   versions = [models.init_params(model, dataset.image_shape, 5)]
   for j, own_step, read_at in applied:
     assert own_step == sum(1 for w, _, _ in applied[: len(versions) - 1] if w == j)
@@ -362,8 +361,29 @@ def test_an_unreachable_ray_address_exits_2_within_30_seconds(tmp_path):
 
 def test_round_robin_on_ray_keeps_its_golden_values(ray_cluster, tmp_path):
   """Algorithm 1 with its workers as actors: the golden values of tests/test_golden.py."""
-  import test_golden
-
   name = "ray/easgd_tau2"
-  found = test_golden.run_case(name, tmp_path, {"ray_address": ray_cluster.address})
-  test_golden.check(name, found)
+  found = helpers.golden_run(name, tmp_path, {"ray_address": ray_cluster.address})
+  helpers.golden_check(name, found)
+
+
+def test_downpour_runs_on_ray_with_no_code_of_its_own_and_survives_a_dead_worker(
+  ray_cluster, tmp_path
+):
+  """The one-rule design's proof: DOWNPOUR, written once as a pure rule, on the generic server
+  and worker actors; a worker killed at its step 5 is reported and the others learn digits."""
+  summary, _ = ray_run(
+    ray_cluster,
+    tmp_path,
+    algorithm="downpour",
+    num_devices=4,
+    tau=4,
+    steps=1200,
+    eval_every=600,
+    inject_failure="1:5",
+  )
+  assert [f["worker"] for f in summary["failed_workers"]] == [1]
+  assert summary["final"]["test_accuracy"] >= 0.9
+  assert sum(summary["worker_steps"]) == 1200
+  record = reporting.read_applied(tmp_path)  # one entry per push, rounds of tau = 4 steps
+  assert all((step + 1) % 4 == 0 for _, step, _, _ in record)
+  assert [made for *_, made in record] == list(range(1, len(record) + 1))

@@ -1,10 +1,7 @@
 """run.py end to end: accuracy on real data, the files in the workdir, and bad input."""
 
-import contextlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -12,55 +9,8 @@ from easgd_jax import reporting, train
 from easgd_jax import workdir as workdir_lib
 from easgd_jax.config import Config, ConfigError
 
-from conftest import REPO, child_env, child_process, run_process
-
-
-def run_cli(*args, cwd=REPO, timeout=600):
-  """run.py with `args` in a process of its own, killed with its group if it outlives `timeout`."""
-  command = [sys.executable, os.path.join(REPO, "run.py"), *args]
-  return run_process(command, cwd=cwd, env=child_env(), timeout=timeout)
-
-
-def run_at_once(commands, *, timeout, **popen_kwargs):
-  """run_process for every command, all started together: [CompletedProcess], in order.
-
-  A run refused for bad input spends its second or so importing on one core, so a batch of them
-  started together takes a few seconds rather than one each. Each command is a process group of
-  its own (conftest.child_process), killed with everything it started however this ends.
-  """
-  with contextlib.ExitStack() as stack:
-    processes = [
-      stack.enter_context(
-        child_process(
-          command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs
-        )
-      )
-      for command in commands
-    ]
-    outputs = [process.communicate(timeout=timeout) for process in processes]
-  return [
-    subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    for command, process, (stdout, stderr) in zip(commands, processes, outputs, strict=True)
-  ]
-
-
-def bad_input_runs(tmp_path_factory, script, cases, folder):
-  """`script` once per (flags, ...) case of `cases`, all started together, each with a workdir
-  `folder` of its own that must not come to exist: {flags: (CompletedProcess, that workdir)}."""
-  root = tmp_path_factory.mktemp("bad_input")
-  workdirs = []
-  for i in range(len(cases)):
-    (root / str(i)).mkdir()
-    workdirs.append(root / str(i) / folder)
-  commands = [
-    [sys.executable, script, *flags, f"--workdir={workdir}"]
-    for (flags, *_), workdir in zip(cases, workdirs, strict=True)
-  ]
-  results = run_at_once(commands, timeout=120, cwd=REPO, env=child_env())
-  return {
-    tuple(flags): (result, workdir)
-    for (flags, *_), result, workdir in zip(cases, results, workdirs, strict=True)
-  }
+import helpers
+from helpers import REPO, bad_input_runs, run_cli
 
 
 @pytest.mark.slow
@@ -75,6 +25,7 @@ def test_easgd_default_run_reaches_90_percent_and_writes_its_workdir(tmp_path):
   assert sorted(set(files) - set(events)) == sorted(
     [reporting.CONFIG, reporting.METRICS, reporting.SUMMARY, reporting.PLOT, reporting.PARAMS]
     + ["checkpoints", workdir_lib.Lock.NAME]
+    + [reporting.APPLIED]  # the master's record: Algorithm 1's center is a master too
   )
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1000", "1500", "2000"]  # the last 3
   config = json.loads((workdir / reporting.CONFIG).read_text())
@@ -89,7 +40,7 @@ def test_easgd_default_run_reaches_90_percent_and_writes_its_workdir(tmp_path):
   assert summary["steps_to_target"] is not None and summary["steps_to_target"] <= 2000
   assert (workdir / reporting.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   accuracy = [
-    (step, value) for tag, step, value in reporting.read_events(workdir) if tag == "test_accuracy"
+    (step, value) for tag, step, value in helpers.read_events(workdir) if tag == "test_accuracy"
   ]
   assert accuracy == [(r["step"], pytest.approx(r["test_accuracy"])) for r in rows]
 

@@ -1,4 +1,4 @@
-"""--engine=simulated (easgd_jax/engines/simulated.py): the same numbers as the local engine.
+"""--engine=simulated (easgd_jax/engines/simulated/): the same numbers as the local engine.
 
 The deterministic algorithms give the local engine's weights; the asynchronous family's weights
 are those of the local engine's own rules (or, for the Hogwild family, NumPy) replayed in the
@@ -13,9 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from easgd_jax import algorithms, core, data, reporting, train, workers
-from easgd_jax.config import Config, ConfigError
-from easgd_jax.engines import simulated, virtual_clock
+from easgd_jax import algorithms, core, data, reporting, train
+from easgd_jax.config import Config
+from easgd_jax.engines import simulated
+from easgd_jax.engines.local import masters
+from easgd_jax.engines.local.threads import worker_seed
+from easgd_jax.engines.simulated import events as simulated_events
+from easgd_jax.errors import ConfigError, DataError
 
 BASE = dict(
   dataset="digits",
@@ -92,11 +96,25 @@ def replay_inputs(workdir, config):
   """The run's schedule, its data and initial weights, and each worker's sampler."""
   schedule = dict(np.load(workdir / simulated.SCHEDULE))
   dataset, _, loss_fn, params = train.setup(config)
-  samplers = [
-    data.Sampler(dataset.train_images, dataset.train_labels, workers.worker_seed(config.seed, j))
-    for j in range(config.num_devices)
-  ]
+  samplers = [data.Sampler(dataset, worker_seed(config.seed, j)) for j in range(config.num_devices)]
   return schedule, loss_fn, params, samplers
+
+
+def worker_iteration(compiled, master, w, own, worker, view, batch):
+  """Worker w's iteration at its own step `own`, as the local engine's threads take it: an
+  exchange that opens the step, then the step against its reply; else the step against the
+  last reply, its message sent after it on an exchange step. (master, worker, its view)."""
+  rule = compiled.rule
+  if rule.opens_round:
+    reply = None
+    if rule.sends(own):
+      master, reply = compiled.master_apply(master, compiled.worker_message(worker), w)
+    worker, _, _ = compiled.worker_step(worker, reply, batch)
+    return master, worker, view
+  worker, message, _ = compiled.worker_step(worker, view, batch)
+  if rule.sends(own):
+    master, view = compiled.master_apply(master, message, w)
+  return master, worker, view
 
 
 ASYNC = {
@@ -126,22 +144,28 @@ def test_an_asynchronous_run_is_its_schedule_replayed(tmp_path, algorithm):
   updates = schedule["update"][schedule["exchange"]]
   assert updates.tolist() == list(range(len(updates)))
   local = algorithms.create(
-    config_of(**{k: v for k, v in changes.items() if not k.startswith("sim_")}), loss_fn
+    train.validate(config_of(**{k: v for k, v in changes.items() if not k.startswith("sim_")})),
+    loss_fn,
   )
+  compiled = masters.Compiled(local)  # the local engine's jitted rules
   if algorithm == "async_sgd":  # a worker reads W with the reply to its own update
-    local.init(params)
-    read = [local.params] * config.num_devices
+    master = local.master_init(params)
+    read = [local.eval_params(master)] * config.num_devices
     for w in schedule["worker"]:
-      grads, _ = local.gradient(read[w], samplers[w].next(b))
-      local.apply(w, grads, 0)
-      read[w] = local.params
-    replayed = local.params
-  elif algorithm in ("async_easgd", "downpour"):  # `iterate` is a worker's whole iteration
-    local.init(params)
-    states = [local.init_worker(j, params) for j in range(config.num_devices)]
-    for w in schedule["worker"]:
-      states[w], _, _ = local.iterate(int(w), states[w], samplers[w].next(b))
-    replayed = local.snapshot()
+      _, grads, _ = compiled.worker_step((), read[w], samplers[w].next(b))
+      master, read[w] = compiled.master_apply(master, grads, int(w))
+    replayed = local.eval_params(master)
+  elif algorithm in ("async_easgd", "downpour"):  # worker_iteration: a worker's whole iteration
+    master = local.master_init(params)
+    states = [local.worker_init(params) for _ in range(config.num_devices)]
+    views = [local.eval_params(master)] * config.num_devices
+    own = [0] * config.num_devices
+    for w in schedule["worker"].tolist():
+      master, states[w], views[w] = worker_iteration(
+        compiled, master, w, own[w], states[w], views[w], samplers[w].next(b)
+      )
+      own[w] += 1
+    replayed = local.eval_params(master)
     ends_round = (schedule["own_step"] + (algorithm == "downpour")) % tau == 0
     assert (schedule["exchange"] == ends_round).all()
   elif algorithm == "hogwild":
@@ -157,6 +181,7 @@ def test_an_asynchronous_run_is_its_schedule_replayed(tmp_path, algorithm):
     replayed = weights
   else:  # hogwild_easgd: the center in NumPy, each worker's Eq. (1) step by its jitted rule
     alpha = np.float32(config.moving_rate)
+    elastic_step = jax.jit(local.elastic_step)
     center = jax.tree.map(np.asarray, params)
     states = [(params, local.optimizer.init(params)) for _ in range(config.num_devices)]
     for w, exchange in zip(schedule["worker"], schedule["exchange"], strict=True):
@@ -164,7 +189,7 @@ def test_an_asynchronous_run_is_its_schedule_replayed(tmp_path, algorithm):
       read = center
       if exchange:  # Eq. (2) with the center read, whole, on arrival
         center = jax.tree.map(lambda c, xi: c + alpha * (np.asarray(xi) - c), center, x)
-      states[w] = local._elastic_step(x, opt_state, read, samplers[w].next(b))[:2]
+      states[w] = elastic_step(x, opt_state, read, samplers[w].next(b))[:2]
     replayed = center
   assert_params_close(keyed(replayed), final_params(tmp_path))
 
@@ -268,7 +293,7 @@ def test_unset_costs_are_measured_once_and_kept_for_the_relaunch(tmp_path):
 )
 def test_bad_costs_are_refused_naming_the_flag(changes, named):
   with pytest.raises(ConfigError, match=named.replace("-", r"\-")):
-    config_of(**{"engine": "simulated", **changes}).validate()
+    train.validate(config_of(**{"engine": "simulated", **changes}))
 
 
 @pytest.mark.parametrize("algorithm", ["easgd", "sync_easgd", "async_easgd"])
@@ -276,10 +301,14 @@ def test_workers_that_will_not_fit_are_refused_before_allocating(tmp_path, monke
   config = config_of(algorithm=algorithm, engine="simulated", num_devices=64, alpha=0.01)
   dataset, _, loss_fn, params = train.setup(config)
   one = algorithms.create(config_of(**{**config.to_dict(), "num_devices": 1}), loss_fn)
-  replica = simulated._bytes(jax.tree.map(np.asarray, one.init(params) or one.fused_init(params)))
+  if one.kind == algorithms.STEP_DRIVEN:  # one worker's whole state, and the master's
+    whole = one.init(params)
+  else:
+    whole = (one.master_init(params), one.worker_init(params))
+  replica = simulated._bytes(jax.tree.map(np.asarray, whole))
   # Room for 64 copies of one worker's whole state, not for the scan's three
   monkeypatch.setattr(data, "available_bytes", lambda: 64 * replica)
-  with pytest.raises(data.DataError, match="need about .* GiB of host memory"):
+  with pytest.raises(DataError, match="need about .* GiB of host memory"):
     run(tmp_path, **config.to_dict())
   assert set(os.listdir(tmp_path)) <= {".lock"}  # no config.json, no checkpoint
 
@@ -291,12 +320,12 @@ def test_a_simulated_workdir_is_not_resumed_on_another_engine(tmp_path):
 
 
 def test_the_clock_of_a_schedule_is_the_clock_module_s(tmp_path):
-  """schedule.npz holds virtual_clock.events for the run's costs, first --steps of them."""
+  """schedule.npz holds simulated.events.events for the run's costs, first --steps of them."""
   config = config_of(algorithm="async_sgd", engine="simulated")
   run(tmp_path, algorithm="async_sgd", engine="simulated")
   schedule = np.load(tmp_path / simulated.SCHEDULE)
   _, _, _, params = train.setup(config)
-  events = virtual_clock.events(
+  events = simulated_events.events(
     simulated.costs(config),
     4,
     config.steps,

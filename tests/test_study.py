@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from easgd_jax import algorithms, core, models, reporting, study
+from easgd_jax import study, train
 from easgd_jax.algorithms import REGISTRY
 from easgd_jax.config import Config
 
-from conftest import REPO, child_env, child_process, run_process
+import helpers
+from helpers import REPO, child_env, child_process, run_process
 
 
 def experiment(name):
@@ -68,7 +69,7 @@ def test_compare_algorithms_names_every_algorithm_and_reports_each_arm(tmp_path,
   # Every run kept its own workdir, with TensorBoard events beside metrics.jsonl.
   run = study.run_dir(str(tmp_path), compare.arms[0], 1)
   assert {"metrics.jsonl", "summary.json", "config.json"} <= set(os.listdir(run))
-  assert any(tag == "test_accuracy" for tag, _, _ in reporting.read_events(run))
+  assert any(tag == "test_accuracy" for tag, _, _ in helpers.read_events(run))
 
 
 def test_same_sample_budget_for_every_algorithm():
@@ -90,10 +91,10 @@ def test_model_parallel_arms_get_the_same_sample_budget(cpu_devices):
     study.Arm("sync_sgd 2 x 4", {"algorithm": "sync_sgd", "num_devices": 8, "model_parallel": 4}),
   )
   budget = study.Study(name="budget", arms=arms, base=Config(model="mlp"), samples=32 * 8 * 10)
-  loss_fn = core.make_loss_fn(models.create("mlp", 10))
   for arm in arms:
     config = budget.config(arm, 0)
-    replicas = algorithms.create(config, loss_fn).batches_per_step  # what one step consumes
+    engine = train.build(config).engine  # what one step consumes: its sampler's batches
+    replicas = engine.stepper.sampler.next(config.batch_size)["label"].size // config.batch_size
     assert config.steps * config.batch_size * replicas == budget.samples, arm.label
   assert [budget.config(arm, 0).steps for arm in arms] == [80, 10, 80, 20, 40]
 

@@ -10,37 +10,31 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_easgd import BATCH, IMAGE_SHAPE, NUM_CLASSES, assert_params_close
 
-from easgd_jax import core, devices, models, optimizers, reporting, train
+from easgd_jax import devices, optimizers, reporting, train
 from easgd_jax.algorithms import SGD, RoundRobinEASGD, SyncEASGD, SyncSGD
 from easgd_jax.config import Config
 
 import reference
-from conftest import REPO, child_env, child_process
-from test_run import bad_input_runs
+from helpers import (
+  REPO,
+  assert_params_close,
+  bad_input_runs,
+  child_env,
+  child_process,
+  concatenated,
+  random_batches,
+  run_steps,
+  stepper,
+  two_process_command,
+)
 
-
-@pytest.fixture(scope="module")
-def problem():
-  model = models.create("mlp", NUM_CLASSES, hidden=(7,))
-  params = models.init_params(model, IMAGE_SHAPE, seed=5)
-  return core.make_loss_fn(model), params
+PROBLEM_SEED = 5
 
 
 def make_steps(num_steps, replicas, seed=0):
   """A fixed list of steps, each a list of one batch per device."""
-  rng = np.random.default_rng(seed)
-  return [
-    [
-      {
-        "image": rng.standard_normal((BATCH, *IMAGE_SHAPE)).astype(np.float32),
-        "label": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
-      }
-      for _ in range(replicas)
-    ]
-    for _ in range(num_steps)
-  ]
+  return random_batches(num_steps, seed, replicas)
 
 
 def replica(tree, index):
@@ -48,26 +42,13 @@ def replica(tree, index):
   return jax.tree.map(lambda x: np.asarray(x.addressable_shards[index].data[0]), tree)
 
 
-def stacked(batches):
-  return jax.tree.map(lambda *xs: np.stack(xs), *batches)
-
-
-def concatenated(batches):
-  return jax.tree.map(lambda *xs: np.concatenate(xs), *batches)
-
-
 @pytest.mark.parametrize("replicas", [2, 4, 8])
 def test_sync_sgd_on_p_devices_equals_sgd_on_the_p_times_larger_batch(problem, replicas):
   loss_fn, params = problem
   steps = make_steps(5, replicas)
-  sync = SyncSGD(loss_fn, num_devices=replicas, learning_rate=0.2)
-  state = sync.init(params)
-  for batches in steps:
-    state, _ = sync.step(state, stacked(batches))
-  sgd = SGD(loss_fn, learning_rate=0.2)
-  sgd_state = sgd.init(params)
-  for batches in steps:
-    sgd_state, _ = sgd.step(sgd_state, concatenated(batches))
+  state = run_steps(SyncSGD(loss_fn, learning_rate=0.2), params, steps, num_devices=replicas).state
+  sgd_steps = [concatenated(batches) for batches in steps]
+  sgd_state = run_steps(SGD(loss_fn, learning_rate=0.2), params, sgd_steps).state
   for r in range(replicas):  # every replica holds the same weights
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -83,16 +64,13 @@ def test_sync_easgd_matches_numpy_reference(problem, tau, delta):
   loss_fn, params = problem
   eta, rho, replicas = 0.1, 0.6, 4
   steps = make_steps(7, replicas, seed=1)
-  sync = SyncEASGD(
-    loss_fn, num_devices=replicas, learning_rate=eta, rho=rho, tau=tau, momentum=delta
-  )
-  state = sync.init(params)
-  for batches in steps:
-    state, _ = sync.step(state, stacked(batches))
+  sync = SyncEASGD(loss_fn, learning_rate=eta, rho=rho, tau=tau, momentum=delta)
+  runner = run_steps(sync, params, steps, num_devices=replicas)
+  state = runner.state
   center, local = reference.sync_easgd(reference.to_layers(params), steps, eta, rho, tau, delta)
-  assert_params_close(sync.eval_params(state), center)
+  assert_params_close(runner.eval_params(), center)
   for i in range(replicas):
-    assert_params_close(replica(state.locals, i), local[i])
+    assert_params_close(replica(state.local, i), local[i])
     assert_params_close(replica(state.center, i), center)  # every device's copy is the same
 
 
@@ -100,22 +78,14 @@ def test_sync_easgd_matches_numpy_reference(problem, tau, delta):
 def test_round_robin_eamsgd_matches_numpy_nesterov_reference(problem, cpu_devices, delta):
   loss_fn, params = problem
   batches = [b[0] for b in make_steps(12, 1, seed=2)]
-  easgd = RoundRobinEASGD(
-    loss_fn,
-    num_workers=3,
-    learning_rate=0.1,
-    rho=0.7,
-    tau=2,
-    momentum=delta,
-    available_devices=cpu_devices,
-  )
-  state, _ = easgd.run(easgd.init(params), batches)
+  easgd = RoundRobinEASGD(loss_fn, learning_rate=0.1, rho=0.7, tau=2, momentum=delta)
+  state = run_steps(easgd, params, batches, num_devices=3, devices=cpu_devices).state
   center, local = reference.round_robin_easgd(
     reference.to_layers(params), batches, 3, 0.1, 0.7, 2, delta
   )
-  assert_params_close(state.center, center)
+  assert_params_close(state["master"], center)
   for j in range(3):
-    assert_params_close(state.locals[j], local[j])
+    assert_params_close(state["workers"][j].local, local[j])
 
 
 def test_eamsgd_with_delta_zero_is_easgd_exactly(problem, cpu_devices):
@@ -132,18 +102,16 @@ def test_eamsgd_with_delta_zero_is_easgd_exactly(problem, cpu_devices):
   kwargs = dict(learning_rate=0.1, rho=0.5, tau=2)
 
   def train_sync_easgd(optimizer):
-    sync = SyncEASGD(loss_fn, num_devices=4, optimizer=optimizer, **kwargs)
-    state = sync.init(params)
-    for batches in steps:
-      state, _ = sync.step(state, stacked(batches))
-    return jax.device_get((state.center, state.locals)), state.opt_states
+    sync = SyncEASGD(loss_fn, optimizer=optimizer, **kwargs)
+    state = run_steps(sync, params, steps, num_devices=4).state
+    return jax.device_get((state.center, state.local)), state.opt_state
 
   def train_round_robin(optimizer):
-    easgd = RoundRobinEASGD(
-      loss_fn, num_workers=3, optimizer=optimizer, available_devices=cpu_devices, **kwargs
-    )
-    state, _ = easgd.run(easgd.init(params), [b for batches in steps for b in batches])
-    return jax.device_get((state.center, state.locals)), state.opt_states[0]
+    easgd = RoundRobinEASGD(loss_fn, optimizer=optimizer, **kwargs)
+    batches = [b for batches in steps for b in batches]
+    state = run_steps(easgd, params, batches, num_devices=3, devices=cpu_devices).state
+    locals_ = [worker.local for worker in state["workers"]]
+    return jax.device_get((state["master"], locals_)), state["workers"][0].opt_state
 
   for train_ in (train_sync_easgd, train_round_robin):
     plain, plain_state = train_(optax.sgd(0.1))
@@ -157,13 +125,13 @@ def test_eamsgd_with_delta_zero_is_easgd_exactly(problem, cpu_devices):
 
 def test_replicated_state_lives_on_every_device(problem, cpu_devices):
   loss_fn, params = problem
-  sync = SyncEASGD(loss_fn, num_devices=4, learning_rate=0.1, rho=0.5)
-  state = sync.init(params)
-  state, _ = sync.step(state, stacked(make_steps(1, 4)[0]))
-  for tree in (state.center, state.locals):
+  sync = SyncEASGD(loss_fn, learning_rate=0.1, rho=0.5)
+  runner = run_steps(sync, params, make_steps(1, 4), num_devices=4)
+  state = runner.state
+  for tree in (state.center, state.local):
     for leaf in jax.tree.leaves(tree):
       assert [s.device for s in leaf.addressable_shards] == cpu_devices[:4]
-  assert devices.device_of(sync.eval_params(state)) == cpu_devices[0]
+  assert devices.device_of(runner.eval_params()) == cpu_devices[0]
 
 
 @pytest.mark.slow
@@ -180,21 +148,8 @@ def free_port():
     return s.getsockname()[1]
 
 
-def two_process_command(process_id, port, workdir, *flags):
-  """run.py as process `process_id` of a 2-process run coordinated on 127.0.0.1:`port`."""
-  return [
-    sys.executable,
-    os.path.join(REPO, "run.py"),
-    f"--coordinator_address=127.0.0.1:{port}",
-    "--num_processes=2",
-    f"--process_id={process_id}",
-    f"--workdir={workdir}",
-    *flags,
-  ]
-
-
 def launch(process_id, port, workdir, *flags):
-  """One of the processes of a multi-process run.py (a context manager: conftest.child_process)."""
+  """One of the processes of a multi-process run.py (a context manager: helpers.child_process)."""
   return child_process(
     two_process_command(process_id, port, workdir, *flags),
     cwd=REPO,
@@ -289,7 +244,7 @@ BAD_SYNC_INPUT = [
 
 @pytest.fixture(scope="module")
 def bad_sync_input(tmp_path_factory):
-  """Every BAD_SYNC_INPUT run.py, started together (test_run.run_at_once)."""
+  """Every BAD_SYNC_INPUT run.py, started together (helpers.run_at_once)."""
   return bad_input_runs(tmp_path_factory, os.path.join(REPO, "run.py"), BAD_SYNC_INPUT, "w")
 
 
@@ -303,6 +258,6 @@ def test_bad_sync_and_multiprocess_input_is_one_line_exit_2(bad_sync_input, flag
 
 
 def test_more_devices_than_visible_is_a_clear_error(problem):
-  loss_fn, _ = problem
+  loss_fn, params = problem
   with pytest.raises(Exception, match="--num_devices=64 but only 8"):
-    SyncSGD(loss_fn, num_devices=64, learning_rate=0.1)
+    stepper(SyncSGD(loss_fn, learning_rate=0.1), params, devices=devices.replica_devices(64))

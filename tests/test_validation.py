@@ -21,7 +21,6 @@ from easgd_jax.algorithms import (
   Hogwild,
   HogwildEASGD,
   LocalSGD,
-  ModelParallelSGD,
   RoundRobinEASGD,
   SyncEASGD,
   SyncSGD,
@@ -35,17 +34,16 @@ def loss_fn(params, batch):
 # Valid settings of every required argument; the tests change one at a time.
 VALID = {
   SGD: dict(learning_rate=0.1),
-  SyncSGD: dict(num_devices=2, learning_rate=0.1),
-  SyncEASGD: dict(num_devices=2, learning_rate=0.1, rho=1.0),
-  RoundRobinEASGD: dict(num_workers=2, learning_rate=0.1, rho=1.0),
-  AsyncEASGD: dict(num_workers=2, learning_rate=0.1, rho=1.0),
-  HogwildEASGD: dict(num_workers=2, learning_rate=0.1, rho=1.0),
-  AsyncSGD: dict(num_workers=2, learning_rate=0.1),
-  Hogwild: dict(num_workers=2, learning_rate=0.1),
-  ModelParallelSGD: dict(data_parallel=1, model_parallel=2, learning_rate=0.1),
-  LocalSGD: dict(num_devices=2, learning_rate=0.1),
-  DiLoCo: dict(num_devices=2, learning_rate=0.001),
-  Downpour: dict(num_workers=2, learning_rate=0.1),
+  SyncSGD: dict(learning_rate=0.1),
+  SyncEASGD: dict(learning_rate=0.1, rho=1.0),
+  RoundRobinEASGD: dict(learning_rate=0.1, rho=1.0),
+  AsyncEASGD: dict(learning_rate=0.1, rho=1.0),
+  HogwildEASGD: dict(learning_rate=0.1, rho=1.0),
+  AsyncSGD: dict(learning_rate=0.1),
+  Hogwild: dict(learning_rate=0.1),
+  LocalSGD: dict(learning_rate=0.1),
+  DiLoCo: dict(learning_rate=0.001),
+  Downpour: dict(learning_rate=0.1),
 }
 
 BAD = [
@@ -106,8 +104,7 @@ def test_the_edges_of_the_valid_ranges_are_accepted(algorithm, cpu_devices):
 
 
 def test_every_algorithm_is_checked():
-  exported = [getattr(algorithms, name) for name in algorithms.__all__]
-  constructors = {c for c in exported if inspect.isclass(c)}
+  constructors = set(algorithms.REGISTRY.values())
   checked = {c for c in constructors if inspect.isclass(c) and accepts(c, "learning_rate")}
   assert checked == set(VALID)
 

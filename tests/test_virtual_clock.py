@@ -1,19 +1,17 @@
-"""The simulated cluster's clock (easgd_jax/engines/virtual_clock.py) against hand-derived cases."""
+"""The simulated cluster's clock (easgd_jax/engines/simulated/clock.py and events.py) against
+hand-derived cases."""
 
 import math
 
 import numpy as np
 import pytest
 
-from easgd_jax.engines.virtual_clock import (
-  Costs,
-  StepTimes,
+from easgd_jax.engines.simulated.clock import Costs, StepTimes, round_robin, synchronous
+from easgd_jax.engines.simulated.events import (
   events,
   metrics,
   parameter_server,
-  round_robin,
   staleness_histogram,
-  synchronous,
 )
 
 MB = 2**20

@@ -14,14 +14,43 @@ import time
 import numpy as np
 import pytest
 
-from easgd_jax import checkpoints, reporting, train, workdir, workers
+from easgd_jax import checkpoints, reporting, train, workdir
 from easgd_jax.algorithms import AsyncSGD
-from easgd_jax.config import Config, ConfigError
+from easgd_jax.config import Config
+from easgd_jax.engines.base import Plan, Snapshot
+from easgd_jax.engines.local import threads
+from easgd_jax.errors import ConfigError
 
-from conftest import REPO, child_env, kill_group, run_process
-from test_async import BATCH, ListSampler, problem  # noqa: F401  (problem: a fixture)
+from helpers import (
+  BATCH,
+  IMAGE_SHAPE,
+  NUM_CLASSES,
+  REPO,
+  ListSampler,
+  child_env,
+  kill_group,
+  run_process,
+)
+
+PROBLEM_SEED = 3  # the `problem` fixture (conftest.py): test_async.py's tiny problem
 
 SMALL = dict(model="mlp", steps=40, eval_every=20, checkpoint_every=20)
+
+
+@pytest.fixture(scope="module")
+def worker_batches():
+  """Worker j's stream is worker_batches[j] (test_async.py's batches: the same numbers)."""
+  rng = np.random.default_rng(1)
+  return [
+    [
+      {
+        "image": rng.standard_normal((BATCH, *IMAGE_SHAPE)).astype(np.float32),
+        "label": rng.integers(0, NUM_CLASSES, BATCH).astype(np.int32),
+      }
+      for _ in range(100)
+    ]
+    for _ in range(8)
+  ]
 
 
 def files_of(folder):
@@ -228,43 +257,42 @@ def test_a_damaged_checkpoint_record_falls_back_to_the_previous_checkpoint(tmp_p
   assert [r["step"] for r in summary["history"]] == [20, 40, 60]
 
 
-class SlowSnapshots(AsyncSGD):
-  """Counts the evaluation snapshots alive at once (each is freed once it was scored)."""
+class SlowSnapshots:
+  """Counts the master's evaluation snapshots alive at once (each is freed once it was scored)."""
 
   live = peak = 0
 
-  def snapshot(self):
+  def __init__(self, master):
+    self.taken = master.snapshot
+
+  def __call__(self):
     SlowSnapshots.live += 1
     SlowSnapshots.peak = max(SlowSnapshots.peak, SlowSnapshots.live)
-    return super().snapshot()
+    return self.taken()
 
 
-def test_at_most_one_evaluation_in_flight_and_no_loss_is_lost(problem, cpu_devices):  # noqa: F811
-  loss_fn, params, batches = problem
-  algorithm = SlowSnapshots(
-    loss_fn, num_workers=4, learning_rate=0.1, available_devices=cpu_devices
-  )
-  algorithm.init(params)
-  run = workers.Run(
-    algorithm,
-    [ListSampler(b) for b in batches[:4]],
-    steps=200,
-    eval_every=1,
-    batch_size=BATCH,
-    fail_fast=True,
-    failure=None,
-  )
-  scored = []
-
-  def slow_evaluation(snapshot):
+def test_at_most_one_evaluation_in_flight_and_no_loss_is_lost(problem, worker_batches):
+  loss_fn, params = problem
+  steps = 200
+  config = Config(num_devices=4, steps=steps, eval_every=1, batch_size=BATCH, fail_fast=True)
+  samplers = [ListSampler(b) for b in worker_batches[:4]]
+  rule = AsyncSGD(loss_fn, learning_rate=0.1)
+  engine = threads.ThreadEngine(config, rule, None, params, samplers)
+  engine.master.snapshot = SlowSnapshots(engine.master)  # from the first iteration on
+  scored, final = [], None
+  for event in engine.run(Plan(config, checkpointing=False)):  # the trainer's part, slowed
+    if not isinstance(event, Snapshot):
+      continue
+    if event.step == steps:
+      final = event
+      continue
     time.sleep(0.05)  # slower than an iteration: points come faster than they can be scored
-    scored.append(snapshot)
+    scored.append(event)
     SlowSnapshots.live -= 1
-
-  final = run.run(params, slow_evaluation)
   assert SlowSnapshots.peak <= 2  # the one being scored, and the final one
-  assert len(scored) + run.evaluations_skipped == 199 and run.evaluations_skipped > 0
-  assert sum(s.skipped for s in scored) + final.skipped == run.evaluations_skipped
+  assert len(scored) + engine.evaluations_skipped == 199 and engine.evaluations_skipped > 0
+  skipped = [s.extra["evaluations_skipped"] for s in [*scored, final]]
+  assert sum(skipped) == engine.evaluations_skipped
   assert sum(len(s.losses) for s in scored) + len(final.losses) == 200  # every loss in a row
   entries = [entry for s in scored for entry in s.losses]  # (iteration, [loss], who), on the host
   assert all(isinstance(v, np.ndarray) and v.shape == (1,) for _, v, _ in entries)
@@ -335,8 +363,9 @@ def test_async_checkpoints_apply_every_iteration_once_across_five_sigkills(tmp_p
       kill_group(process)  # SIGKILL
   result = run_process([sys.executable, RUN, *args], env=cli_env, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  with open(tmp_path / reporting.APPLIED) as f:
-    applied = [tuple(pair) for pair in json.load(f)["applied"]]
+  # The record's lines are now [worker, worker_step, read_at, applied_as]: (worker, worker_step)
+  # is what each entry of applied_updates.json's "applied" was.
+  applied = [tuple(entry[:2]) for entry in reporting.read_applied(tmp_path)]
   assert len(applied) == steps and len(set(applied)) == steps  # each exactly once
   with open(tmp_path / reporting.SUMMARY) as f:
     worker_steps = json.load(f)["worker_steps"]

@@ -1,23 +1,33 @@
-"""Every training algorithm on one contract (algorithms/base.py), registered by name.
+"""Every training algorithm, registered by name; what each supports is checked here.
 
-`REGISTRY` is the only list of algorithms: flags, validation, studies and the trainer look an
-algorithm's facts up here (`REGISTRY[name].driven_by`, `.data_parallel`, `.elastic`, ...), and
-`create` builds one from a Config. To add an algorithm: one file with one class implementing the
-contract, one line below, and its tests.
+`REGISTRY` is the only list of algorithms: flags, validation, studies and the engines look an
+algorithm's facts up here (`REGISTRY[name].kind`, `.data_parallel`, `.elastic`, ...), and
+`create` builds one from a Config. To add an algorithm: one file with one class on the contract
+of algorithms/base.py, one line below, and its tests; every engine then runs it.
 """
+
+import dataclasses
 
 from easgd_jax.algorithms.async_easgd import AsyncEASGD, HogwildEASGD
 from easgd_jax.algorithms.async_sgd import AsyncSGD
-from easgd_jax.algorithms.base import STEPS, WORKERS, Algorithm
-from easgd_jax.algorithms.diloco import DiLoCo, DiLoCoState
+from easgd_jax.algorithms.base import (
+  ASYNCHRONOUS,
+  ROUND_ROBIN,
+  STEP_DRIVEN,
+  WORKER_MASTER,
+  StepRule,
+  WorkerMasterRule,
+)
+from easgd_jax.algorithms.diloco import DiLoCo
 from easgd_jax.algorithms.downpour import Downpour
-from easgd_jax.algorithms.easgd import EASGDState, RoundRobinEASGD
+from easgd_jax.algorithms.easgd import RoundRobinEASGD
 from easgd_jax.algorithms.hogwild import Hogwild
-from easgd_jax.algorithms.local_sgd import LocalSGD, LocalSGDState
-from easgd_jax.algorithms.model_parallel import ModelParallelSGD, ModelParallelState
-from easgd_jax.algorithms.sgd import SGD, SGDState
-from easgd_jax.algorithms.sync_easgd import SyncEASGD, SyncEASGDState
-from easgd_jax.algorithms.sync_sgd import SyncSGD, SyncSGDState
+from easgd_jax.algorithms.local_sgd import LocalSGD
+from easgd_jax.algorithms.sgd import SGD
+from easgd_jax.algorithms.sync_easgd import SyncEASGD
+from easgd_jax.algorithms.sync_sgd import SyncSGD
+from easgd_jax.errors import ConfigError
+from easgd_jax.optimizers import OPTIMIZERS, SCHEDULES
 
 REGISTRY = {
   cls.name: cls
@@ -36,34 +46,72 @@ REGISTRY = {
   )
 }
 
-__all__ = [
-  "REGISTRY",
-  "STEPS",
-  "WORKERS",
-  "Algorithm",
-  "AsyncEASGD",
-  "AsyncSGD",
-  "DiLoCo",
-  "DiLoCoState",
-  "Downpour",
-  "EASGDState",
-  "Hogwild",
-  "HogwildEASGD",
-  "LocalSGD",
-  "LocalSGDState",
-  "ModelParallelSGD",
-  "ModelParallelState",
-  "RoundRobinEASGD",
-  "SGD",
-  "SGDState",
-  "SyncEASGD",
-  "SyncEASGDState",
-  "SyncSGD",
-  "SyncSGDState",
-  "create",
-]
+
+def create(config, loss_fn):
+  """The algorithm `config.algorithm`, with its settings from `config` (see `resolve`)."""
+  return REGISTRY[config.algorithm].from_config(config, loss_fn)
 
 
-def create(config, loss_fn, available_devices=None):
-  """The algorithm `config.algorithm`, with its settings from `config` (validated)."""
-  return REGISTRY[config.algorithm].from_config(config, loss_fn, available_devices)
+def resolve(config):
+  """`config` with the algorithm's defaults filled in, or ConfigError naming the flag to change.
+
+  The defaults written into the config (and so into config.json, which a resume compares
+  against): the inner optimizer, when --optimizer is unset (the algorithm's own, else Nesterov
+  with --momentum, else SGD).
+  """
+  if config.algorithm not in REGISTRY:
+    raise ConfigError(
+      f"--algorithm={config.algorithm} is unknown; choose one of: {', '.join(REGISTRY)}"
+    )
+  kind = REGISTRY[config.algorithm]
+  if config.optimizer is None:
+    default = kind.default_optimizer or ("nesterov" if config.momentum else "sgd")
+    config = dataclasses.replace(config, optimizer=default)
+  _check_optimizer(config, kind)
+  _check_parallelism(config, kind)
+  return config
+
+
+def _check_optimizer(config, kind):
+  if config.optimizer not in OPTIMIZERS:
+    raise ConfigError(
+      f"--optimizer={config.optimizer} is unknown; choose one of: {', '.join(OPTIMIZERS)}"
+    )
+  if config.optimizer not in kind.optimizers:
+    raise ConfigError(
+      f"--algorithm={config.algorithm} accepts --optimizer={' or '.join(kind.optimizers)} (got "
+      f"{config.optimizer}): {kind.optimizers_why}"
+    )
+  if config.optimizer in ("momentum", "nesterov") and not config.momentum:
+    raise ConfigError(f"--optimizer={config.optimizer} needs --momentum in (0, 1), e.g. 0.9")
+  if config.lr_schedule not in SCHEDULES:
+    raise ConfigError(
+      f"--lr_schedule={config.lr_schedule} is unknown; choose one of: {', '.join(SCHEDULES)}"
+    )
+  if config.lr_schedule not in kind.schedules:
+    raise ConfigError(
+      f"--algorithm={config.algorithm} accepts --lr_schedule={' or '.join(kind.schedules)} (got "
+      f"{config.lr_schedule}): its unlocked writes keep no step count"
+    )
+
+
+def _check_parallelism(config, kind):
+  if config.num_processes > 1 and not kind.data_parallel:
+    supported = [name for name, cls in REGISTRY.items() if cls.data_parallel]
+    raise ConfigError(
+      f"--algorithm={config.algorithm} runs in one process; multi-process runs support "
+      f"{', '.join(supported)}"
+    )
+  if config.model_parallel == 1:
+    return
+  if not kind.model_parallel:
+    supported = [name for name, cls in REGISTRY.items() if cls.model_parallel]
+    raise ConfigError(
+      f"--model_parallel={config.model_parallel} supports --algorithm="
+      f"{' or '.join(supported)} (got {config.algorithm}); use --model_parallel=1"
+    )
+  if kind.data_parallel and config.num_devices % config.model_parallel:
+    raise ConfigError(
+      f"--num_devices={config.num_devices} must be a multiple of --model_parallel="
+      f"{config.model_parallel} (the mesh is num_devices / model_parallel data x model_parallel)"
+    )

@@ -1,161 +1,132 @@
-"""The one contract every algorithm implements, and the facts it declares about itself.
+"""What an algorithm is: pure rules over pytrees, and the facts it declares about itself.
 
-An algorithm is pure update rules plus a few declared facts; who applies an update when is the
-engine's business (easgd_jax/engines), and the trainer (easgd_jax/trainer.py) is the one loop
-around both. Adding an algorithm means one file with one class, one line in `REGISTRY`
-(algorithms/__init__.py) and its tests.
+An algorithm never touches a device, a thread, a lock, an actor, a file or a clock: those are
+the engines' (easgd_jax/engines), which read the facts below and nothing else, and the trainer
+(easgd_jax/trainer.py) is the one loop around them. Adding an algorithm is one file with one
+class and one line in `REGISTRY` (algorithms/__init__.py); every engine then runs it.
 
-How it is driven (`driven_by`):
+Two kinds:
 
-- STEPS: the host scheduler calls `step(state, batch) -> (state, loss)` once per run step. The
-  state is a pytree (a NamedTuple of parameter pytrees, optimizer states and the step count);
-  the checkpoint holds that pytree, its arrays stored under their path names
-  (`center/Dense_0/kernel`, `locals/3/Dense_0/bias`). Data-parallel algorithms take one batch per
-  device (leading axis: this process's devices, `local_ids`) and may bound the steps the host
-  queues (`max_in_flight`); they are `DataParallel`, their step one of a few per-replica phases.
-- WORKERS: G concurrent workers, one per device, each at its own pace: `init_worker(j, params)`,
-  then `iterate(j, worker_state, batch) -> (worker_state, loss, staleness)`, one iteration
-  including its exchange with the master; `snapshot()` is the master's weights now,
-  `master_state()` / `load_master(state)` all the master holds. The checkpoint holds
-  {"master": master_state(), "workers": [worker states]}.
+- STEP_DRIVEN (`StepRule`: sgd, sync_sgd, sync_easgd, local_sgd, diloco): every replica steps at
+  once. `init(params)` is one replica's state; `phases` are per-replica functions
+  fn(state, batch) -> (state, loss) whose all-reduces are easgd_jax.collectives'; `phase(step)`
+  picks the one run step `step` (0-based) uses. An engine maps them over G replicas: pmap on
+  devices, vmap on one device, one replica under jit on a model-parallel mesh.
+- WORKER_MASTER (`WorkerMasterRule`: async_sgd, hogwild, async_easgd, hogwild_easgd, downpour,
+  and round-robin easgd, whose master is Algorithm 1's center): G workers and one master.
 
-`batches_per_step` batches of `--batch_size` make one run step (1 for an algorithm whose step is
-one worker's iteration; G for the data-parallel ones), so `samples_per_step(config)` is what
-studies budget in and what throughput counts.
+    worker_init(params) -> worker state          master_init(params) -> master state
+    worker_step(worker, view, batch) -> (worker, message, loss)
+    master_apply(master, message, worker) -> (master, reply)
+
+  `view` is what the worker last received from the master (for a step that did not open with
+  an exchange in the `opens_round` form, None: the rule then needs no master). Facts:
+  `opens_round` (the exchange comes before the step, its message `worker_message(worker)`, and
+  the step uses that exchange's reply: EASGD; otherwise the step's own message is sent after
+  it: async SGD, DOWNPOUR), `sends(own_step)` (on which of its own steps a worker exchanges),
+  `locked` (the master applies one message at a time, or unlocked: Hogwild), `additive` (the
+  master is its weights and master_apply adds `increment(weights, message)`: an engine may then
+  write it in place without a copy), `schedule` (ASYNCHRONOUS: each worker at its own pace;
+  ROUND_ROBIN: Algorithm 1's order, iteration t on worker t mod G).
+
+`samples_per_step(config)` is what one run step consumes (studies budget in it); a run step is
+one step of every replica, or one worker's iteration.
 """
 
-import functools
-from typing import Any, ClassVar, Protocol
-
 import jax
+import jax.numpy as jnp
 
-from easgd_jax import devices, optimizers
+from easgd_jax import optimizers, schedule
 from easgd_jax.optimizers import OPTIMIZERS, SCHEDULES
 
-STEPS = "steps"  # the host scheduler calls step()
-WORKERS = "workers"  # concurrent workers call iterate() (threads on one machine)
+STEP_DRIVEN, WORKER_MASTER = "step_driven", "worker_master"
+ASYNCHRONOUS, ROUND_ROBIN = "asynchronous", "round_robin"
 
 
-class Algorithm(Protocol):
-  name: ClassVar[str]
-  driven_by: ClassVar[str]  # STEPS or WORKERS
-  data_parallel: ClassVar[bool]  # one batch per device per step from sharded samplers
-  elastic: ClassVar[bool]  # exchanges with a center by Eq. (1)/(2): alpha, stability, gaps
-  all_at_once: ClassVar[bool]  # every worker exchanges at the same moment (stability condition)
-  model_parallel: ClassVar[bool]  # runs on a (data, model) mesh with --model_parallel > 1
-  optimizers: ClassVar[tuple]  # the inner optimizers it accepts
-  optimizers_why: ClassVar[str]  # why, when it accepts fewer than all
-  schedules: ClassVar[tuple]  # the learning-rate schedules it accepts
-  engines: ClassVar[tuple]  # the engines that run it (config.ENGINES)
+class Rule:
+  """The facts every algorithm declares; a class overrides what differs."""
 
-  devices: list  # where its workers or replicas live
-  batches_per_step: int
-
-  @classmethod
-  def from_config(cls, config, loss_fn, available_devices=None) -> "Algorithm": ...
-
-  @classmethod
-  def samples_per_step(cls, config) -> int: ...
-
-  def init(self, params_host) -> Any: ...
-
-  def eval_params(self, state) -> Any: ...
-
-  def worker_points(self, state) -> list | None:
-    """Each worker's point x^i beside `eval_params` (the center), for the gap diagnostic."""
-
-
-class Defaults:
-  """The facts most algorithms share; a class overrides what differs."""
-
-  driven_by = STEPS
-  data_parallel = False
-  elastic = False
-  all_at_once = False
-  model_parallel = False
-  optimizers = OPTIMIZERS
-  optimizers_why = ""  # why an algorithm accepts fewer, for the error that refuses one
-  schedules = SCHEDULES
-  engines = ("local", "simulated")
+  name: str
+  kind: str
+  elastic = False  # exchanges with a center by Eq. (1)/(2): alpha, stability, gaps
+  all_at_once = False  # every worker exchanges at the same moment (stability condition)
+  data_parallel = False  # G replicas, one batch each per step from a sharded sampler
+  model_parallel = False  # runs on a (data, model) mesh with --model_parallel > 1
+  optimizers = OPTIMIZERS  # the inner optimizers it accepts
+  optimizers_why = ""  # why, when it accepts fewer (for the error that refuses one)
+  schedules = SCHEDULES  # the learning-rate schedules it accepts
+  default_optimizer = None  # unset --optimizer: this, else nesterov with --momentum, else sgd
 
   @classmethod
   def samples_per_step(cls, config):
     """Samples one run step consumes (studies budget in these; throughput counts them)."""
     if config.model_parallel > 1:
-      return config.batch_size * config.mesh_shape[0]
+      data = config.num_devices // config.model_parallel if cls.data_parallel else 1
+      return config.batch_size * data
     return config.batch_size * (config.num_devices if cls.data_parallel else 1)
 
   @classmethod
   def steps_per_count(cls, config):
     """Run steps per step of one worker's optimizer: G when a run step is one worker's."""
-    one_at_a_time = cls.driven_by == WORKERS or (cls.elastic and not cls.data_parallel)
-    return config.num_devices if one_at_a_time else 1
+    return config.num_devices if cls.kind == WORKER_MASTER else 1
 
   @classmethod
   def inner_optimizer(cls, config):
-    return optimizers.from_config(config, cls.steps_per_count(config))
+    return optimizers.from_config(
+      config, cls.steps_per_count(config), cls.default_optimizer or "sgd"
+    )
 
-  def worker_points(self, state):
+
+class StepRule(Rule):
+  kind = STEP_DRIVEN
+  phases: tuple  # per-replica fn(state, batch) -> (state, loss), set by the subclass
+  tau = 1  # with two phases: the exchange phase every tau-th step ...
+  opens_round = False  # ... opening a round (steps 0, tau, ...) or closing it (tau - 1, ...)
+
+  def phase(self, step):
+    """The index in `phases` of the function run step `step` (0-based) uses: 1 on an exchange
+    step, when there are two phases (local steps, then the exchange); else 0."""
+    return int(len(self.phases) > 1 and schedule.exchanges(step, self.tau, self.opens_round))
+
+  def eval_params(self, state):
+    """The weights to evaluate, from one replica's state."""
+    return state.params
+
+  def worker_point(self, state):
+    """x^i of one replica beside the center (the gap diagnostic), or None."""
     return None
 
 
-class DataParallel(Defaults):
-  """G replicas stepping together, the step one of a few per-replica phases.
+class WorkerMasterRule(Rule):
+  kind = WORKER_MASTER
+  schedule = ASYNCHRONOUS
+  opens_round = False
+  locked = True
+  additive = False
+  tau = 1  # the worker's exchange period, in its own steps
 
-  A subclass sets `phases`, functions fn(replica_state, batch) -> (replica_state, loss) for one
-  replica, whose collectives are `replica_sum` and `replica_mean` (devices.psum and pmean over
-  devices.AXIS), and `phase(step)`, the index of the one run step `step` uses (`step`: the
-  steps done before it). A replica state is
-  the algorithm's state with `step=None`: None is an empty pytree, so pmap, vmap and scan pass
-  it through, and which phase runs is decided on the host, never traced.
+  def sends(self, own_step):
+    """Whether a worker exchanges on its own step `own_step` (0-based; an int or traced)."""
+    return schedule.exchanges(own_step, self.tau, self.opens_round)
 
-  Placed one replica per device (`fused=False`), `step` pmaps the phases over G devices. Fused
-  (the simulated engine, engines/simulated.py), everything lives on one device, `init` holds one
-  replica (leading axis 1, for the engine to repeat G times) and the engine runs
-  jax.vmap(phase, axis_name=devices.AXIS) over the G replicas stacked there, where the same
-  collectives reduce over the vmapped axis (as a matrix product: devices.psum says why); G may
-  then exceed the devices there are.
-  """
+  def worker_message(self, worker):
+    """What a worker sends when an exchange opens its step (the `opens_round` form)."""
+    raise NotImplementedError
 
-  data_parallel = True
-  phases: tuple  # the per-replica functions, set by the subclass's __init__
+  def increment(self, weights, message):
+    """An `additive` master's change: master_apply is weights + increment(weights, message)."""
+    raise NotImplementedError
 
-  @staticmethod
-  def placement(config, available_devices=None):
-    """The constructor's placement arguments for a run: fused for --engine=simulated."""
-    return {"fused": config.engine == "simulated", "available_devices": available_devices}
+  def master_apply(self, master, message, worker):
+    """The additive form; the reply is the weights read (opening) or written (closing)."""
+    del worker
+    new = jax.tree.map(jnp.add, master, self.increment(master, message))
+    return new, (master if self.opens_round else new)
 
-  def _place(self, num_devices, fused=False, available_devices=None):
-    """One device per replica (this process's: `local_ids`), or all of them fused on one."""
-    self.batches_per_step = num_devices  # per-replica batches per step, across all processes
-    self.fused = fused
-    if fused:
-      self.devices = [(available_devices or jax.devices())[0]]
-      self.local_ids = list(range(num_devices))  # every replica's batch comes to this process
-      self.max_in_flight = None  # no cross-device collective to miss its rendezvous
-    else:
-      self.devices = devices.replica_devices(num_devices)
-      self.local_ids = devices.local_replica_ids(self.devices)
-      self.max_in_flight = devices.max_in_flight(self.devices)
+  def eval_params(self, master):
+    return master
 
-  def replica_sum(self, tree):
-    """The all-reduce of a phase: the sum over the replicas (devices.psum)."""
-    return devices.psum(tree, self.fused)
-
-  def replica_mean(self, tree):
-    return devices.pmean(tree, self.fused)
-
-  def phase(self, step):
-    """The index in `phases` of the function run step `step` uses: one phase unless overridden."""
-    return 0
-
-  @functools.cached_property
-  def _pmapped(self):
-    # Built on the first step, not in __init__: a fused instance never pmaps.
-    return tuple(devices.pmap(fn, self.devices) for fn in self.phases)
-
-  def step(self, state, batch_local):
-    """batch_local: this process's batches, leading axis one per local device."""
-    batch = devices.put_replicas(batch_local, self.devices)
-    new, loss = self._pmapped[self.phase(state.step)](state._replace(step=None), batch)
-    return new._replace(step=state.step + 1), loss
+  def worker_point(self, worker, view):
+    """x^i of a worker beside the center (the gap diagnostic), given its last reply (None for
+    an `opens_round` rule), or None."""
+    return None

@@ -9,8 +9,8 @@ the outer step (`phases[1]`) following that step's inner step, on steps tau - 1,
 (counting from 0).
 
 Both optimizers are optax. Each worker's inner state stays its own across rounds; the outer
-state is the same on every device (every device computes the same outer step). With outer
-learning rate 1 and no outer momentum, W-bar <- mean_i W^i: DiLoCo is then local SGD.
+state is the same on every replica (each computes the same outer step). With outer learning
+rate 1 and no outer momentum, W-bar <- mean_i W^i: DiLoCo is then local SGD.
 """
 
 from typing import Any, NamedTuple
@@ -19,16 +19,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from easgd_jax import core, devices
-from easgd_jax.algorithms.base import DataParallel
+from easgd_jax import collectives, core
+from easgd_jax.algorithms.base import StepRule
 
 
 class DiLoCoState(NamedTuple):
-  center: Any  # W-bar, the global model, one identical copy per device
-  outer_state: Any  # the outer optimizer's state, one identical copy per device
-  locals: Any  # W^i, leading axis: this process's devices
-  opt_states: Any  # each worker's own inner optimizer state
-  step: int
+  center: Any  # W-bar, the global model, the same on every replica
+  outer_state: Any  # the outer optimizer's state, the same on every replica
+  local: Any  # W^i
+  opt_state: Any  # worker i's own inner optimizer state
 
 
 def outer_optimizer(learning_rate=0.7, momentum=0.9):
@@ -36,30 +35,27 @@ def outer_optimizer(learning_rate=0.7, momentum=0.9):
   return optax.sgd(learning_rate, momentum=momentum or None, nesterov=bool(momentum))
 
 
-class DiLoCo(DataParallel):
+class DiLoCo(StepRule):
   name = "diloco"
+  data_parallel = True
   default_optimizer = "adamw"
 
   def __init__(
     self,
     loss_fn,
     *,
-    num_devices,
     tau=1,
     learning_rate=None,
     optimizer=None,
     outer_learning_rate=0.7,
     outer_momentum=0.9,
-    fused=False,
-    available_devices=None,
   ):
-    core.check_hyperparameters(tau=tau, num_devices=num_devices)
+    core.check_hyperparameters(tau=tau)
     if not (0 <= outer_momentum < 1 and outer_learning_rate > 0):
       raise ValueError(
         f"outer_learning_rate must be > 0 and outer_momentum in [0, 1) (got "
         f"{outer_learning_rate!r}, {outer_momentum!r})"
       )
-    self._place(num_devices, fused, available_devices)
     self.tau = tau
     if optimizer is None:
       core.check_hyperparameters(learning_rate=learning_rate)
@@ -69,46 +65,36 @@ class DiLoCo(DataParallel):
     inner_step = core.make_sgd_step(loss_fn, self.optimizer)
 
     def local_step(state, batch):
-      local, opt_state, loss = inner_step(state.locals, state.opt_states, batch)
-      return state._replace(locals=local, opt_states=opt_state), loss
+      local, opt_state, loss = inner_step(state.local, state.opt_state, batch)
+      return state._replace(local=local, opt_state=opt_state), loss
 
     def outer_step(state, batch):
-      local, opt_state, loss = inner_step(state.locals, state.opt_states, batch)
-      average = self.replica_mean(local)
+      local, opt_state, loss = inner_step(state.local, state.opt_state, batch)
+      average = collectives.replica_mean(local)
       pseudo_gradient = jax.tree.map(jnp.subtract, state.center, average)
       updates, outer_state = self.outer.update(pseudo_gradient, state.outer_state, state.center)
       center = optax.apply_updates(state.center, updates)
-      return DiLoCoState(center, outer_state, center, opt_state, None), loss
+      return DiLoCoState(center, outer_state, center, opt_state), loss
 
     self.phases = (local_step, outer_step)
 
-  def phase(self, step):
-    return int((step + 1) % self.tau == 0)  # after the tau-th inner step of a round
-
   @classmethod
-  def from_config(cls, config, loss_fn, available_devices=None):
+  def from_config(cls, config, loss_fn):
     return cls(
       loss_fn,
-      num_devices=config.num_devices,
       tau=config.tau,
       optimizer=cls.inner_optimizer(config),
       outer_learning_rate=config.outer_learning_rate,
       outer_momentum=config.outer_momentum,
-      **cls.placement(config, available_devices),
     )
 
   def init(self, params_host) -> DiLoCoState:
-    replicated = devices.replicate(params_host, self.devices)
     return DiLoCoState(
-      center=replicated,
-      outer_state=devices.replicate(self.outer.init(params_host), self.devices),
-      locals=replicated,
-      opt_states=devices.replicate(self.optimizer.init(params_host), self.devices),
-      step=0,
+      params_host, self.outer.init(params_host), params_host, self.optimizer.init(params_host)
     )
 
-  def eval_params(self, state: DiLoCoState):
-    return devices.first_replica(state.center)
+  def eval_params(self, state):
+    return state.center
 
-  def worker_points(self, state: DiLoCoState):
-    return devices.local_replicas(state.locals)
+  def worker_point(self, state):
+    return state.local

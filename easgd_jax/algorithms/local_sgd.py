@@ -15,69 +15,46 @@ W-bar, the last average, is what gets evaluated.
 
 from typing import Any, NamedTuple
 
-from easgd_jax import core, devices
-from easgd_jax.algorithms.base import DataParallel
+from easgd_jax import collectives, core
+from easgd_jax.algorithms.base import StepRule
 
 
 class LocalSGDState(NamedTuple):
-  center: Any  # W-bar, the last average, one identical copy per device
-  locals: Any  # W^i, leading axis: this process's devices
-  opt_states: Any  # each worker's own inner optimizer state
-  step: int
+  center: Any  # W-bar, the last average, the same on every replica
+  local: Any  # W^i
+  opt_state: Any  # worker i's own inner optimizer state
 
 
-class LocalSGD(DataParallel):
+class LocalSGD(StepRule):
   name = "local_sgd"
+  data_parallel = True
 
-  def __init__(
-    self,
-    loss_fn,
-    *,
-    num_devices,
-    tau=1,
-    learning_rate=None,
-    momentum=0.0,
-    optimizer=None,
-    fused=False,
-    available_devices=None,
-  ):
-    core.check_hyperparameters(tau=tau, num_devices=num_devices)
-    self._place(num_devices, fused, available_devices)
+  def __init__(self, loss_fn, *, tau=1, learning_rate=None, momentum=0.0, optimizer=None):
+    core.check_hyperparameters(tau=tau)
     self.tau = tau
     self.optimizer = core.inner_or_default(optimizer, learning_rate, momentum)
     inner_step = core.make_sgd_step(loss_fn, self.optimizer)
 
     def local_step(state, batch):
-      local, opt_state, loss = inner_step(state.locals, state.opt_states, batch)
-      return state._replace(locals=local, opt_states=opt_state), loss
+      local, opt_state, loss = inner_step(state.local, state.opt_state, batch)
+      return state._replace(local=local, opt_state=opt_state), loss
 
     def averaging_step(state, batch):
-      local, opt_state, loss = inner_step(state.locals, state.opt_states, batch)
-      average = self.replica_mean(local)
-      return LocalSGDState(average, average, opt_state, None), loss
+      local, opt_state, loss = inner_step(state.local, state.opt_state, batch)
+      average = collectives.replica_mean(local)
+      return LocalSGDState(average, average, opt_state), loss
 
     self.phases = (local_step, averaging_step)
 
-  def phase(self, step):
-    return int((step + 1) % self.tau == 0)  # after the tau-th inner step of a round
-
   @classmethod
-  def from_config(cls, config, loss_fn, available_devices=None):
-    return cls(
-      loss_fn,
-      num_devices=config.num_devices,
-      tau=config.tau,
-      optimizer=cls.inner_optimizer(config),
-      **cls.placement(config, available_devices),
-    )
+  def from_config(cls, config, loss_fn):
+    return cls(loss_fn, tau=config.tau, optimizer=cls.inner_optimizer(config))
 
   def init(self, params_host) -> LocalSGDState:
-    replicated = devices.replicate(params_host, self.devices)
-    opt_states = devices.replicate(self.optimizer.init(params_host), self.devices)
-    return LocalSGDState(replicated, replicated, opt_states, 0)
+    return LocalSGDState(params_host, params_host, self.optimizer.init(params_host))
 
-  def eval_params(self, state: LocalSGDState):
-    return devices.first_replica(state.center)
+  def eval_params(self, state):
+    return state.center
 
-  def worker_points(self, state: LocalSGDState):
-    return devices.local_replicas(state.locals)
+  def worker_point(self, state):
+    return state.local

@@ -1,41 +1,91 @@
-"""Engines decide who applies which update when; the trainer (easgd_jax/trainer.py) is the loop
-around them, and the algorithms (easgd_jax/algorithms) say what an update is.
+"""Engines decide who applies which update when; the one place where an engine is chosen.
 
-Every engine has the same face towards the trainer:
+Every engine interprets the facts an algorithm declares (algorithms/base.py) and nothing else,
+and gives the trainer the face of engines/base.py. Here, and only here, `--engine` is read:
 
-- `checkpoint_arrays()`: {path name: array} of the state now (the template a restore fills);
-- `restore(arrays, record)`: continue from a checkpoint (the record is the JSON saved with it);
-- `run(at_point, tick, should_stop)`: train to `--steps`, calling `at_point(Point)` at every
-  evaluation and checkpoint point and on a stop, and `tick(step)` often (for progress lines);
-  `should_stop()` is the stop signal that arrived (SIGTERM/SIGINT), or None;
-- `throughput()`: (iterations, seconds) of this launch, compilation and pauses left out;
-- `final_params()` and `state`: the evaluated weights and the whole state at the end.
-
-The local engines: `steps.StepEngine` (the host scheduler, for algorithms driven by STEPS) and
-`threads.ThreadEngine` (one thread per worker, for those driven by WORKERS). The Ray engine
-(`--engine=ray`, ray.py): `ray.AsyncEngine` (a parameter server actor and worker actors) and
-`ray.RoundRobinEngine` (Algorithm 1's scheduler driving worker actors). `create` picks the one
-the algorithm declares, on the engine `--engine` names, inside `cluster(config)`. The simulated
-engine (`--engine=simulated`, simulated.py) runs every algorithm: G workers fused on one device
-under a virtual clock.
+- local (local/): devices and threads in this process;
+- ray (ray/): actors on a Ray cluster, for the worker/master family;
+- simulated (simulated/): G workers fused on one device under a virtual clock.
 """
 
 import contextlib
-import dataclasses
+
+from easgd_jax.algorithms.base import ASYNCHRONOUS, WORKER_MASTER
+from easgd_jax.errors import ConfigError
+
+NAMES = ("local", "ray", "simulated")
+# Flags that belong to one engine, refused on the others.
+OWN_FLAGS = {
+  "ray": ("ray_address", "ray_pipeline", "ray_worker_gpus", "max_worker_restarts"),
+  "simulated": tuple(
+    f"sim_{name}"
+    for name in "compute_ms latency_us bandwidth_gbps service_us jitter stragglers "
+    "straggler_slowdown".split()
+  ),
+}
 
 
-@dataclasses.dataclass
-class Point:
-  """A moment the trainer acts on: evaluate, checkpoint, or stop."""
+def check(config):
+  """ConfigError naming the flag, when --engine cannot run this algorithm with these flags."""
+  if config.engine not in NAMES:
+    raise ConfigError(f"--engine={config.engine} is unknown; choose one of: {', '.join(NAMES)}")
+  defaults = type(config)()
+  for engine, flags in OWN_FLAGS.items():
+    given = [f for f in flags if getattr(config, f) != getattr(defaults, f)]
+    if given and config.engine != engine:
+      raise ConfigError(f"--{given[0]} applies to --engine={engine} (got --engine={config.engine})")
+  if config.engine == "ray" and config.num_processes > 1:
+    raise ConfigError("--engine=ray runs one driver process; use --num_processes=1")
+  if config.engine == "simulated":
+    if config.num_processes > 1 or config.model_parallel > 1:
+      raise ConfigError(
+        "--engine=simulated runs one process on one device; use --num_processes=1 and "
+        "--model_parallel=1"
+      )
+    if config.inject_failure is not None:
+      raise ConfigError("--inject_failure applies to --engine=local and ray, not simulated")
 
-  step: int  # run steps done
-  wall_time_s: float  # training seconds of this launch so far (pauses left out)
-  losses: list  # [(step, values, who)] since the previous evaluation, on the host
-  params: object = None  # the weights to evaluate (the center), or None: no evaluation here
-  points: list | None = None  # each worker's x^i beside the center, for the gap diagnostic
-  checkpoint: tuple | None = None  # (arrays, engine record) of this instant, to be saved
-  stopped: int | None = None  # the stop signal that arrived: save the checkpoint, then stop
-  extra: dict = dataclasses.field(default_factory=dict)  # per-algorithm metrics of the row
+
+def runs(engine, rule):
+  """Whether `engine` runs this kind of algorithm: Ray runs the worker/master family."""
+  return engine != "ray" or rule.kind == WORKER_MASTER
+
+
+def injects_failures(engine, rule):
+  """Whether --inject_failure has a worker to fail: at its own pace, or any actor on Ray."""
+  return rule.kind == WORKER_MASTER and (engine == "ray" or rule.schedule == ASYNCHRONOUS)
+
+
+def devices_to_emulate(config):
+  """CPU devices to emulate for this run: one for a simulated cluster (its G workers share
+  it), else as many as this process drives."""
+  return 1 if config.engine == "simulated" else config.local_devices
+
+
+def prepare(config, loss_fn, params_host, dataset):
+  """`config` with what the engine measures at the first launch (the simulated clock's costs)."""
+  if config.engine != "simulated":
+    return config
+  from easgd_jax.engines import simulated
+
+  sample = dataset.take(slice(0, config.batch_size))
+  return simulated.measure_costs(config, loss_fn, params_host, sample)
+
+
+def measured_fields(config):
+  """The fields the engine measured at the first launch, which every relaunch reuses."""
+  return ("sim_compute_ms", "sim_service_us") if config.engine == "simulated" else ()
+
+
+def virtual_clock(config):
+  """Whether the run's rows carry a virtual clock (the simulated cluster's)."""
+  return config.engine == "simulated"
+
+
+def same_checkpoints(old, new):
+  """Whether a checkpoint written on --engine=old resumes on --engine=new (a simulated
+  cluster's stacked state is its own)."""
+  return old == new or "simulated" not in (old, new)
 
 
 @contextlib.contextmanager
@@ -44,7 +94,7 @@ def cluster(config):
   if config.engine != "ray":
     yield
     return
-  from easgd_jax.engines import ray_cluster
+  from easgd_jax.engines.ray import cluster as ray_cluster
 
   started = ray_cluster.connect(config)
   try:
@@ -53,24 +103,16 @@ def cluster(config):
     ray_cluster.shutdown(started)
 
 
-def create(config, algorithm, dataset, params_host, sampler=None):
-  """The engine for `algorithm` on --engine: the host scheduler, worker threads, or Ray."""
-  from easgd_jax.algorithms import STEPS
-  from easgd_jax.engines import steps, threads
-
+def create(config, rule, dataset, params_host):
+  """The engine --engine names, for `rule`."""
   if config.engine == "ray":
     from easgd_jax.engines import ray
 
-    if algorithm.driven_by == STEPS:  # round-robin EASGD: the local engine's sampler, indexed
-      indexed = ray.IndexSampler(dataset.train_images, dataset.train_labels, config.seed)
-      engine = ray.RoundRobinEngine(config, algorithm, indexed, params_host, dataset)
-    else:
-      engine = ray.AsyncEngine(config, algorithm, dataset, params_host)
-    return engine
+    return ray.create(config, rule, dataset, params_host)
   if config.engine == "simulated":
     from easgd_jax.engines import simulated
 
-    return simulated.SimulatedEngine(config, algorithm, dataset, params_host, sampler)
-  if algorithm.driven_by == STEPS:
-    return steps.StepEngine(config, algorithm, sampler, params_host)
-  return threads.ThreadEngine(config, algorithm, dataset, params_host)
+    return simulated.create(config, rule, dataset, params_host)
+  from easgd_jax.engines import local
+
+  return local.create(config, rule, dataset, params_host)

@@ -13,7 +13,7 @@ import socket
 import sys
 import warnings
 
-from easgd_jax.config import ConfigError
+from easgd_jax.errors import ConfigError
 
 CONNECT_TIMEOUT_S = 10  # an unreachable --ray_address fails within this
 

@@ -1,0 +1,1 @@
+"""easgd_jax: parallel training algorithms side by side in JAX (README.md)."""

@@ -1,0 +1,111 @@
+"""A study's table: one row per arm, means over seeds (results.md, results.csv)."""
+
+import csv
+import io
+
+import numpy as np
+
+
+def _mean_std(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None
+  return float(np.mean(values)), float(np.std(values))
+
+
+def rows(study, results):
+  """One row per arm: the table's numbers (means over seeds; None where a seed never got there)."""
+  table = []
+  for arm in study.arms:
+    summaries = [run[0] for run in results[arm.label] if run is not None]
+    diverged = len(results[arm.label]) - len(summaries)
+    accuracy, accuracy_std = _mean_std([s["final"]["test_accuracy"] for s in summaries])
+    reached = [s for s in summaries if s.get("steps_to_target") is not None]
+    staleness = [_staleness_median(s) for s in summaries]
+    table.append(
+      {
+        "arm": arm.label,
+        "family": arm.family,
+        "swept": arm.swept,
+        "seeds": len(results[arm.label]),
+        "diverged": diverged,
+        "final_accuracy_mean": accuracy,
+        "final_accuracy_std": accuracy_std,
+        "reached_target": f"{len(reached)}/{len(results[arm.label])}",
+        "steps_to_target": _mean_std([s["steps_to_target"] for s in reached])[0],
+        "samples_to_target": _mean_std([s["samples_to_target"] for s in reached])[0],
+        "seconds_to_target": _mean_std([s["seconds_to_target"] for s in reached])[0],
+        "samples_per_s": _mean_std([s["samples_per_s"] for s in summaries])[0],
+        "staleness_median": _mean_std(staleness)[0],
+      }
+    )
+    if study.simulated:  # only then, so the other studies' tables keep their columns
+      table[-1].update(_clock_columns(summaries, reached))
+  return table
+
+
+def _staleness_median(summary):
+  """The median staleness of an asynchronous run: measured (local, ray), or from the simulated
+  cluster's histogram {staleness: count}; None for the other algorithms."""
+  if summary.get("staleness"):
+    return summary["staleness"]["median"]
+  histogram = summary.get("sim_staleness_histogram")
+  if not histogram:
+    return None
+  values = sorted((int(v), c) for v, c in histogram.items())  # JSON keys are strings
+  return float(np.median(np.repeat([v for v, _ in values], [c for _, c in values])))
+
+
+def _clock_columns(summaries, reached):
+  """The simulated cluster's columns (None for an arm on a real engine, or never reaching it)."""
+  mean = lambda runs, key: _mean_std([s.get(key) for s in runs])[0]  # noqa: E731
+  return {
+    "virtual_seconds_to_target": mean(reached, "virtual_seconds_to_target"),
+    "virtual_time_s": mean(summaries, "sim_virtual_time_s"),
+    "communication_share": mean(summaries, "sim_communication_share"),
+    "link_busy_share": mean(summaries, "sim_link_busy_share"),
+  }
+
+
+def markdown(study, table):
+  target = f"{study.target_accuracy:.0%}"
+  simulated = bool(table) and "communication_share" in table[0]
+  clock = f" virtual s to {target} | virtual s in all | communication share |" if simulated else ""
+  lines = [
+    f"| run | final test accuracy | reached {target} | steps to {target} | samples to {target} "
+    f"| seconds to {target} | samples/s | staleness (median) |{clock}",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * (3 if simulated else 0),
+  ]
+  for row in table:
+    diverged = f"{row['diverged']}/{row['seeds']} diverged"
+    if row["final_accuracy_mean"] is None:
+      accuracy = diverged
+    else:
+      accuracy = f"{row['final_accuracy_mean']:.4f} ± {row['final_accuracy_std']:.4f}"
+      accuracy += f" ({diverged})" if row["diverged"] else ""
+    lines.append(
+      f"| {row['arm']} | {accuracy} "
+      f"| {row['reached_target']} | {_fmt(row['steps_to_target'], '.0f')} "
+      f"| {_fmt(row['samples_to_target'], '.0f')} | {_fmt(row['seconds_to_target'], '.1f')} "
+      f"| {_fmt(row['samples_per_s'], '.0f')} | {_fmt(row['staleness_median'], '.1f')} |"
+      + (
+        f" {_fmt(row['virtual_seconds_to_target'], '.4g')} | {_fmt(row['virtual_time_s'], '.4g')} "
+        f"| {_fmt(row['communication_share'], '.1%')} |"
+        if simulated
+        else ""
+      )
+    )
+  header = study.header.strip()
+  return (header + "\n\n" if header else "") + "\n".join(lines) + "\n"
+
+
+def _fmt(value, spec):
+  return "–" if value is None else format(value, spec)
+
+
+def to_csv(table):
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=list(table[0]))
+  writer.writeheader()
+  writer.writerows(table)
+  return out.getvalue()
