@@ -32,7 +32,7 @@ def main(argv):
     # Emulated CPU devices must be requested before jax touches a device.
     from easgd_jax import devices, engines, train
 
-    config = train.validate(config)
+    config = train.validate(config, FLAGS.workdir)
     devices.emulate_cpu_devices(engines.devices_to_emulate(config))
     devices.initialize_processes(config)
     return config, train.train_and_evaluate(config, FLAGS.workdir)

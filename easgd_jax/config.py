@@ -13,8 +13,8 @@ import math
 
 from easgd_jax.errors import ConfigError
 
-DATASETS = ("digits", "mnist5k", "mnist", "cifar10", "synthetic")
-MODELS = ("mlp", "lenet", "cifar_cnn")
+DATASETS = ("digits", "mnist5k", "mnist", "cifar10", "synthetic", "shakespeare")
+MODELS = ("mlp", "lenet", "cifar_cnn", "transformer")
 # Upper bounds, so a typo fails here with a message instead of hanging or crashing later: the
 # CPU backend creates 4096 emulated devices in a second, 16384 in 25 s, 100000 in many minutes.
 MAX_DEVICES = 4096
@@ -25,8 +25,13 @@ MAX_TIMEOUT_S = 24 * 3600
 MAX_JITTER = 3.0
 
 
-def field(default, help):  # noqa: A002 (the flag's help text)
-  return dataclasses.field(default=default, metadata={"help": help})
+def field(default, help, otherwise=None):  # noqa: A002 (the flag's help text)
+  """A setting: its default and help; `otherwise` for a setting an algorithm may default for a
+  model (unset, None, until `easgd_jax.algorithms.resolve`: a flag given, then the --config
+  file's value, then the workdir's config.json on resume, then the algorithm's default for the
+  model, then `otherwise`)."""
+  metadata = {"help": help} if otherwise is None else {"help": help, "otherwise": otherwise}
+  return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,28 +40,37 @@ class Config:
   dataset: str = field("digits", f"One of {', '.join(DATASETS)}; digits, mnist5k are offline.")
   data_dir: str | None = field(None, "tensorflow-datasets folder for mnist/cifar10.")
   model: str = field("lenet", f"One of {', '.join(MODELS)}.")
+  num_layers: int = field(4, "transformer: blocks.")
+  num_heads: int = field(4, "transformer: attention heads per block.")
+  width: int = field(128, "transformer: embedding width.")
+  context: int = field(64, "transformer: characters per window (and positions).")
   num_devices: int = field(4, "Workers G, one per device (shared j mod D if fewer devices).")
-  batch_size: int = field(32, "b, per worker per iteration (per device: a step uses P*b).")
-  learning_rate: float = field(0.05, "Learning rate eta (> 0).")
+  batch_size: int | None = field(None, "b, per worker per iteration (a P-device step: P*b).", 32)
+  learning_rate: float | None = field(None, "Learning rate eta (> 0).", 0.05)
   rho: float | None = field(None, "Elastic coefficient rho (1.0 unset): alpha = eta * rho.")
   alpha: float | None = field(None, "The moving rate alpha of Eq. (1)/(2) itself, not --rho.")
-  tau: int = field(1, "Communication period: exchange (or average) every tau-th own step.")
+  tau: int | None = field(None, "Communication period: exchange (or average) every tau-th step.", 1)
   momentum: float = field(0.0, "delta in [0, 1): alone, Nesterov momentum (EAMSGD).")
   optimizer: str | None = field(
     None, "sgd, momentum, nesterov or adamw (unset: the algorithm's, else nesterov or sgd)."
   )
-  lr_schedule: str = field("constant", "constant, cosine or warmup_cosine.")
+  lr_schedule: str | None = field(None, "constant, cosine or warmup_cosine.", "constant")
   decay_steps: int | None = field(None, "Steps the schedule spans (unset: the first --steps).")
-  warmup_steps: int = field(0, "warmup_cosine: warm-up steps.")
-  weight_decay: float = field(1e-4, "adamw: decoupled weight decay.")
+  warmup_steps: int | None = field(None, "warmup_cosine: warm-up steps.", 0)
+  min_learning_rate: float | None = field(None, "The cosine schedules' floor.", 0.0)
+  weight_decay: float | None = field(None, "adamw: decoupled weight decay.", 1e-4)
+  beta2: float | None = field(None, "adamw: the second moment's decay.", 0.999)
+  grad_clip: float | None = field(None, "Clip the gradient to this global norm (0: no).", 0.0)
   outer_learning_rate: float = field(0.7, "diloco: the outer Nesterov SGD's learning rate.")
   outer_momentum: float = field(0.9, "diloco: the outer momentum.")
   steps: int = field(2000, "Iterations T (a worker/master step: one worker's iteration).")
   eval_every: int = field(100, "Iterations between evaluations of the center on the test set.")
   seed: int = field(0, "Seed of the parameter initialization and the batch sampling.")
   target_accuracy: float | None = field(None, "Report steps/seconds to this test accuracy.")
+  target_loss: float | None = field(None, "Report steps/tokens/seconds to this test loss.")
   synthetic_shape: tuple = field((16, 16, 3), "H,W,C of the synthetic dataset's images.")
   synthetic_train_size: int = field(4096, "Examples in the synthetic training split.")
+  max_chars: int | None = field(None, "shakespeare: each split's first N characters (tests).")
   coordinator_address: str | None = field(None, "Multi-process runs: HOST:PORT of process 0.")
   num_processes: int = field(1, "Multi-process runs: processes taking part.")
   process_id: int = field(0, "Multi-process runs: this process's rank.")
@@ -89,13 +103,21 @@ class Config:
     _one_of("dataset", self.dataset, DATASETS)
     _one_of("model", self.model, MODELS)
     _in_range("num_devices", self.num_devices, 1, MAX_DEVICES)
-    _at_least("batch_size", self.batch_size, 1)  # data.load checks it against the training set
-    _at_least("tau", self.tau, 1)
+    # Settings left unset (None) are checked once `algorithms.resolve` has filled them in.
+    if self.batch_size is not None:  # data.load checks it against the training set
+      _at_least("batch_size", self.batch_size, 1)
+    if self.tau is not None:
+      _at_least("tau", self.tau, 1)
+    for name in ("num_layers", "num_heads", "width", "context"):
+      _at_least(name, getattr(self, name), 1)
+    if self.width % self.num_heads:
+      raise ConfigError(f"--width={self.width} must be a multiple of --num_heads={self.num_heads}")
     _at_least("steps", self.steps, 1)
     _at_least("eval_every", self.eval_every, 1)
     _at_least("synthetic_train_size", self.synthetic_train_size, 2)
     _in_range("seed", self.seed, 0, MAX_SEED)
-    _positive("learning_rate", self.learning_rate)
+    if self.learning_rate is not None:
+      _positive("learning_rate", self.learning_rate)
     if not (_is_number(self.momentum) and 0 <= self.momentum < 1):
       raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
     self._validate_elastic()
@@ -113,6 +135,10 @@ class Config:
     self._validate_costs()
     if self.inject_nan is not None:
       _at_least("inject_nan", self.inject_nan, 1)
+      if self.dataset == "shakespeare":
+        raise ConfigError("--inject_nan poisons image batches; text has no NaN to inject")
+    if self.max_chars is not None:
+      _at_least("max_chars", self.max_chars, 1)
     if self.inject_failure is not None:
       worker, step = self.failure_point or (-1, -1)
       if not (0 <= worker < self.num_devices and step >= 0):
@@ -122,6 +148,8 @@ class Config:
         )
     if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
       raise ConfigError(f"--target_accuracy must be in (0, 1] (got {self.target_accuracy})")
+    if self.target_loss is not None:
+      _positive("target_loss", self.target_loss)
     shape = tuple(self.synthetic_shape)
     if len(shape) != 3 or min(shape) < 1:
       raise ConfigError(
@@ -143,16 +171,21 @@ class Config:
   def _validate_schedule(self):
     if self.decay_steps is not None:
       _at_least("decay_steps", self.decay_steps, 1)
-    _at_least("warmup_steps", self.warmup_steps, 0)
-    if self.lr_schedule == "warmup_cosine" and self.warmup_steps >= (
+    if self.warmup_steps is not None:
+      _at_least("warmup_steps", self.warmup_steps, 0)
+    if self.lr_schedule == "warmup_cosine" and (self.warmup_steps or 0) >= (
       self.decay_steps or self.steps
     ):
       raise ConfigError(
         f"--warmup_steps={self.warmup_steps} must be below --decay_steps (or --steps) "
         f"{self.decay_steps or self.steps}"
       )
-    if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
-      raise ConfigError(f"--weight_decay must be a finite number >= 0 (got {self.weight_decay})")
+    for name in ("weight_decay", "grad_clip", "min_learning_rate"):
+      value = getattr(self, name)
+      if value is not None and not (_is_number(value) and value >= 0):
+        raise ConfigError(f"--{name} must be a finite number >= 0 (got {value})")
+    if self.beta2 is not None and not (_is_number(self.beta2) and 0 <= self.beta2 < 1):
+      raise ConfigError(f"--beta2 must be in [0, 1) (got {self.beta2})")
     _positive("outer_learning_rate", self.outer_learning_rate)
     if not (_is_number(self.outer_momentum) and 0 <= self.outer_momentum < 1):
       raise ConfigError(f"--outer_momentum must be in [0, 1) (got {self.outer_momentum})")
@@ -227,6 +260,10 @@ class Config:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+# The settings an algorithm may default for a model, and their defaults when it does not.
+OTHERWISE = {
+  f.name: f.metadata["otherwise"] for f in dataclasses.fields(Config) if "otherwise" in f.metadata
+}
 
 
 def _one_of(flag, value, choices):

@@ -129,8 +129,8 @@ def make_evaluate(loss_fn, batch_size=1000):
         params, images[start : start + batch_size], labels[start : start + batch_size]
       )
       total_loss, total_correct = total_loss + loss, total_correct + correct
-    count = len(labels)
-    return float(total_loss) / count, float(total_correct) / count
+    count = labels.size  # examples, or a text's predicted characters
+    return float(total_loss) / len(labels), float(total_correct) / count
 
   return evaluate
 

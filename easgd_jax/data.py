@@ -1,8 +1,12 @@
 """Datasets held on the host as NumPy arrays, normalized and sampled there (Algorithm 1, l. 1, 7).
 
-Every dataset comes back as a `Dataset` of float32 NHWC images and int32 labels. Normalization
-uses training-set statistics only, per channel, so the test set sees exactly the transform the
-model was trained with.
+An image dataset comes back as a `Dataset` of float32 NHWC images and int32 labels, normalized
+with training-set statistics only, per channel, so the test set sees exactly the transform the
+model was trained with. The Shakespeare corpus comes back as a `TextDataset` whose training
+examples are the windows of --context characters (numbered by where they start) and whose test
+set is a fixed set of windows of the held-out works (easgd_jax/text.py). Both answer the same
+questions: `num_train` examples, `take(index)` a host batch {"image": inputs, "label":
+targets}, and `device_arrays` / `gather` the same batch gathered on a device.
 """
 
 import dataclasses
@@ -34,13 +38,95 @@ class Dataset:
     """Training examples a sampler draws from."""
     return len(self.train_labels)
 
+  input_dtype = np.float32
+  tokens_per_example = 1  # a text window counts its characters
+
   def take(self, index):
     """The training batch of examples `index` (host arrays)."""
     return {"image": self.train_images[index], "label": self.train_labels[index]}
 
+  def device_arrays(self):
+    """What a device holds to gather batches itself (`gather`)."""
+    return self.train_images, self.train_labels
+
+  @staticmethod
+  def gather(arrays, index):
+    images, labels = arrays
+    return {"image": images[index], "label": labels[index]}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextDataset:
+  """A character corpus: example s is the window starting at character s of the training text,
+  its inputs tokens[s : s + context] and its labels the next characters, tokens[s + 1 : ...]."""
+
+  name: str
+  train_tokens: np.ndarray  # [N] uint8, the training works
+  test_images: np.ndarray  # [n, context] int32: the fixed validation windows' inputs
+  test_labels: np.ndarray  # [n, context] int32: their next characters
+  num_classes: int  # the vocabulary's size
+  vocabulary: str
+  context: int
+
+  input_dtype = np.int32
+
+  @property
+  def image_shape(self):
+    return (self.context,)
+
+  @property
+  def tokens_per_example(self):
+    return self.context
+
+  @property
+  def num_train(self):
+    return len(self.train_tokens) - self.context
+
+  def take(self, index):
+    from easgd_jax import text
+
+    inputs, targets = text.windows(self.train_tokens, np.asarray(index), self.context)
+    return {"image": inputs, "label": targets}
+
+  def device_arrays(self):
+    return (self.train_tokens,)
+
+  def gather(self, arrays, index):
+    import jax.numpy as jnp
+
+    (tokens,) = arrays
+    block = tokens[index[..., None] + jnp.arange(self.context + 1)].astype(jnp.int32)
+    return {"image": block[..., :-1], "label": block[..., 1:]}
+
+
+def load_text(config):
+  """--dataset=shakespeare: the corpus's windows of --context characters (easgd_jax/text.py)."""
+  from easgd_jax import text
+
+  corpus = text.load(config.max_chars)
+  starts = text.validation_starts(len(corpus.validation), config.context)
+  inputs, targets = text.windows(corpus.validation, starts, config.context)
+  dataset = TextDataset(
+    config.dataset,
+    corpus.train,
+    inputs,
+    targets,
+    len(corpus.vocabulary),
+    corpus.vocabulary,
+    config.context,
+  )
+  if (config.batch_size or 0) > dataset.num_train:
+    raise DataError(
+      f"--batch_size={config.batch_size} is more than the {dataset.num_train} windows of the "
+      f"training text; lower --batch_size or --context"
+    )
+  return dataset
+
 
 def load(config) -> Dataset:
   """The dataset named by `config.dataset`, normalized with its training statistics."""
+  if config.dataset == "shakespeare":
+    return load_text(config)
   if config.dataset == "digits":
     splits, num_classes = _digits(), 10
   elif config.dataset == "mnist5k":
@@ -52,7 +138,7 @@ def load(config) -> Dataset:
   else:
     splits, num_classes = _tfds(config.dataset, config.data_dir), 10
   (x_train, y_train), (x_test, y_test) = splits
-  if config.batch_size > len(y_train):  # before a sampler tries to draw such a batch
+  if (config.batch_size or 0) > len(y_train):  # before a sampler tries to draw such a batch
     raise DataError(
       f"--batch_size={config.batch_size} is larger than the training set ({len(y_train)} "
       f"{config.dataset} examples); lower --batch_size"

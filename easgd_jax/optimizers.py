@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from easgd_jax import models
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
@@ -67,30 +69,37 @@ def lookahead_shift(inner_state):
   return jax.tree.map(lambda v: state.momentum * v, state.velocity)
 
 
-def schedule(name, learning_rate, decay_steps, warmup_steps=0, steps_per_count=1):
-  """eta(count) as an optax schedule; `steps_per_count` run steps pass per optimizer count."""
+def schedule(name, learning_rate, decay_steps, warmup_steps=0, steps_per_count=1, floor=0.0):
+  """eta(count) as an optax schedule; `steps_per_count` run steps pass per optimizer count;
+  the cosine schedules end at `floor`."""
   if name == "constant":
     return learning_rate  # a number: no step count in the optimizer state
   if name == "cosine":
-    base = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    base = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=floor / learning_rate)
   else:  # warmup_cosine
     base = optax.warmup_cosine_decay_schedule(
-      0.0, learning_rate, warmup_steps, max(decay_steps, warmup_steps + 1)
+      0.0, learning_rate, warmup_steps, max(decay_steps, warmup_steps + 1), end_value=floor
     )
   return base if steps_per_count == 1 else (lambda count: base(count * steps_per_count))
 
 
-def create(name, learning_rate, momentum=0.0, weight_decay=1e-4):
-  """The inner optimizer `name` at `learning_rate` (a number or a schedule)."""
+def create(
+  name, learning_rate, momentum=0.0, weight_decay=1e-4, beta2=0.999, mask=None, grad_clip=0.0
+):
+  """The inner optimizer `name` at `learning_rate` (a number or a schedule); AdamW decays the
+  parameters `mask` picks (all when None); `grad_clip` > 0 clips the gradient's global norm
+  first."""
   if name == "sgd":
-    return optax.sgd(learning_rate)
-  if name == "momentum":
-    return optax.sgd(learning_rate, momentum=momentum or 0.9)
-  if name == "nesterov":
-    return nesterov(learning_rate, momentum or 0.9)
-  if name == "adamw":
-    return optax.adamw(learning_rate, weight_decay=weight_decay)
-  raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    found = optax.sgd(learning_rate)
+  elif name == "momentum":
+    found = optax.sgd(learning_rate, momentum=momentum or 0.9)
+  elif name == "nesterov":
+    found = nesterov(learning_rate, momentum or 0.9)
+  elif name == "adamw":
+    found = optax.adamw(learning_rate, b2=beta2, weight_decay=weight_decay, mask=mask)
+  else:
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+  return optax.chain(optax.clip_by_global_norm(grad_clip), found) if grad_clip else found
 
 
 def from_config(config, steps_per_count=1, default="sgd"):
@@ -102,6 +111,10 @@ def from_config(config, steps_per_count=1, default="sgd"):
     config.decay_steps or config.steps,
     config.warmup_steps,
     steps_per_count,
+    config.min_learning_rate,
   )
   name = config.optimizer or ("nesterov" if config.momentum else default)
-  return create(name, eta, config.momentum, config.weight_decay)
+  mask = models.DECAY_MASK.get(config.model)
+  return create(
+    name, eta, config.momentum, config.weight_decay, config.beta2, mask, config.grad_clip
+  )

@@ -26,20 +26,42 @@ per-device math and its collectives by hand: a second copy of each model to keep
 models.py.
 """
 
+import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from easgd_jax.errors import ConfigError
 
 DATA, MODEL = "data", "model"  # the mesh's axis names
+# The transformer (transformer.py), Megatron's way: in attention the query, key and value
+# kernels split by columns (whole heads per device: each head is a contiguous column block) and
+# the output projection by rows; in the MLP the first kernel by columns, the second by rows.
+# One all-reduce after each pair; embeddings and LayerNorm scales stay whole.
+TRANSFORMER = {
+  ("attn", "query"): P(None, MODEL),
+  ("attn", "key"): P(None, MODEL),
+  ("attn", "value"): P(None, MODEL),
+  ("attn", "proj"): P(MODEL, None),
+  ("mlp", "fc"): P(None, MODEL),
+  ("mlp", "proj"): P(MODEL, None),
+}
 
 
 def _index(name):
   return int(name.rsplit("_", 1)[1])
 
 
+def _name(key):
+  return str(getattr(key, "key", getattr(key, "name", key)))
+
+
 def specs(params):
-  """A PartitionSpec for every parameter, by the rules in the module docstring."""
+  """A PartitionSpec for every parameter, by the rules in the module docstring (a pytree like
+  `params`)."""
+  if any(name.startswith("block_") for name in params):  # the transformer
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _: TRANSFORMER.get(tuple(_name(k) for k in path[-3:-1]), P()), params
+    )
   dense = sorted((n for n in params if n.startswith("Dense_")), key=_index)
   paired = len(dense) - len(dense) % 2
   result = {}
@@ -55,26 +77,34 @@ def specs(params):
   return result
 
 
+def _leaves(params):
+  """[(name, array, spec)] of every parameter."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  spec_leaves = jax.tree.leaves(specs(params), is_leaf=lambda x: isinstance(x, P))
+  return [
+    ("/".join(_name(k) for k in path), array, spec)
+    for (path, array), spec in zip(flat, spec_leaves, strict=True)
+  ]
+
+
 def check_divisible(params, model_parallel):
   """Raise ConfigError at start-up if a split layer's width is not a multiple of M."""
-  for name, spec in specs(params).items():
-    for key, partition in spec.items():
-      for axis, axis_name in enumerate(partition):
-        width = params[name][key].shape[axis]
-        if axis_name == MODEL and width % model_parallel:
-          raise ConfigError(
-            f"--model_parallel={model_parallel} does not divide layer {name} ({key} is "
-            f"{'x'.join(map(str, params[name][key].shape))}, split along its size-{width} axis); "
-            f"choose a --model_parallel that divides every layer width"
-          )
+  for name, array, partition in _leaves(params):
+    for axis, axis_name in enumerate(partition):
+      width = array.shape[axis]
+      if axis_name == MODEL and width % model_parallel:
+        raise ConfigError(
+          f"--model_parallel={model_parallel} does not divide layer {name} (it is "
+          f"{'x'.join(map(str, array.shape))}, split along its size-{width} axis); "
+          f"choose a --model_parallel that divides every layer width"
+        )
 
 
 def shardings(params, mesh):
   """NamedSharding of every parameter on `mesh` (replicated over its data axis)."""
-  return {
-    name: {key: NamedSharding(mesh, spec) for key, spec in layer.items()}
-    for name, layer in specs(params).items()
-  }
+  return jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec), specs(params), is_leaf=lambda x: isinstance(x, P)
+  )
 
 
 def batch_sharding(mesh):
@@ -88,14 +118,14 @@ def replicated(mesh):
 def layout(params, model_parallel):
   """Rows (parameter, full shape, spec, shape on each device) for the docs and notebooks."""
   rows = []
-  for name, spec in specs(params).items():
-    for key, partition in sorted(spec.items(), reverse=True):  # kernel, then bias
-      shape = params[name][key].shape
-      local = [
-        size // model_parallel if i < len(partition) and partition[i] == MODEL else size
-        for i, size in enumerate(shape)
-      ]
-      rows.append((f"{name}/{key}", tuple(shape), str(partition), tuple(local)))
+  kernel_first = lambda leaf: (leaf[0].rpartition("/")[0], not leaf[0].endswith("kernel"))  # noqa: E731
+  for name, array, partition in sorted(_leaves(params), key=kernel_first):
+    shape = array.shape
+    local = [
+      size // model_parallel if i < len(partition) and partition[i] == MODEL else size
+      for i, size in enumerate(shape)
+    ]
+    rows.append((name, tuple(shape), str(partition), tuple(local)))
   return rows
 
 

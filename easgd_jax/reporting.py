@@ -220,8 +220,10 @@ def read_applied(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def summarize(rows, target_accuracy=None):
-  """Final metrics, and when `target_accuracy` is given the first evaluation that reached it."""
+def summarize(rows, target_accuracy=None, target_loss=None):
+  """Final metrics, and when `target_accuracy` (`target_loss`) is given the first evaluation
+  that reached it (that loss or less): its step, samples, seconds (virtual seconds on the
+  simulated cluster) and, for a text, tokens."""
   final = rows[-1]
   summary = {
     "final": final,
@@ -239,6 +241,12 @@ def summarize(rows, target_accuracy=None):
     summary["seconds_to_target"] = reached and reached["wall_time_s"]
     if "virtual_time_s" in final:  # --engine=simulated: on the simulated cluster's clock
       summary["virtual_seconds_to_target"] = reached and reached["virtual_time_s"]
+  if target_loss is not None:
+    summary["target_loss"] = target_loss
+    reached = next((r for r in rows if r["test_loss"] <= target_loss), None)
+    for key in ("step", "samples", "tokens", "wall_time_s", "virtual_time_s"):
+      if key in final:
+        summary[f"{key}_to_target_loss"] = reached and reached[key]
   return summary
 
 

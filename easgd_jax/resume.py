@@ -9,7 +9,7 @@ import json
 import os
 
 from easgd_jax import checkpoints, engines, reporting
-from easgd_jax.algorithms import REGISTRY
+from easgd_jax.config import OTHERWISE
 from easgd_jax.errors import ConfigError
 
 # Config fields a resumed run may change: none of them changes the math of the steps already
@@ -46,6 +46,15 @@ def fix_decay_steps(config, workdir):
   saved = saved_config(workdir) or {}
   decay_steps = saved.get("decay_steps") or saved.get("steps") or config.steps
   return dataclasses.replace(config, decay_steps=decay_steps)
+
+
+def fix_unset(config, workdir):
+  """The settings left unset take what the workdir's run resolved them to (its config.json), so
+  a resume never depends on an algorithm's default that changed since."""
+  saved = saved_config(workdir) or {}
+  names = [*OTHERWISE, "optimizer"] + (["alpha"] if config.rho is None else [])
+  found = {n: saved[n] for n in names if getattr(config, n) is None and saved.get(n) is not None}
+  return dataclasses.replace(config, **found)
 
 
 def fix_measured(config, workdir):
@@ -144,9 +153,8 @@ def check_same_experiment(saved, config):
     if field == "decay_steps" and old is None:  # older config.json: its schedule spanned --steps
       old = saved.get("steps")
     if field == "optimizer" and old is None:  # older config.json: the default it ran with
-      kind = REGISTRY.get(saved.get("algorithm", config.algorithm))
       delta = saved.get("momentum", defaults["momentum"])
-      old = getattr(kind, "default_optimizer", None) or ("nesterov" if delta else "sgd")
+      old = "adamw" if saved.get("algorithm") == "diloco" else ("nesterov" if delta else "sgd")
     if isinstance(new, tuple) and isinstance(old, list):
       old = tuple(old)
     if field == "engine" and not engines.same_checkpoints(old, new):

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from easgd_jax.data import DataError
+from easgd_jax.errors import DataError
 
 # Four plays of different kinds: a comedy, a tragedy, a history and a late romance; 501,384 of
 # the 5,057,198 characters, 9.91 %. No numbered part is held out while another part trains
@@ -89,8 +89,8 @@ def decode(tokens) -> str:
 
 
 def windows(tokens, starts, context):
-  """int32 (inputs [n, context], targets [n, context]) of the windows starting at `starts`:
-  inputs tokens[s : s + context], targets tokens[s + 1 : s + context + 1]."""
+  """int32 (inputs [..., context], targets [..., context]) of the windows starting at `starts`
+  (any shape): inputs tokens[s : s + context], targets tokens[s + 1 : s + context + 1]."""
   starts = np.asarray(starts)
   if starts.size and (starts.min() < 0 or starts.max() > len(tokens) - context - 1):
     raise ValueError(
@@ -99,8 +99,8 @@ def windows(tokens, starts, context):
     )
   # One gather of the context + 1 tokens each window needs; inputs and targets are its two
   # overlapping slices, widened to int32 after the gather (4x fewer bytes gathered).
-  block = tokens[starts[:, None] + np.arange(context + 1)]
-  return block[:, :-1].astype(np.int32), block[:, 1:].astype(np.int32)
+  block = tokens[starts[..., None] + np.arange(context + 1)]
+  return block[..., :-1].astype(np.int32), block[..., 1:].astype(np.int32)
 
 
 def validation_starts(num_tokens, context, count=None):

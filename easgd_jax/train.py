@@ -27,10 +27,11 @@ from easgd_jax.errors import ConfigError
 from easgd_jax.trainer import Trainer
 
 
-def validate(config):
-  """`config` checked and with every default resolved (the algorithm's, e.g. its optimizer),
-  or ConfigError naming the flag to change."""
-  config = algorithms.resolve(config.validate())
+def validate(config, workdir=None):
+  """`config` checked and with every setting left unset resolved (on resume as the workdir's
+  run resolved it, else the algorithm's default for the model), or ConfigError naming the flag
+  to change."""
+  config = algorithms.resolve(resume.fix_unset(config.validate(), workdir))
   kind, known = algorithms.REGISTRY[config.algorithm], algorithms.REGISTRY.items()
   if not engines.runs(config.engine, kind):
     runs = [name for name, other in known if engines.runs(config.engine, other)]
@@ -54,9 +55,10 @@ def setup(config, model=None):
   """Data, model, loss and initial host parameters for `config` (also handy in notebooks);
   `model`: a flax module in place of config.model's (benchmarks of other widths)."""
   dataset = data.load(config)
-  model = model or models.create(config.model, dataset.num_classes)
+  model = model or models.from_config(config, dataset.num_classes)
   loss_fn = core.make_loss_fn(model)
-  params_host = models.init_params(model, dataset.image_shape, config.seed)
+  shape, dtype = dataset.image_shape, dataset.input_dtype
+  params_host = models.init_params(model, shape, config.seed, dtype)
   return dataset, model, loss_fn, params_host
 
 
@@ -91,7 +93,7 @@ def train_and_evaluate(config, workdir=None):
   restore the newest readable checkpoint and train from there to --steps; a checkpoint at or past
   --steps only (re)writes the final outputs.
   """
-  config = validate(config)
+  config = validate(config, workdir)
   checkpoints.check_shared_workdir(workdir)  # multi-process: all save their shards in one folder
   writes = workdir if workdir and jax.process_index() == 0 else None  # process 0 writes results
   lock = workdir_lib.Lock(workdir) if writes else None
@@ -149,7 +151,7 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
   finally:
     log.close()
 
-  summary = reporting.summarize(log.rows, config.target_accuracy)
+  summary = reporting.summarize(log.rows, config.target_accuracy, config.target_loss)
   summary["algorithm"] = config.algorithm
   summary["engine"] = config.engine
   # Training time only: compilation (each launch's first step) and pauses left out. A run too

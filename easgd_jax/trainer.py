@@ -72,10 +72,12 @@ class Trainer:
     """`placement`: where the engine's weights are scored (a device or a sharding)."""
     self.config, self.rule, self.log, self.checkpointer = config, rule, log, checkpointer
     self.samples_per_step = type(rule).samples_per_step(config)
+    self.tokens_per_sample = dataset.tokens_per_example  # > 1: text, scored per character
     self.evaluate = core.make_evaluate(loss_fn)
     # On process 1+, global device 0 is elsewhere; a model-parallel run scores on its mesh.
     placement = placement or jax.local_devices()[0]
-    test = (dataset.test_images, dataset.test_labels, dataset.take(slice(0, PROBE_SIZE)))
+    probe = dataset.take(np.arange(min(PROBE_SIZE, dataset.num_train)))
+    test = (dataset.test_images, dataset.test_labels, probe)
     self.test_images, self.test_labels, self.probe = devices.put(test, placement)
     gradient = core.make_gradient(loss_fn)
     self._grad_norm = jax.jit(lambda params, batch: optax.tree.norm(gradient(params, batch)[0]))
@@ -100,6 +102,7 @@ class Trainer:
     row = {
       "step": step,
       "samples": step * self.samples_per_step,
+      **self.text_columns(step, test_loss),
       "wall_time_s": round(wall_time_s, 4),
       "train_loss": train_loss,
       "test_loss": test_loss,
@@ -112,6 +115,13 @@ class Trainer:
       f"step {step}/{self.config.steps}  train_loss {train_loss:.4f}  test_loss "
       f"{test_loss:.4f}  test_accuracy {test_accuracy:.4f}  {wall_time_s:.1f}s"
     )
+
+  def text_columns(self, step, test_loss):
+    """A text's tokens seen and its loss in bits per character (test_loss is in nats)."""
+    if self.tokens_per_sample == 1:
+      return {}
+    tokens = step * self.samples_per_step * self.tokens_per_sample
+    return {"tokens": tokens, "test_bits_per_char": test_loss / math.log(2)}
 
   def diagnostics(self, params, points):
     params = devices.put(params, self.test_images.sharding)

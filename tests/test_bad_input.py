@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from easgd_jax import failures, reporting
+from easgd_jax.algorithms import resolve
 from easgd_jax.config import MAX_SEED, Config, ConfigError
 from easgd_jax.workdir import check_workdir
 
@@ -214,11 +215,11 @@ def test_a_diverging_easgd_run_is_told_the_stability_condition_it_breaks():
     (Config(algorithm="sgd", rho=100.0), ["lower --learning_rate (now 0.05)"]),  # rho unused
   ],
   ids=lambda value: (
-    f"{value.algorithm} alpha={value.moving_rate:g}" if isinstance(value, Config) else ""
+    f"{value.algorithm} alpha={resolve(value).moving_rate:g}" if isinstance(value, Config) else ""
   ),
 )
 def test_divergence_advice_names_the_violated_condition(config, expected):
-  advice = failures.divergence_advice(config)
+  advice = failures.divergence_advice(resolve(config))  # as a run sees it: its defaults resolved
   assert all(part in advice for part in expected), advice
 
 

@@ -387,3 +387,27 @@ def test_downpour_runs_on_ray_with_no_code_of_its_own_and_survives_a_dead_worker
   record = reporting.read_applied(tmp_path)  # one entry per push, rounds of tau = 4 steps
   assert all((step + 1) % 4 == 0 for _, step, _, _ in record)
   assert [made for *_, made in record] == list(range(1, len(record) + 1))
+
+
+def test_the_transformer_runs_on_ray(ray_cluster, tmp_path):
+  """The language-model workload on the Ray engine: a tiny transformer, a few asynchronous
+  iterations and Algorithm 1's, against the Shakespeare windows each worker gathers itself."""
+  for algorithm in ("async_easgd", "easgd"):
+    summary, _ = ray_run(
+      ray_cluster,
+      tmp_path / algorithm,
+      algorithm=algorithm,
+      dataset="shakespeare",
+      model="transformer",
+      num_layers=1,
+      num_heads=2,
+      width=16,
+      context=8,
+      max_chars=20_000,
+      num_devices=2,
+      batch_size=None,
+      learning_rate=None,
+      steps=12,
+      eval_every=12,
+    )
+    assert summary["final"]["step"] == 12 and summary["final"]["test_loss"] < 5.0

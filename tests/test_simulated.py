@@ -131,7 +131,7 @@ def test_an_asynchronous_run_is_its_schedule_replayed(tmp_path, algorithm):
   """Through the local engine's rules (locked family) or in NumPy (Hogwild family), one
   iteration at a time in the order of schedule.npz."""
   changes = dict(algorithm=algorithm, sim_jitter=0.5, sim_stragglers=1, **ASYNC[algorithm])
-  config = config_of(**changes, engine="simulated")
+  config = train.validate(config_of(**changes, engine="simulated"))  # its defaults resolved
   run(tmp_path, **changes, engine="simulated")
   schedule, loss_fn, params, samplers = replay_inputs(tmp_path, config)
   b, tau = config.batch_size, config.tau

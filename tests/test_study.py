@@ -161,7 +161,7 @@ def test_bad_study_flags_exit_2(tmp_path):
     timeout=120,
   )
   assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-    "error: --model=resnet is unknown; choose one of: mlp, lenet, cifar_cnn"
+    "error: --model=resnet is unknown; choose one of: mlp, lenet, cifar_cnn, transformer"
   ]
   assert not (tmp_path / "s").exists()
 

@@ -26,6 +26,7 @@ from easgd_jax.algorithms.local_sgd import LocalSGD
 from easgd_jax.algorithms.sgd import SGD
 from easgd_jax.algorithms.sync_easgd import SyncEASGD
 from easgd_jax.algorithms.sync_sgd import SyncSGD
+from easgd_jax.config import OTHERWISE
 from easgd_jax.errors import ConfigError
 from easgd_jax.optimizers import OPTIMIZERS, SCHEDULES
 
@@ -48,25 +49,35 @@ REGISTRY = {
 
 
 def create(config, loss_fn):
-  """The algorithm `config.algorithm`, with its settings from `config` (see `resolve`)."""
-  return REGISTRY[config.algorithm].from_config(config, loss_fn)
+  """The algorithm `config.algorithm`, with its settings from `config`, those left unset
+  resolved (see `resolve`)."""
+  return REGISTRY[config.algorithm].from_config(resolve(config), loss_fn)
 
 
 def resolve(config):
-  """`config` with the algorithm's defaults filled in, or ConfigError naming the flag to change.
+  """`config` with every setting left unset filled in, or ConfigError naming the flag to change.
 
-  The defaults written into the config (and so into config.json, which a resume compares
-  against): the inner optimizer, when --optimizer is unset (the algorithm's own, else Nesterov
-  with --momentum, else SGD).
+  A setting the command line, the --config file or (on resume) the workdir's config.json left
+  unset takes the algorithm's default for the model (its `defaults`), else config.OTHERWISE's;
+  the optimizer, the algorithm's, else Nesterov with --momentum, else SGD; alpha, the
+  algorithm's when neither --alpha nor --rho is given. The result goes into config.json, so a
+  resume never depends on a default that changed since.
   """
   if config.algorithm not in REGISTRY:
     raise ConfigError(
       f"--algorithm={config.algorithm} is unknown; choose one of: {', '.join(REGISTRY)}"
     )
   kind = REGISTRY[config.algorithm]
+  defaults = kind.defaults(config)
+  unset = {n: defaults.get(n, v) for n, v in OTHERWISE.items() if getattr(config, n) is None}
   if config.optimizer is None:
-    default = kind.default_optimizer or ("nesterov" if config.momentum else "sgd")
-    config = dataclasses.replace(config, optimizer=default)
+    unset["optimizer"] = defaults.get("optimizer") or ("nesterov" if config.momentum else "sgd")
+  if config.alpha is None and config.rho is None and "alpha" in defaults:
+    unset["alpha"] = defaults["alpha"]
+  span = config.decay_steps or config.steps  # a default warm-up never outlasts its schedule
+  if unset.get("warmup_steps", 0) >= span:
+    unset["warmup_steps"] = span // 10
+  config = dataclasses.replace(config, **unset).validate()
   _check_optimizer(config, kind)
   _check_parallelism(config, kind)
   return config

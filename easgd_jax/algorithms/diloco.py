@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from easgd_jax import collectives, core
+from easgd_jax import collectives, core, models
 from easgd_jax.algorithms.base import StepRule
 
 
@@ -38,7 +38,13 @@ def outer_optimizer(learning_rate=0.7, momentum=0.9):
 class DiLoCo(StepRule):
   name = "diloco"
   data_parallel = True
-  default_optimizer = "adamw"
+
+  @classmethod
+  def defaults(cls, config):
+    """On a model with no recipe of its own (the image models): AdamW at 2e-3 (the paper's
+    inner optimizer; SGD's 0.05 would be far too large for it), H = 10."""
+    recipe = models.TRAINING.get(config.model) or dict(optimizer="adamw", learning_rate=2e-3)
+    return {**recipe, "tau": 10}
 
   def __init__(
     self,

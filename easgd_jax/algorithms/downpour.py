@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from easgd_jax import core, optimizers, schedule
-from easgd_jax.algorithms.base import WorkerMasterRule
+from easgd_jax import core, models, optimizers, schedule
+from easgd_jax.algorithms.base import SGD_RECIPE, WorkerMasterRule
 
 
 class WorkerState(NamedTuple):
@@ -65,6 +65,14 @@ class Downpour(WorkerMasterRule):
   name = "downpour"
   optimizers = ("sgd", "nesterov")  # nesterov (--momentum > 0): MDOWNPOUR
   optimizers_why = "the workers take plain SGD steps; --momentum puts Nesterov on the master"
+  settings = {"tau": 4}  # tau = 1 is async_sgd
+
+  @classmethod
+  def defaults(cls, config):
+    found = super().defaults(config)
+    if config.model in models.TRAINING:  # the workers take plain SGD
+      found.update(SGD_RECIPE)
+    return found
 
   def __init__(self, loss_fn, *, learning_rate=None, tau=1, momentum=0.0, local_optimizer=None):
     core.check_hyperparameters(momentum=momentum, tau=tau)
@@ -84,12 +92,13 @@ class Downpour(WorkerMasterRule):
       config.decay_steps or config.steps,
       config.warmup_steps,
       cls.steps_per_count(config),
+      config.min_learning_rate,
     )
     return cls(
       loss_fn,
       tau=config.tau,
       momentum=config.momentum if config.optimizer == "nesterov" else 0.0,
-      local_optimizer=optimizers.create("sgd", eta),
+      local_optimizer=optimizers.create("sgd", eta, grad_clip=config.grad_clip),
     )
 
   def master_init(self, params_host):

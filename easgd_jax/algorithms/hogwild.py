@@ -20,6 +20,7 @@ there. Plain SGD only: a momentum trace shared without a lock would need its own
 """
 
 import jax
+import optax
 
 from easgd_jax import core
 from easgd_jax.algorithms.base import WorkerMasterRule
@@ -33,14 +34,16 @@ class Hogwild(WorkerMasterRule):
   optimizers_why = "an unlocked in-place write has no optimizer state"
   schedules = ("constant",)  # ... and no step count for a schedule
 
-  def __init__(self, loss_fn, *, learning_rate):
+  def __init__(self, loss_fn, *, learning_rate, grad_clip=0.0):
     core.check_hyperparameters(learning_rate=learning_rate)
     self.eta = learning_rate
     self.gradient = core.make_gradient(loss_fn)
+    # Clipping looks at one gradient alone, so it needs no state and stays lock-free.
+    self.clip = optax.clip_by_global_norm(grad_clip) if grad_clip else None
 
   @classmethod
   def from_config(cls, config, loss_fn):
-    return cls(loss_fn, learning_rate=config.learning_rate)
+    return cls(loss_fn, learning_rate=config.learning_rate, grad_clip=config.grad_clip)
 
   def master_init(self, params_host):
     return params_host  # W, nothing else: no optimizer state
@@ -50,6 +53,8 @@ class Hogwild(WorkerMasterRule):
 
   def worker_step(self, worker, view, batch):
     grads, loss = self.gradient(view, batch)
+    if self.clip:
+      grads, _ = self.clip.update(grads, self.clip.init(grads))
     return worker, grads, loss
 
   def increment(self, weights, grads):

@@ -28,6 +28,7 @@ class LocalSGDState(NamedTuple):
 class LocalSGD(StepRule):
   name = "local_sgd"
   data_parallel = True
+  settings = {"tau": 4}  # tau = 1 is sync_sgd
 
   def __init__(self, loss_fn, *, tau=1, learning_rate=None, momentum=0.0, optimizer=None):
     core.check_hyperparameters(tau=tau)

@@ -10,6 +10,8 @@ and gives the trainer the face of engines/base.py. Here, and only here, `--engin
 
 import contextlib
 
+import numpy as np
+
 from easgd_jax.algorithms.base import ASYNCHRONOUS, WORKER_MASTER
 from easgd_jax.errors import ConfigError
 
@@ -68,7 +70,7 @@ def prepare(config, loss_fn, params_host, dataset):
     return config
   from easgd_jax.engines import simulated
 
-  sample = dataset.take(slice(0, config.batch_size))
+  sample = dataset.take(np.arange(config.batch_size))
   return simulated.measure_costs(config, loss_fn, params_host, sample)
 
 

@@ -30,7 +30,7 @@ import re
 from absl import logging
 
 from easgd_jax import engines, reporting, train
-from easgd_jax.algorithms import REGISTRY
+from easgd_jax.algorithms import REGISTRY, resolve
 from easgd_jax.config import Config
 from easgd_jax.errors import DivergenceError
 from easgd_jax.study import plots, tables
@@ -65,7 +65,8 @@ class Study:
   def config(self, arm, seed):
     """The run's Config: iterations from the sample budget (P * b samples per sync step)."""
     config = dataclasses.replace(self.base, seed=seed, **arm.overrides)
-    per_step = REGISTRY[config.algorithm].samples_per_step(config)  # the algorithm says
+    # The algorithm says, at the batch size the run will resolve to.
+    per_step = REGISTRY[config.algorithm].samples_per_step(resolve(config))
     steps = max(1, self.samples // per_step)
     config = dataclasses.replace(
       config,

@@ -134,6 +134,7 @@ class Mesh(Stepper):
   def __init__(self, config, rule, sampler, params_host, mesh_shape):
     super().__init__(config, sampler)
     self.rule = rule
+    self._stacked = rule.data_parallel  # its sampler then stacks one batch per data shard
     data, model = mesh_shape
     self.mesh = devices.mesh(data, model, (partitioning.DATA, partitioning.MODEL))
     self.devices = list(self.mesh.devices.flat)
@@ -153,7 +154,7 @@ class Mesh(Stepper):
 
   def step(self, t, batch_host):
     """batch_host: [b, ...], or [data, b, ...] from the data-parallel sampler (flattened)."""
-    if batch_host["label"].ndim > 1:
+    if self._stacked:
       batch_host = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch_host)
     batch = devices.put(batch_host, self._batch_sharding)
     self.state, loss = self._phases[self.rule.phase(t)](self.state, batch)

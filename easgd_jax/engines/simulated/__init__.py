@@ -113,7 +113,7 @@ def check_memory(config, rule, params_host, dataset):
     if rule.schedule == ASYNCHRONOUS:  # computed ahead for the whole run
       schedule = SCHEDULE_BYTES_PER_STEP * config.steps
   states = SAFETY * (config.num_devices * per_worker + fixed)
-  needed = states + schedule + _bytes((dataset.train_images, dataset.train_labels))
+  needed = states + schedule + _bytes(dataset.device_arrays())
   flags = f"--engine=simulated with --num_devices={config.num_devices} and --model={config.model}"
   if schedule > states:
     flags = f"--engine=simulated with --steps={config.steps} (its event schedule, ~400 B a step)"

@@ -40,7 +40,7 @@ class Fused(Stepper):
     super().__init__(config, None)
     self.costs, self.num_bytes, self.num_workers = costs, num_bytes, config.num_devices
     self.device = jax.devices()[0]
-    self.arrays = devices.put((dataset.train_images, dataset.train_labels), self.device)
+    self.dataset, self.arrays = dataset, devices.put(dataset.device_arrays(), self.device)
     self._compiled = set()  # the scan lengths compiled so far
     self.first = True
 
@@ -48,9 +48,10 @@ class Fused(Stepper):
     return f"{self.num_workers} workers simulated on {self.device}"
 
   def batch(self, xs):
-    images, labels = self.arrays
-    image = jnp.where(xs["poison"], jnp.nan, images[xs["index"]])  # --inject_nan
-    return {"image": image, "label": labels[xs["index"]]}
+    batch = self.dataset.gather(self.arrays, xs["index"])
+    if jnp.issubdtype(batch["image"].dtype, jnp.floating):  # --inject_nan: images only
+      batch["image"] = jnp.where(xs["poison"], jnp.nan, batch["image"])
+    return batch
 
   def advance(self, step, count):
     pending = []

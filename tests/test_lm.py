@@ -1,0 +1,118 @@
+"""The language-model workload end to end: the transformer on the Shakespeare windows, with every
+algorithm on every engine, the text metrics against their definitions, the windows gathered on
+a device against the host's, and the transformer split Megatron-style.
+
+Runs use a tiny transformer (one block, width 16) on the first 20,000 characters of each split,
+so that each takes seconds.
+"""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from easgd_jax import algorithms, core, data, partitioning, train
+from easgd_jax.config import Config
+from easgd_jax.engines.local import steps
+
+TINY = dict(
+  dataset="shakespeare",
+  model="transformer",
+  num_layers=1,
+  num_heads=2,
+  width=16,
+  context=8,
+  max_chars=20_000,
+  num_devices=2,
+  steps=12,
+  eval_every=12,
+  progress_every_s=0,
+  sim_compute_ms=1.0,
+  sim_service_us=20.0,
+)
+
+
+def tiny(**fields):
+  fields = {**TINY, **fields}
+  if fields.get("engine", "local") != "simulated":
+    fields = {k: v for k, v in fields.items() if not k.startswith("sim_")}
+  return Config(**fields)
+
+
+@pytest.mark.parametrize("engine", ["local", "simulated"])
+@pytest.mark.parametrize("algorithm", sorted(algorithms.REGISTRY))
+def test_every_algorithm_takes_steps_on_the_transformer(tmp_path, cpu_devices, algorithm, engine):
+  summary = train.train_and_evaluate(tiny(algorithm=algorithm, engine=engine), str(tmp_path))
+  row = summary["final"]
+  assert row["step"] == 12 and math.isfinite(row["test_loss"])
+  assert row["test_loss"] < math.log(84) + 0.5  # near uniform at worst after 12 tiny steps
+  assert row["tokens"] == row["samples"] * 8  # each window predicts its 8 characters
+  assert row["test_bits_per_char"] == pytest.approx(row["test_loss"] / math.log(2))
+
+
+def test_the_text_metrics_are_their_definitions(cpu_devices):
+  config = train.validate(tiny(algorithm="sgd"))
+  dataset, model, loss_fn, params = train.setup(config)
+  images, labels = dataset.test_images[:40], dataset.test_labels[:40]
+  loss, accuracy = core.make_evaluate(loss_fn, batch_size=16)(params, images, labels)
+  logits = np.asarray(model.apply({"params": params}, images), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nats = -np.take_along_axis(logp, labels[..., None], -1).mean()  # per predicted character
+  np.testing.assert_allclose(loss, nats, rtol=1e-5)
+  assert accuracy == pytest.approx(np.mean(logits.argmax(-1) == labels))  # next-character
+
+
+def test_windows_gathered_on_a_device_are_the_hosts(cpu_devices):
+  dataset = data.load(train.validate(tiny(algorithm="sgd")))
+  index = np.array([[0, 5, 17], [dataset.num_train - 1, 3, 9]])
+  host = dataset.take(index.reshape(-1))
+  on_device = dataset.gather(jax.device_put(dataset.device_arrays()), jax.numpy.asarray(index))
+  for key in ("image", "label"):
+    np.testing.assert_array_equal(np.asarray(on_device[key]).reshape(-1, 8), host[key])
+  np.testing.assert_array_equal(host["label"][:, :-1], host["image"][:, 1:])  # shifted by one
+
+
+def test_the_transformer_splits_megatron_style_and_equals_one_device(cpu_devices):
+  config = train.validate(tiny(algorithm="sgd", width=32, num_heads=4))
+  dataset, _, loss_fn, params = train.setup(config)
+  specs = partitioning.specs(params)
+  assert specs["block_0"]["attn"]["query"]["kernel"] == partitioning.P(None, partitioning.MODEL)
+  assert specs["block_0"]["mlp"]["proj"]["kernel"] == partitioning.P(partitioning.MODEL, None)
+  assert specs["wte"]["embedding"] == partitioning.P()
+  rule = algorithms.create(config, loss_fn)
+  mesh = steps.Mesh(None, rule, None, params, (1, 4))
+  one = steps.Single(None, rule, None, params)
+  sampler = data.Sampler(dataset, seed=0)
+  for t in range(3):
+    batch = sampler.next(config.batch_size)
+    mesh.step(t, batch)
+    one.step(t, batch)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    jax.device_get(mesh.state.params),
+    jax.device_get(one.state.params),
+  )
+
+
+def test_the_transformers_defaults_are_nanogpts_and_a_flag_given_wins():
+  config = train.validate(tiny(algorithm="diloco"))
+  assert (config.optimizer, config.learning_rate, config.beta2, config.weight_decay) == (
+    "adamw",
+    1e-3,
+    0.99,
+    0.1,
+  )
+  assert (config.grad_clip, config.lr_schedule, config.min_learning_rate) == (
+    1.0,
+    "warmup_cosine",
+    1e-4,
+  )
+  assert config.warmup_steps == 1  # 100 outlasts these 12 steps: a tenth of them
+  assert (
+    train.validate(dataclasses.replace(tiny(algorithm="diloco"), learning_rate=0.01)).learning_rate
+    == 0.01
+  )
+  hogwild = train.validate(tiny(algorithm="hogwild"))
+  assert (hogwild.optimizer, hogwild.lr_schedule) == ("sgd", "constant")
