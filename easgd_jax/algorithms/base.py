@@ -33,6 +33,8 @@ Two kinds:
 one step of every replica, or one worker's iteration.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -92,6 +94,13 @@ class Rule:
     return optimizers.from_config(config, cls.steps_per_count(config))
 
 
+class Transfer(NamedTuple):
+  """One all-reduce a step-driven rule starts after a run step (what the cluster clock costs)."""
+
+  num_bytes: float  # what each worker puts into it (the whole float32 model: the default)
+  overlap_steps: int = 0  # inner steps that run while it travels; its result lands after them
+
+
 class StepRule(Rule):
   kind = STEP_DRIVEN
   phases: tuple  # per-replica fn(state, batch) -> (state, loss), set by the subclass
@@ -106,6 +115,14 @@ class StepRule(Rule):
   def eval_params(self, state):
     """The weights to evaluate, from one replica's state."""
     return state.params
+
+  def transfers(self, step, num_bytes):
+    """The all-reduces that start after run step `step` (0-based), for `num_bytes` the whole
+    float32 model: by default, on a data-parallel rule's exchange steps, the whole model, waited
+    for before the next step."""
+    if not (self.data_parallel and schedule.exchanges(step, self.tau, self.opens_round)):
+      return ()
+    return (Transfer(num_bytes),)
 
   def worker_point(self, state):
     """x^i of one replica beside the center (the gap diagnostic), or None."""
