@@ -41,13 +41,25 @@ def tiny(**fields):
   return Config(**fields)
 
 
+@pytest.fixture(scope="module")
+def starting_loss():
+  """The tiny transformer's validation loss at its initial weights (the same for every seed-0
+  run whatever the algorithm)."""
+  config = train.validate(tiny(algorithm="sgd"))
+  dataset, _, loss_fn, params = train.setup(config)
+  return core.make_evaluate(loss_fn)(params, dataset.test_images, dataset.test_labels)[0]
+
+
 @pytest.mark.parametrize("engine", ["local", "simulated"])
 @pytest.mark.parametrize("algorithm", sorted(algorithms.REGISTRY))
-def test_every_algorithm_takes_steps_on_the_transformer(tmp_path, cpu_devices, algorithm, engine):
+def test_every_algorithm_learns_on_the_transformer_with_its_defaults(
+  tmp_path, cpu_devices, starting_loss, algorithm, engine
+):
   summary = train.train_and_evaluate(tiny(algorithm=algorithm, engine=engine), str(tmp_path))
   row = summary["final"]
   assert row["step"] == 12 and math.isfinite(row["test_loss"])
-  assert row["test_loss"] < math.log(84) + 0.5  # near uniform at worst after 12 tiny steps
+  # 12 tiny steps: the centers of the elastic family move least (by ~0.015 nats here).
+  assert row["test_loss"] < starting_loss - 0.01, (row["test_loss"], starting_loss)
   assert row["tokens"] == row["samples"] * 8  # each window predicts its 8 characters
   assert row["test_bits_per_char"] == pytest.approx(row["test_loss"] / math.log(2))
 
