@@ -5,9 +5,10 @@
 
 The weights are the run's evaluated ones (the center, for the algorithms with one): its
 params.npz once it finished, else (a run still training or stopped early) its newest readable
-checkpoint, restored into the engine its config.json describes. One character at a time: the last
---context characters in, the next character drawn from softmax(logits / temperature) (0: the most
-likely one). Exit 2 with one line for a workdir that holds no language-model run or no weights.
+checkpoint, restored into the engine its config.json describes. One character at a time
+(easgd_jax.transformer.generate): the last --context characters in, the next character drawn
+from softmax(logits / temperature) (0: the most likely one). Exit 2 with one line for a workdir
+that holds no language-model run or no weights.
 """
 
 import dataclasses
@@ -73,7 +74,11 @@ def weights(workdir):
       f"--workdir={workdir} is a Ray run still training: sample it once it has written "
       f"{reporting.PARAMS}"
     )
-  built = train.build(train.validate(dataclasses.replace(config, num_processes=1), workdir))
+  from easgd_jax import devices, engines
+
+  config = train.validate(dataclasses.replace(config, num_processes=1), workdir)
+  devices.emulate_cpu_devices(engines.devices_to_emulate(config))  # as run.py does
+  built = train.build(config)
   found = checkpoints.Checkpointer(workdir, config.keep_checkpoints).restore_latest(
     built.engine.checkpoint_arrays()
   )
@@ -81,32 +86,6 @@ def weights(workdir):
     raise ConfigError(f"--workdir={workdir} has no readable checkpoint to sample from")
   built.engine.restore(*found)
   return config, model, built.engine.final_params()
-
-
-def generate(model, params, prompt, length, temperature, seed, context):
-  """`prompt` followed by `length` characters drawn one at a time."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  # One program for every step: the window is right-padded to `context`, and since attention is
-  # causal, the padding never reaches the logits read at the window's last real character.
-  @jax.jit
-  def next_token(params, window, last, key):
-    logits = model.apply({"params": params}, window[None])[0, last]
-    if temperature == 0:
-      return jnp.argmax(logits)
-    return jax.random.categorical(key, logits / temperature)
-
-  tokens = list(text.encode(prompt))
-  key = jax.random.key(seed)
-  for _ in range(length):
-    key, draw = jax.random.split(key)
-    window = np.zeros(context, np.int32)
-    recent = tokens[-context:]
-    window[: len(recent)] = recent
-    tokens.append(int(next_token(params, window, len(recent) - 1, draw)))
-  return text.decode(np.asarray(tokens))
 
 
 def check_flags():
@@ -127,9 +106,15 @@ def main(argv):
 
   def sample():
     check_flags()
-    config, model, params = weights(FLAGS.workdir)
-    return generate(
-      model, params, FLAGS.prompt, FLAGS.length, FLAGS.temperature, FLAGS.seed, config.context
+    import jax
+
+    from easgd_jax import transformer
+
+    _, model, params = weights(FLAGS.workdir)
+    key = jax.random.key(FLAGS.seed)
+    prompt = text.encode(FLAGS.prompt)
+    return text.decode(
+      transformer.generate(model, params, prompt, FLAGS.length, FLAGS.temperature, key)
     )
 
   print(cli.run(sample))
