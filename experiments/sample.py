@@ -14,6 +14,7 @@ that holds no language-model run or no weights.
 import dataclasses
 import os
 import sys
+import zipfile
 
 from absl import flags
 
@@ -61,12 +62,10 @@ def weights(workdir):
     template = jax.eval_shape(
       model.init, jax.random.key(0), jnp.zeros((1, config.context), jnp.int32)
     )["params"]
-    saved = reporting.load_params(params_path)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
-    if sorted(paths) != sorted(saved):
-      raise ConfigError(f"{params_path} does not hold this run's transformer; is it damaged?")
-    leaves = [saved[path] for path in paths]
-    return config, model, jax.tree.unflatten(jax.tree.structure(template), leaves)
+    try:
+      return config, model, reporting.load_params(params_path, like=template)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+      raise ConfigError(f"{params_path} is damaged ({error}); move it away") from None
   if newest == 0:
     raise ConfigError(f"--workdir={workdir} has neither {reporting.PARAMS} nor a checkpoint yet")
   if config.engine == "ray":
