@@ -64,6 +64,7 @@ class Rule:
   optimizers_why = ""  # why, when it accepts fewer (for the error that refuses one)
   schedules = SCHEDULES  # the learning-rate schedules it accepts
   settings = {}  # its own defaults, on every model
+  streams = False  # splits, overlaps and quantizes an outer gradient (config.STREAMING's flags)
 
   @classmethod
   def defaults(cls, config):
@@ -92,6 +93,10 @@ class Rule:
   @classmethod
   def inner_optimizer(cls, config):
     return optimizers.from_config(config, cls.steps_per_count(config))
+
+  def diagnostics(self, state):
+    """{name: scalar} of the state `eval_params` reads, for the evaluation rows (none here)."""
+    return {}
 
 
 class Transfer(NamedTuple):
