@@ -24,6 +24,7 @@ position embedding wpe and the final norm ln_f) one more, first. An MLP has 3 la
 the 4-block transformer 5; more fragments than layers is refused.
 """
 
+import numbers
 import re
 from typing import Any, NamedTuple
 
@@ -34,8 +35,8 @@ import optax
 
 from easgd_jax import collectives, core
 from easgd_jax import quantize as quantization
-from easgd_jax.algorithms.base import StepRule, Transfer
-from easgd_jax.algorithms.diloco import DiLoCo, outer_optimizer
+from easgd_jax.algorithms.base import Transfer
+from easgd_jax.algorithms.diloco import DiLoCo
 from easgd_jax.errors import ConfigError
 
 
@@ -78,15 +79,14 @@ class StreamingDiLoCoState(NamedTuple):
   quantization_error: Any  # the last sync's ||deq(q(Delta)) - Delta|| / ||Delta||, all workers
 
 
-class StreamingDiLoCo(StepRule):
+class StreamingDiLoCo(DiLoCo):
   name = "streaming_diloco"
-  data_parallel = True
   streams = True
 
   @classmethod
   def defaults(cls, config):
     """DiLoCo's (AdamW inside, H = 10) and 2 fragments: one of them syncs every 5 steps."""
-    return {**DiLoCo.defaults(config), "fragments": 2}
+    return {**super().defaults(config), "fragments": 2}
 
   def __init__(
     self,
@@ -105,7 +105,7 @@ class StreamingDiLoCo(StepRule):
     core.check_hyperparameters(tau=tau, fragments=fragments)
     if tau % fragments:
       raise ValueError(f"tau must be a multiple of fragments (got {tau!r}, {fragments!r})")
-    if not (isinstance(overlap_steps, int) and 0 <= overlap_steps < tau // fragments):
+    if not (isinstance(overlap_steps, numbers.Integral) and 0 <= overlap_steps < tau // fragments):
       raise ValueError(f"overlap_steps must be in [0, tau / fragments) (got {overlap_steps!r})")
     if not 0 <= merge_alpha <= 1:
       raise ValueError(f"merge_alpha must be in [0, 1] (got {merge_alpha!r})")
@@ -113,19 +113,18 @@ class StreamingDiLoCo(StepRule):
       raise ValueError(
         f"quantize must be one of {', '.join(quantization.FORMATS)} (got {quantize!r})"
       )
-    if not (0 <= outer_momentum < 1 and outer_learning_rate > 0):
-      raise ValueError(
-        f"outer_learning_rate must be > 0 and outer_momentum in [0, 1) (got "
-        f"{outer_learning_rate!r}, {outer_momentum!r})"
-      )
-    self.tau, self.count, self.overlap = tau, fragments, overlap_steps
+    # DiLoCo's inner and outer optimizers, checked there
+    super().__init__(
+      loss_fn,
+      tau=tau,
+      learning_rate=learning_rate,
+      optimizer=optimizer,
+      outer_learning_rate=outer_learning_rate,
+      outer_momentum=outer_momentum,
+    )
+    self.count, self.overlap = fragments, overlap_steps
     self.alpha, self.format = merge_alpha, quantize
-    if optimizer is None:
-      core.check_hyperparameters(learning_rate=learning_rate)
-      optimizer = optax.adamw(learning_rate)
-    self.optimizer = optimizer
-    self.outer = outer_optimizer(outer_learning_rate, outer_momentum)
-    inner_step = core.make_sgd_step(loss_fn, optimizer)
+    inner_step = core.make_sgd_step(loss_fn, self.optimizer)
 
     def local_step(state, batch):
       local, opt_state, loss = inner_step(state.local, state.opt_state, batch)
@@ -170,10 +169,7 @@ class StreamingDiLoCo(StepRule):
       return jax.tree.map(jnp.subtract, center, collectives.replica_mean(local)), jnp.float32(0)
     delta = jax.tree.map(jnp.subtract, center, local)
     sent = quantization.roundtrip(delta, self.format)
-    lost = collectives.replica_sum(
-      optax.tree.norm(jax.tree.map(jnp.subtract, sent, delta), squared=True)
-    )
-    total = collectives.replica_sum(optax.tree.norm(delta, squared=True))
+    lost, total = (_squares(t) for t in (jax.tree.map(jnp.subtract, sent, delta), delta))
     error = jnp.sqrt(lost / jnp.where(total > 0, total, 1)).astype(jnp.float32)
     return collectives.replica_mean(sent), error
 
@@ -231,14 +227,13 @@ class StreamingDiLoCo(StepRule):
     p = syncing(step, self.tau, self.count)
     return () if p is None else (Transfer(num_bytes * self.shares[p], self.overlap),)
 
-  def eval_params(self, state):
-    return state.center
-
-  def worker_point(self, state):
-    return state.local
-
   def diagnostics(self, state):
     return {} if self.format == "none" else {"quantization_error": state.quantization_error}
+
+
+def _squares(tree):
+  """The sum of squares of `tree` over every replica's."""
+  return collectives.replica_sum(optax.tree.norm(tree, squared=True))
 
 
 def _replaced(items, p, item):
