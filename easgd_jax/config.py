@@ -65,8 +65,8 @@ class Config:
   outer_learning_rate: float = field(0.7, "diloco: the outer Nesterov SGD's learning rate.")
   outer_momentum: float = field(0.9, "diloco: the outer momentum.")
   fragments: int | None = field(None, "streaming_diloco: P, layer l in fragment l mod P.", 1)
-  overlap_steps: int = field(0, "streaming_diloco: inner steps while a fragment syncs (tau).")
-  merge_alpha: float = field(0.0, "streaming_diloco: the local share kept when it lands.")
+  overlap_steps: int = field(0, "streaming_diloco: inner steps a fragment's sync overlaps.")
+  merge_alpha: float = field(0.0, "streaming_diloco: the local share kept as the global lands.")
   quantize: str = field("none", f"streaming_diloco's outer gradient: {', '.join(QUANTIZE)}.")
   steps: int = field(2000, "Iterations T (a worker/master step: one worker's iteration).")
   eval_every: int = field(100, "Iterations between evaluations of the center on the test set.")
@@ -127,6 +127,7 @@ class Config:
       raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
     self._validate_elastic()
     self._validate_schedule()
+    self._validate_streaming()
     self._validate_processes()
     _in_range("model_parallel", self.model_parallel, 1, MAX_DEVICES)
     _at_least("checkpoint_every", self.checkpoint_every, 0)
@@ -194,6 +195,8 @@ class Config:
     _positive("outer_learning_rate", self.outer_learning_rate)
     if not (_is_number(self.outer_momentum) and 0 <= self.outer_momentum < 1):
       raise ConfigError(f"--outer_momentum must be in [0, 1) (got {self.outer_momentum})")
+
+  def _validate_streaming(self):
     if self.fragments is not None:
       _at_least("fragments", self.fragments, 1)
     _at_least("overlap_steps", self.overlap_steps, 0)

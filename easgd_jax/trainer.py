@@ -12,7 +12,7 @@ checkpoint, a DivergenceError or a Preempted. Every row has the same core keys:
                       workers beside a center: the EASGD family, local SGD, DiLoCo, DOWNPOUR),
 
 plus the engine's columns (staleness for asynchronous runs, the virtual clock when simulated)
-and the rule's own diagnostics of the evaluated state (`Rule.diagnostics`: a quantization error).
+and a step-driven rule's own diagnostics (`StepRule.diagnostics`: a quantization error).
 """
 
 import contextlib

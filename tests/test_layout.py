@@ -33,7 +33,7 @@ BUDGET = {
   "the library before the one-rule redesign": 7_679,
   "the language-model workload (transformer, text, TextDataset, Megatron rules, defaults)": 560,
   "StepRule.transfers, the facts the cluster clock costs": 25,
-  "streaming_diloco: fragments, overlap, merge, quantize.py, Rule.diagnostics in the rows": 390,
+  "streaming_diloco: fragments, overlap, merge, quantize.py, Rule.diagnostics in the rows": 393,
 }
 BUDGET_LINES = sum(BUDGET.values())
 

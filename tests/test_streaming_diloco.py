@@ -248,7 +248,7 @@ def test_a_sync_declares_its_fragments_share_at_the_wire_width(three_layers, nam
       assert found == (), t
       continue
     (transfer,) = found
-    layer = params[f"Dense_{(t + 1) // 2 % 3 - 1 if (t + 1) % 6 else 2}"]
+    layer = params[f"Dense_{((t + 1) // 2 - 1) % 3}"]  # fragment p: layer p
     kernel, bias = layer["kernel"], layer["bias"]
     expected = (kernel.size + bias.size) * bits / 8 + scaled * 4 * (kernel.shape[0] + 1)
     assert transfer.num_bytes == pytest.approx(expected, rel=1e-12) and transfer.overlap_steps == 1

@@ -94,10 +94,6 @@ class Rule:
   def inner_optimizer(cls, config):
     return optimizers.from_config(config, cls.steps_per_count(config))
 
-  def diagnostics(self, state):
-    """{name: scalar} of the state `eval_params` reads, for the evaluation rows (none here)."""
-    return {}
-
 
 class Transfer(NamedTuple):
   """One all-reduce a step-driven rule starts after a run step (what the cluster clock costs)."""
@@ -120,6 +116,10 @@ class StepRule(Rule):
   def eval_params(self, state):
     """The weights to evaluate, from one replica's state."""
     return state.params
+
+  def diagnostics(self, state):
+    """{name: scalar} of one replica's state, added to each evaluation row (none here)."""
+    return {}
 
   def transfers(self, step, num_bytes):
     """The all-reduces that start after run step `step` (0-based), for `num_bytes` the whole

@@ -222,8 +222,8 @@ class StreamingDiLoCo(DiLoCo):
     )
 
   def transfers(self, step, num_bytes):
-    """After fragment p's sync: its share of the model at the wire width (scales included),
-    landing `overlap_steps` inner steps later."""
+    """After fragment p's sync: its share of the model at the wire width (scales included; the
+    shares are known once `init` has seen the model), landing `overlap_steps` steps later."""
     p = syncing(step, self.tau, self.count)
     return () if p is None else (Transfer(num_bytes * self.shares[p], self.overlap),)
 
