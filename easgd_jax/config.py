@@ -15,6 +15,7 @@ from easgd_jax.errors import ConfigError
 
 DATASETS = ("digits", "mnist5k", "mnist", "cifar10", "synthetic", "shakespeare")
 MODELS = ("mlp", "lenet", "cifar_cnn", "transformer")
+QUANTIZE = ("none", "bf16", "fp8", "int8", "fp4")  # easgd_jax/quantize.py's formats
 # Upper bounds, so a typo fails here with a message instead of hanging or crashing later: the
 # CPU backend creates 4096 emulated devices in a second, 16384 in 25 s, 100000 in many minutes.
 MAX_DEVICES = 4096
@@ -63,6 +64,10 @@ class Config:
   grad_clip: float | None = field(None, "Clip the gradient to this global norm (0: no).", 0.0)
   outer_learning_rate: float = field(0.7, "diloco: the outer Nesterov SGD's learning rate.")
   outer_momentum: float = field(0.9, "diloco: the outer momentum.")
+  fragments: int | None = field(None, "streaming_diloco: P, layer l in fragment l mod P.", 1)
+  overlap_steps: int = field(0, "streaming_diloco: inner steps a fragment's sync overlaps.")
+  merge_alpha: float = field(0.0, "streaming_diloco: the local share kept as the global lands.")
+  quantize: str = field("none", f"streaming_diloco's outer gradient: {', '.join(QUANTIZE)}.")
   steps: int = field(2000, "Iterations T (a worker/master step: one worker's iteration).")
   eval_every: int = field(100, "Iterations between evaluations of the center on the test set.")
   seed: int = field(0, "Seed of the parameter initialization and the batch sampling.")
@@ -122,6 +127,7 @@ class Config:
       raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
     self._validate_elastic()
     self._validate_schedule()
+    self._validate_streaming()
     self._validate_processes()
     _in_range("model_parallel", self.model_parallel, 1, MAX_DEVICES)
     _at_least("checkpoint_every", self.checkpoint_every, 0)
@@ -189,6 +195,14 @@ class Config:
     _positive("outer_learning_rate", self.outer_learning_rate)
     if not (_is_number(self.outer_momentum) and 0 <= self.outer_momentum < 1):
       raise ConfigError(f"--outer_momentum must be in [0, 1) (got {self.outer_momentum})")
+
+  def _validate_streaming(self):
+    if self.fragments is not None:
+      _at_least("fragments", self.fragments, 1)
+    _at_least("overlap_steps", self.overlap_steps, 0)
+    if not (_is_number(self.merge_alpha) and 0 <= self.merge_alpha <= 1):
+      raise ConfigError(f"--merge_alpha must be in [0, 1] (got {self.merge_alpha})")
+    _one_of("quantize", self.quantize, QUANTIZE)
 
   def _validate_processes(self):
     _in_range("num_processes", self.num_processes, 1, MAX_DEVICES)
@@ -264,6 +278,10 @@ FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 OTHERWISE = {
   f.name: f.metadata["otherwise"] for f in dataclasses.fields(Config) if "otherwise" in f.metadata
 }
+
+# An outer gradient's streaming settings (algorithms that declare `streams`), and their values
+# everywhere else (--fragments stays unset there).
+STREAMING = {"fragments": None, "overlap_steps": 0, "merge_alpha": 0.0, "quantize": "none"}
 
 
 def _one_of(flag, value, choices):

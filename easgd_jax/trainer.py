@@ -11,7 +11,8 @@ checkpoint, a DivergenceError or a Preempted. Every row has the same core keys:
   gap_mean, gap_max   over the workers of ||x^i - W-bar|| / ||W-bar|| (algorithms with
                       workers beside a center: the EASGD family, local SGD, DiLoCo, DOWNPOUR),
 
-plus the engine's columns (staleness for asynchronous runs, the virtual clock when simulated).
+plus the engine's columns (staleness for asynchronous runs, the virtual clock when simulated)
+and a step-driven rule's own diagnostics (`StepRule.diagnostics`: a quantization error).
 """
 
 import contextlib

@@ -21,7 +21,7 @@ import numpy as np
 
 from easgd_jax import checkpoints, collectives, devices, reporting, schedule
 from easgd_jax.algorithms.base import ROUND_ROBIN
-from easgd_jax.engines.loop import Stepper
+from easgd_jax.engines.loop import Stepper, host_floats
 from easgd_jax.engines.simulated import clock, events
 
 CHUNK = 100  # iterations per dispatch: one lax.scan each
@@ -143,6 +143,9 @@ class Replicas(Fused):
 
   def eval_params(self):
     return self.rule.eval_params(_pick(self.state, 0))
+
+  def diagnostics(self):
+    return host_floats(self.rule.diagnostics(_pick(self.state, 0)))
 
   def worker_points(self):
     found = [self.rule.worker_point(_pick(self.state, j)) for j in range(self.replicas)]
