@@ -24,6 +24,7 @@ MAX_TIMEOUT_S = 24 * 3600
 # sigma of the simulated compute time's lognormal factor: at 3 the median step is already 1 %
 # of the mean; far above, float64 rounds most steps to nothing.
 MAX_JITTER = 3.0
+INTRA_NODE = ("sim_intra_node_latency_us", "sim_intra_node_bandwidth_gbps")
 
 
 def field(default, help, otherwise=None):  # noqa: A002 (the flag's help text)
@@ -102,6 +103,16 @@ class Config:
   sim_jitter: float = field(0.0, "simulated: sigma of a lognormal factor on every step's time.")
   sim_stragglers: int = field(0, "simulated: this many workers (the last ones) compute slower.")
   sim_straggler_slowdown: float = field(4.0, "simulated: ... by this factor.")
+  sim_shared_link: bool = field(
+    False, "simulated: the parameter server's messages queue on one link into (and out of) it."
+  )
+  sim_node_size: int = field(
+    1, "simulated: workers per node; the latency/bandwidth above are the links between nodes."
+  )
+  sim_intra_node_latency_us: float = field(2.0, "simulated: one message inside a node (us).")
+  sim_intra_node_bandwidth_gbps: float = field(
+    2400.0, "simulated: a link inside a node, one way (2400: NVLink 3)."
+  )
 
   def validate(self) -> "Config":
     """Returns self, or raises ConfigError naming the first bad flag."""
@@ -226,7 +237,8 @@ class Config:
       raise ConfigError("--model_parallel > 1 runs in one process; use --num_processes=1")
 
   def _validate_costs(self):
-    for flag in ("sim_compute_ms", "sim_latency_us", "sim_bandwidth_gbps", "sim_service_us"):
+    links = ("sim_latency_us", "sim_bandwidth_gbps") + INTRA_NODE
+    for flag in ("sim_compute_ms", "sim_service_us", *links):
       value = getattr(self, flag)
       # 1 / value finite too: a subnormal bandwidth (1e-320) makes every transfer infinite
       if value is not None and not (_is_number(value) and value > 0 and math.isfinite(1 / value)):
@@ -238,6 +250,12 @@ class Config:
         f"--sim_straggler_slowdown must be a finite number >= 1 (got {self.sim_straggler_slowdown})"
       )
     _in_range("sim_stragglers", self.sim_stragglers, 0, self.num_devices)
+    _in_range("sim_node_size", self.sim_node_size, 1, self.num_devices)
+    if self.num_devices % self.sim_node_size:
+      raise ConfigError(
+        f"--sim_node_size={self.sim_node_size} must divide --num_devices={self.num_devices} "
+        f"(every node holds as many workers)"
+      )
 
   @property
   def moving_rate(self):

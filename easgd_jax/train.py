@@ -47,7 +47,7 @@ def validate(config, workdir=None):
       f"--inject_failure applies to the asynchronous algorithms ({', '.join(at_own_pace)}), and "
       f"to {', '.join(n for n in on_ray if n not in at_own_pace)} with --engine=ray"
     )
-  engines.check(config)
+  engines.check(config, kind)
   return config
 
 
