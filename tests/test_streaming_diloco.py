@@ -315,3 +315,22 @@ def test_it_learns_digits_and_reports_its_quantization_error(cpu_devices):
   rows = train.train_and_evaluate(config)["history"]
   assert rows[-1]["test_accuracy"] >= 0.9
   assert all(0 < row["quantization_error"] < 0.02 for row in rows)  # int8: ~1/127 of a row's max
+
+
+def test_the_cluster_clock_hides_an_overlapped_fragment_and_counts_quantized_bytes(cpu_devices):
+  """What the rule declares reaches the clock: on a link slow enough that a fragment's transfer
+  takes ~3 steps of compute, overlapping it by 3 steps hides most of its time, and fp4 sends
+  about an eighth of the float32 bytes (plus a float32 scale per row)."""
+
+  def clock(**fields):
+    config = Config(
+      algorithm="streaming_diloco", model="mlp", num_devices=2, fragments=2, tau=8, steps=16,
+      eval_every=16, engine="simulated", sim_compute_ms=1.0, sim_service_us=20.0,
+      sim_bandwidth_gbps=0.2, progress_every_s=0, **fields,
+    )  # fmt: skip
+    return train.train_and_evaluate(config)["final"]
+
+  blocking, hidden = clock(), clock(overlap_steps=3)
+  assert hidden["virtual_time_s"] < 0.75 * blocking["virtual_time_s"]
+  fp4 = clock(quantize="fp4")
+  assert 1 / 8 < fp4["bytes_sent"] / blocking["bytes_sent"] < 1 / 4
