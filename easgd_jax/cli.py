@@ -15,6 +15,7 @@ after a checkpoint (Preempted), 130 on Ctrl-C without one.
 
 import dataclasses
 import difflib
+import errno
 import os
 import sys
 import types
@@ -75,6 +76,24 @@ def run(main):
   except Preempted as error:
     print(f"stopped: {error}", file=sys.stderr)
     sys.exit(error.exit_code)
+  except OSError as error:
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    print(f"error: {_disk_full(error.filename)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _disk_full(path):
+  """The one line for a full disk: the path written and the filesystem it is on."""
+  if not path:
+    return "no space left on the device: free space, then run the same command to resume"
+  mount = os.path.abspath(path)
+  while not os.path.ismount(mount):
+    mount = os.path.dirname(mount)
+  return (
+    f"no space left writing {path} (the filesystem at {mount} is full): free space there, then "
+    f"run the same command to resume from the last checkpoint"
+  )
 
 
 def start(main):

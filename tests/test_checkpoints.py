@@ -4,9 +4,11 @@ The subprocess runs share a persistent compilation cache, so each relaunch costs
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from easgd_jax import checkpoints, core, reporting, train
+from easgd_jax import checkpoints, cli, core, reporting, train
 from easgd_jax.config import Config
 from easgd_jax.errors import ConfigError
 
@@ -170,20 +172,24 @@ def test_a_longer_relaunch_continues_exactly(tmp_path, cpu_devices, overrides):
 
 @pytest.mark.parametrize("algorithm", ["async_sgd", "hogwild", "async_easgd", "hogwild_easgd"])
 def test_async_runs_resume_from_the_saved_master(tmp_path, cpu_devices, algorithm):
-  config = Config(algorithm=algorithm, steps=400, eval_every=100, checkpoint_every=100)
+  config = Config(algorithm=algorithm, model="mlp", steps=400, eval_every=100, checkpoint_every=100)
   train.train_and_evaluate(config.__class__(**{**config.to_dict(), "steps": 200}), str(tmp_path))
-  saved = reporting.load_params(tmp_path / reporting.PARAMS)
+  # Right after a restore the engine holds the checkpoint's master and workers, and its counter.
+  engine = train.build(train.validate(config, str(tmp_path))).engine
+  arrays, record = checkpoints.Checkpointer(str(tmp_path), 3).restore_latest(
+    engine.checkpoint_arrays()
+  )
+  engine.restore(arrays, record)
+  restored = engine.checkpoint_arrays()
+  assert all(np.array_equal(restored[name], arrays[name]) for name in arrays)
+  assert engine.state.version == record["version"] == len(reporting.read_applied(tmp_path)) > 0
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert [r["step"] for r in summary["history"]] == [100, 200, 300, 400]
   assert sum(summary["worker_steps"]) == 400  # the first 200 counted, 200 more done
-  # The engine's master counts its updates (`version`) for every algorithm: the EASGD family's
-  # exchanges and the others' updates are one counter now.
-  counter = summary["state"].version
-  assert counter >= 200  # the master's update counter carried on from the checkpoint
-  assert not all(
-    np.array_equal(saved[k], v)
-    for k, v in reporting.load_params(tmp_path / reporting.PARAMS).items()
-  )
+  # The master's update counter and the applied-update record are the whole run's: versions
+  # 1, 2, ... once each across the two launches.
+  made = [made for *_, made in reporting.read_applied(tmp_path)]
+  assert summary["state"].version == len(made) and made == list(range(1, len(made) + 1))
 
 
 @pytest.mark.slow
@@ -228,6 +234,50 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, cpu_
   assert os.path.isdir(tmp_path / checkpoints.SET_ASIDE / "60")  # reported and set aside
   assert [r["step"] for r in summary["history"]] == [30, 60, 90]
   assert same_params(tmp_path / "whole", tmp_path)  # resumed from 30, exactly
+
+
+@pytest.mark.parametrize("edit", ["format edited", "format removed"])
+def test_a_record_whose_format_was_edited_is_damage_not_age(tmp_path, edit):
+  """The record's checksum is verified before its format is read: an edited record is set
+  aside like any damage and the previous checkpoint is used (not exit 2, "older")."""
+  saver = checkpoints.Checkpointer(str(tmp_path), keep=3)
+  for step in (1, 2):
+    saver.save(step, {"w": np.full(4, float(step))}, {"note": step})
+  path = tmp_path / checkpoints.FOLDER / "2" / "record" / "metadata"
+  record = json.loads(path.read_text())
+  if edit == "format edited":
+    record["format"] = checkpoints.FORMAT - 1
+  else:
+    del record["format"]
+  path.write_text(json.dumps(record))
+  arrays, saved = checkpoints.Checkpointer(str(tmp_path), 3).restore_latest({"w": np.zeros(4)})
+  assert saved["step"] == 1 and arrays["w"].tolist() == [1.0] * 4
+  assert (tmp_path / checkpoints.SET_ASIDE / "2").is_dir()
+
+
+def test_a_full_disk_is_one_line_exit_1_and_leaves_no_partial_checkpoint(tmp_path, capsys):
+  """A checkpoint that no longer fits: one line naming it and its filesystem, exit 1, no
+  temporary folder; the checkpoints before it stay (the relaunch resumes from them)."""
+  small = tmp_path / "small"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)]).returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    config = Config(algorithm="sgd", model="mlp", steps=200, eval_every=20, checkpoint_every=20)
+    with pytest.raises(SystemExit) as stopped:
+      cli.run(
+        lambda: train.train_and_evaluate(
+          dataclasses.replace(config, keep_checkpoints=20), str(small / "w")
+        )
+      )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 1 and len(lines) == 1, lines
+    full = rf"error: no space left writing {small}/w/checkpoints/\d+ \(the filesystem at {small} "
+    assert re.match(full, lines[0]), lines
+    left = os.listdir(small / "w" / checkpoints.FOLDER)
+    assert left and all(name.isdigit() for name in left), left
+  finally:
+    subprocess.run(["umount", "-l", str(small)])
 
 
 def test_an_injected_nan_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, cli_env):

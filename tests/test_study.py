@@ -15,6 +15,7 @@ import pytest
 from easgd_jax import study, train
 from easgd_jax.algorithms import REGISTRY
 from easgd_jax.config import Config
+from easgd_jax.errors import ConfigError
 
 import helpers
 from helpers import REPO, child_env, child_process, run_process
@@ -187,6 +188,24 @@ def test_a_diverging_run_is_reported_and_the_study_goes_on(tmp_path, cpu_devices
   results = study.load(small, str(tmp_path))
   assert study.plot_curves(small, results, "samples", "", str(tmp_path / "c.png")) == ["sgd"]
   assert [row["arm"] for row in study.run(small, str(tmp_path))] == ["sgd", "poisoned"]  # skipped
+  # Relaunched with other settings, it refuses naming the flag and writes nothing (the budget is
+  # the study's own: its runs must all have it), nor does a plain run on its workdir or the reverse.
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+  for changes, named in (
+    (dict(samples=640), "--samples"),
+    (dict(base=Config(model="lenet")), "--model=mlp, not lenet"),
+    (dict(base=Config(model="mlp", dataset="mnist5k")), "--dataset=digits, not mnist5k"),
+  ):
+    with pytest.raises(ConfigError, match=named):
+      study.run(dataclasses.replace(small, **changes), str(tmp_path))
+  with pytest.raises(ConfigError, match="holds a study"):
+    train.train_and_evaluate(Config(model="mlp", steps=5), str(tmp_path))
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+  (tmp_path / "plain").mkdir()
+  (tmp_path / "plain" / "config.json").write_text("{}")
+  with pytest.raises(ConfigError, match="holds a single run"):
+    study.run(small, str(tmp_path / "plain"))
+  assert os.listdir(tmp_path / "plain") == ["config.json"]
 
 
 def test_simulated_arms_need_one_device_and_add_the_clock_columns():
