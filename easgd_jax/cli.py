@@ -7,10 +7,11 @@ fields (experiments/configs/); `--config.FIELD=VALUE` edits one, and a flat flag
 command line overrides the file's field, logged as such. Both ways end in the same
 `Config(**values).validate()`.
 
-Exit codes (`run`): 0 complete; 1 the run failed (DivergenceError, WorkerFailure); 2 bad input,
-nothing written (ConfigError: one line saying what to change); 3 the Ray parameter server was
-lost (ServerLost: the same command resumes); 128 + the signal when SIGTERM / SIGINT stopped it
-after a checkpoint (Preempted), 130 on Ctrl-C without one.
+Exit codes (`run`): 0 complete; 1 the run failed (DivergenceError, WorkerFailure, a full disk:
+OSError ENOSPC, one line naming the path); 2 bad input, nothing written (ConfigError: one line
+saying what to change); 3 the Ray parameter server was lost (ServerLost: the same command
+resumes); 128 + the signal when SIGTERM / SIGINT stopped it after a checkpoint (Preempted), 130
+on Ctrl-C without one.
 """
 
 import dataclasses

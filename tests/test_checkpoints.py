@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from easgd_jax import checkpoints, cli, core, reporting, train
+from easgd_jax import checkpoints, cli, core, failures, reporting, train
 from easgd_jax.config import Config
 from easgd_jax.errors import ConfigError
 
@@ -61,6 +61,7 @@ def launch(env, workdir, *args, stderr=subprocess.PIPE):
     env=env,
     stderr=stderr,
     text=True,
+    default_sigint=True,  # Ctrl-C works even when the tests run as a background job
   )
 
 
@@ -111,15 +112,18 @@ def test_killed_and_terminated_runs_resume_bitwise(tmp_path, cli_env, algorithm)
   workdir, rng = tmp_path / "interrupted", random.Random(algorithm)
   resumed_from = []
   with contextlib.ExitStack() as stack:
-    # A fresh run killed, the resumed run stopped by SIGTERM, and that resumed run killed: both
-    # signals, on a fresh and on a resumed run, and resumes from the checkpoints each leaves.
-    for i, signum in enumerate([signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]):
+    # A fresh run killed, the resumed run stopped by SIGTERM (Ctrl-C's SIGINT for easgd), and
+    # that resumed run killed: each signal, on a fresh and on a resumed run, and resumes from
+    # the checkpoints each leaves.
+    stop = signal.SIGINT if algorithm == "easgd" else signal.SIGTERM
+    for i, signum in enumerate([signal.SIGKILL, stop, signal.SIGKILL]):
       code, stderr = interrupt(cli_env, workdir, args, signum, rng)
       if signum == signal.SIGKILL:
         assert code == -signal.SIGKILL
       else:
-        assert code == 143, stderr[-2000:]
-        assert "stopped: SIGTERM at step" in stderr and "run the same command to resume" in stderr
+        assert code == 128 + signum, stderr[-2000:]  # 143 for SIGTERM, 130 for SIGINT
+        assert f"stopped: {signum.name} at step" in stderr, stderr[-2000:]
+        assert "run the same command to resume" in stderr
       resumed_from += [
         int(line.split("at step ")[1].split()[0])
         for line in stderr.splitlines()
@@ -292,19 +296,36 @@ def test_an_injected_nan_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, cl
   assert code == 0 and "resuming from the checkpoint at step 100" in stderr
 
 
+def test_nan_weights_with_a_finite_loss_exit_1_and_save_nothing(tmp_path, capsys, monkeypatch):
+  """The weights are checked too, not only the loss: with the loss check off (as if every
+  loss had been finite), the NaN weights a poisoned batch leaves stop the run at the next
+  checkpoint, step 10 (evaluations come at 20), which is not written."""
+  monkeypatch.setattr(failures, "check_losses", lambda *args: None)
+  config = Config(
+    algorithm="sgd", model="mlp", steps=40, eval_every=20, checkpoint_every=10, inject_nan=3
+  )
+  with pytest.raises(SystemExit) as stopped:
+    cli.run(lambda: train.train_and_evaluate(config, str(tmp_path)))
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert stopped.value.code == 1 and len(lines) == 1
+  assert lines[0].startswith("error: weights are NaN/inf at step 10"), lines
+  assert checkpoints.saved_steps(tmp_path) == []
+
+
 def test_resuming_with_another_algorithm_is_refused_and_changes_nothing(tmp_path, cli_env):
   train.train_and_evaluate(Config(algorithm="easgd", steps=20, eval_every=10), str(tmp_path))
-  # Everything but the workdir lock, whose file names the pid of the last run that held it.
-  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
-  stamps = {p: p.stat().st_mtime_ns for p in before}
+  # Everything, the workdir lock and the folders included: a refused run writes nothing.
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  stamps = {p: p.stat().st_mtime_ns for p in [tmp_path, *tmp_path.rglob("*")]}
   code, stderr = finish(launch(cli_env, tmp_path, "--algorithm=sgd", "--steps=40"))
   assert code == 2
   assert stderr.strip().splitlines() == [
     "error: the workdir holds a run with --algorithm=easgd, not sgd: use another --workdir, "
     "or the same --algorithm to resume it"
   ]
-  after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
-  assert after == before and {p: p.stat().st_mtime_ns for p in after} == stamps
+  after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  assert after == before
+  assert {p: p.stat().st_mtime_ns for p in [tmp_path, *tmp_path.rglob("*")]} == stamps
   with pytest.raises(ConfigError, match="--num_devices=4, not 2"):
     train.train_and_evaluate(Config(algorithm="easgd", num_devices=2), str(tmp_path))
 

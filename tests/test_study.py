@@ -240,3 +240,14 @@ def test_simulated_arms_need_one_device_and_add_the_clock_columns():
   plain = study.rows(local, {"sgd": [(summary, [])]})
   assert "communication_share" not in plain[0]
   assert "virtual" not in study.markdown(local, plain)
+  # A spread is never printed from one sample: the mean and n; from three, mean ± sample std.
+  assert "| sgd | 0.9000 (n = 1) |" in study.markdown(local, plain)
+  three = [({**summary, "final": {"test_accuracy": a}}, []) for a in (0.90, 0.92, 0.94)]
+  spread = study.rows(local, {"sgd": three})
+  assert "| sgd | 0.9200 ± 0.0200 (n = 3) |" in study.markdown(local, spread)
+
+
+@pytest.mark.parametrize("name", ["study_communication", "sweep_tau_mnist5k"])
+def test_the_simulated_studies_run_three_seeds_at_least(name):
+  """A simulated run is fast and deterministic: its studies report a spread over seeds."""
+  assert len(experiment(name).make_study(Config()).seeds) >= 3
