@@ -56,9 +56,11 @@ FOLDER = "checkpoints"
 SET_ASIDE = "unreadable_checkpoints"  # corrupted checkpoints are moved here, not deleted
 
 
-# 3: the one-rule redesign (a worker/master run stores {master, workers}, the record carries the
-# run's config and the applied-update count); 2: arrays by path name; 1 (no "format"): position.
-FORMAT = 3
+# 4: the record keeps its step's metrics row; 3: the one-rule redesign (a worker/master run
+# stores {master, workers}, the record carries the run's config and the applied-update count);
+# 2: arrays by path name; 1 (no "format"): position. Format 3 is read too (it lacks the row).
+FORMAT = 4
+READS = (3, 4)
 
 
 def path_name(path):
@@ -316,10 +318,10 @@ class Checkpointer:
   def _check_format(self, step):
     record = _record(self.directory, step) or {}  # unreadable: _read sets it aside
     damaged = record.get("record_sha256", _record_digest(record)) != _record_digest(record)
-    if "step" in record and record.get("format") != FORMAT and not damaged:  # damage isn't age
+    if "step" in record and record.get("format") not in READS and not damaged:  # damage: not age
       raise OlderCheckpoint(
         f"checkpoint {step} in {self.directory} was written by an older easgd_jax (format "
-        f"{record.get('format', 1)}; this version reads format {FORMAT}): resume it with the "
+        f"{record.get('format', 1)}; this version reads formats 3 and 4): resume it with the "
         f"version that wrote it, or use another --workdir"
       )
 

@@ -68,12 +68,16 @@ BAD_FLAGS = [
     [*PROCESS_0, "--coordinator_address=a:1", "--coordinator_bind_address=garbage"],
     "--coordinator_bind_address",
   ),
+  (["--algorithm=easgd", "--fragments=2"], "--fragments"),
+  (["--algorithm=streaming_diloco", "--tau=5"], "--tau"),  # 2 fragments by default
   # Checked against the data, before the workdir is touched.
   ([f"--batch_size={HUGE}"], "--batch_size"),
   (["--dataset=synthetic", "--synthetic_shape=100000,100000,3"], "--synthetic_shape"),
   (["--dataset=synthetic", f"--synthetic_train_size={HUGE}"], "--synthetic_train_size"),
   # The simulated cluster's schedule for the whole run (~400 bytes a step) would not fit.
   ([*SIMULATED, "--algorithm=async_sgd", f"--steps={3 * 10**10}"], "--steps=30000000000"),
+  # ... and against the model: the MLP has 3 layers to deal into fragments
+  (["--algorithm=streaming_diloco", "--model=mlp", "--fragments=4", "--tau=8"], "--fragments=4"),
 ]
 
 

@@ -35,6 +35,7 @@ WITH_A_CENTER = {
   "hogwild_easgd",
   "local_sgd",
   "diloco",
+  "streaming_diloco",
   "downpour",
 }
 
@@ -46,7 +47,7 @@ def quick(**overrides):
 
 @pytest.mark.parametrize("algorithm", sorted(REGISTRY))
 def test_every_algorithm_writes_the_same_core_keys_and_its_diagnostics(algorithm, cpu_devices):
-  learning_rate = 0.002 if algorithm == "diloco" else 0.05
+  learning_rate = 0.002 if "diloco" in algorithm else 0.05
   summary = train.train_and_evaluate(quick(algorithm=algorithm, learning_rate=learning_rate))
   rows = summary["history"]
   assert [r["step"] for r in rows] == [10, 20]
@@ -156,6 +157,22 @@ def test_a_checkpoint_from_an_older_version_gets_one_line(tmp_path, cpu_devices)
   with pytest.raises(ConfigError, match=r"^checkpoint 10 in .* older easgd_jax \(format 1"):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]  # nothing set aside or lost
+
+
+def test_a_format_3_checkpoint_resumes(tmp_path, cpu_devices):
+  """Format 4 only added the step's metrics row to the record: a format-3 workdir (the one-rule
+  redesign's) resumes as it is, its rows from metrics.jsonl."""
+  config = quick(algorithm="sgd", steps=20, checkpoint_every=10)
+  train.train_and_evaluate(dataclasses.replace(config, steps=10), str(tmp_path))
+  path = tmp_path / "checkpoints" / "10" / "record" / "metadata"
+  record = json.loads(path.read_text())
+  assert record["format"] == 4 and record["row"]["step"] == 10
+  del record["row"]
+  record["format"] = 3
+  record["record_sha256"] = record_digest(record)
+  path.write_text(json.dumps(record))
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert [row["step"] for row in summary["history"]] == [10, 20]
 
 
 def record_digest(record):
