@@ -206,6 +206,27 @@ def test_async_runs_resume_from_the_saved_master(tmp_path, cpu_devices, algorith
   assert summary["state"].version == len(made) and made == list(range(1, len(made) + 1))
 
 
+def test_failed_workers_stay_in_the_summary_after_a_resume(tmp_path, cpu_devices):
+  """Worker 1 fails in the first launch; the resumed launch (no failure injected) reports it
+  still: the summary is the whole run's, carried in the checkpoint's record."""
+  config = Config(
+    algorithm="async_sgd",
+    model="mlp",
+    num_devices=3,
+    steps=120,
+    eval_every=60,
+    inject_failure="1:0",
+  )
+  first = train.train_and_evaluate(dataclasses.replace(config, steps=60), str(tmp_path))
+  assert [f["worker"] for f in first["failed_workers"]] == [1]
+  summary = train.train_and_evaluate(
+    dataclasses.replace(config, inject_failure=None), str(tmp_path)
+  )
+  assert [f["worker"] for f in summary["failed_workers"]] == [1]
+  saved = json.loads((tmp_path / reporting.SUMMARY).read_text())
+  assert saved["failed_workers"] == first["failed_workers"] and saved["final"]["step"] == 120
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["--algorithm=async_easgd", "--algorithm=downpour --tau=4"])
 def test_an_asynchronous_run_killed_resumes_and_reaches_90_percent(tmp_path, cli_env, algorithm):
