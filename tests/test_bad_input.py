@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from easgd_jax import failures, reporting
+from easgd_jax import failures, reporting, train
 from easgd_jax.algorithms import resolve
 from easgd_jax.config import MAX_SEED, Config, ConfigError
 from easgd_jax.workdir import check_workdir
@@ -148,6 +148,9 @@ def test_check_workdir_accepts_a_new_or_existing_folder_and_leaves_no_trace(tmp_
   assert os.listdir(tmp_path) == []
   with pytest.raises(ConfigError, match="File name too long"):
     check_workdir(str(tmp_path / ("x" * 300)))
+  # An empty --workdir= is refused by run.py and by the library's own entry (a study, a notebook).
+  with pytest.raises(ConfigError, match="--workdir= is empty"):
+    train.validate(Config(), "")
 
 
 def test_a_process_with_no_coordinator_fails_within_the_heartbeat_timeout():

@@ -115,7 +115,9 @@ def test_a_kill_after_the_final_checkpoint_is_completed_by_the_relaunch(
   rows = reporting.read_metrics(tmp_path)
   for name in (reporting.SUMMARY, reporting.PARAMS):  # as if SIGKILLed just before writing them
     os.remove(tmp_path / name)
+  saved = files_of(tmp_path)[reporting.CONFIG]
   summary = train.train_and_evaluate(config, str(tmp_path))
+  assert files_of(tmp_path)[reporting.CONFIG] == saved  # config.json not even rewritten
   assert reporting.read_metrics(tmp_path) == rows  # no extra row
   assert summary["final"] == rows[-1] and os.path.exists(tmp_path / reporting.SUMMARY)
   rewritten = reporting.load_params(tmp_path / reporting.PARAMS)
