@@ -2,15 +2,16 @@
 
 A checkpoint holds every array of the algorithm's state (center, each local or replica, optimizer
 and momentum state; for the asynchronous family the master and every worker) as plain host
-arrays, and a JSON record of everything else: the step (for the async family the master's count
-of finished iterations), each data sampler's generator position, the training seconds so far and
-the losses since the last metrics row. The samplers are the run's only randomness (there are no
-JAX keys: initialization happens once, from `--seed`), so resuming replays the same batches.
+arrays, and a JSON record of everything else: the step, each data sampler's generator position,
+the training seconds, the losses since the last metrics row, the run's config and its row at
+that step. The samplers are the run's only randomness (no JAX keys: initialization happens once,
+from `--seed`), so resuming replays the same batches.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a process
-killed mid-save leaves the previous checkpoints as they were. Arrays are stored by tensorstore and
-the record as JSON: nothing is ever unpickled. A SHA-256 of every array is stored with it, so a
-checkpoint whose bytes changed on disk is caught even where the format would still parse.
+killed mid-save leaves the previous checkpoints as they were; a save that fails (a full disk)
+removes its temporary folder and raises OSError(ENOSPC) naming the checkpoint. Arrays are stored
+by tensorstore and the record as JSON: nothing is ever unpickled. A SHA-256 of every array and
+of the record is stored with them, so bytes changed on disk are caught where the format parses.
 
 Multi-process runs (`sync_sgd`, `sync_easgd` over JAX's distributed runtime) give every process
 the same workdir, on storage they all share. Every process calls `save` and `restore_latest` at
@@ -32,17 +33,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from easgd_jax import devices
+from easgd_jax import devices, workdir
 from easgd_jax.errors import ConfigError, OlderCheckpoint
 
 
 class _QuietOrbax(std_logging.Filter):
-  """Orbax reports every save at INFO; a run's progress lines should not drown in them."""
+  """Orbax reports every save at INFO, and a failed write (a full disk) in each thread that met
+  it, with a traceback, before the save raises it: the run's one line (cli.py) says that."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= std_logging.WARNING and "raised an exception" not in record.msg
 
 
 std_logging.getLogger("absl").addFilter(_QuietOrbax())
@@ -51,9 +56,11 @@ FOLDER = "checkpoints"
 SET_ASIDE = "unreadable_checkpoints"  # corrupted checkpoints are moved here, not deleted
 
 
-# 3: the one-rule redesign (a worker/master run stores {master, workers}, the record carries the
-# run's config and the applied-update count); 2: arrays by path name; 1 (no "format"): position.
-FORMAT = 3
+# 4: the record keeps its step's metrics row; 3: the one-rule redesign (a worker/master run
+# stores {master, workers}, the record carries the run's config and the applied-update count);
+# 2: arrays by path name; 1 (no "format"): position. Format 3 is read too (it lacks the row).
+FORMAT = 4
+READS = (3, 4)
 
 
 def path_name(path):
@@ -220,6 +227,23 @@ def saved_steps(workdir):
   return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
 
 
+def newest_config(workdir):
+  """The run's config the newest checkpoint whose record verifies carries, or None."""
+  folder = os.path.abspath(os.path.join(workdir, FOLDER))
+  for record in (_record(folder, step) for step in reversed(saved_steps(workdir))):
+    if record and record.get("record_sha256") == _record_digest(record) and "config" in record:
+      return record["config"]
+
+
+def _record(directory, step):
+  """The JSON record of checkpoint `step` in `directory`, unverified; None if unreadable."""
+  try:
+    record = ocp.JsonCheckpointHandler().restore(epath.Path(directory) / str(step) / "record")
+  except Exception:  # unreadable: set aside when the run restores
+    record = None
+  return record if isinstance(record, dict) else None
+
+
 class Checkpointer:
   """Saves and restores (arrays, record) pairs under workdir/checkpoints, newest last.
 
@@ -256,12 +280,10 @@ class Checkpointer:
     tree = {"arrays": _nest(arrays)}
     if self.shared:
       tree["sha256"] = self._process_digests(list(arrays.values()))
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(tree), record=ocp.args.JsonSave(record)),
-      force=True,
-    )
-    self.manager.wait_until_finished()
+    args = ocp.args.Composite(state=ocp.args.StandardSave(tree), record=ocp.args.JsonSave(record))
+    with workdir.writing(os.path.join(self.directory, str(step)), ".orbax-checkpoint-tmp"):
+      self.manager.save(step, args=args, force=True)
+      self.manager.wait_until_finished()
 
   def _process_digests(self, arrays):
     """A (processes, arrays, 8) uint32 array: row p holds process p's SHA-256 of its shards."""
@@ -276,12 +298,10 @@ class Checkpointer:
     """(arrays, record) of the newest readable checkpoint, or None when there is none.
 
     `template_arrays` is {path name: array}, like `arrays`. A checkpoint written by an older
-    version raises OlderCheckpoint (one line: resume it with that version, or start over).
-
-    An unreadable checkpoint (truncated, corrupted, or not matching `template_arrays`) is
-    reported, moved to workdir/unreadable_checkpoints, and the one before it is tried. With
-    several processes a checkpoint is used only if every process read and verified its part.
-    """
+    version raises OlderCheckpoint (one line). An unreadable one (truncated, corrupted, its
+    record edited, not matching `template_arrays`) is reported, moved to
+    workdir/unreadable_checkpoints, and the one before it is tried; with several processes only
+    if every process read and verified its part is a checkpoint used."""
     for step in sorted(self.steps(), reverse=True):
       self._check_format(step)
       try:
@@ -296,19 +316,14 @@ class Checkpointer:
     return None
 
   def _check_format(self, step):
-    try:
-      record = ocp.JsonCheckpointHandler().restore(self.manager.directory / str(step) / "record")
-    except Exception:  # unreadable: _read reports it and sets the checkpoint aside
-      return
-    if not (isinstance(record, dict) and "step" in record) or record.get("format") == FORMAT:
-      return
-    if "record_sha256" in record and record["record_sha256"] != _record_digest(record):
-      return  # damaged, not older: _read reports it and sets the checkpoint aside
-    raise OlderCheckpoint(
-      f"checkpoint {step} in {self.directory} was written by an older easgd_jax (format "
-      f"{record.get('format', 1)}; this version reads format {FORMAT}): resume it with the "
-      f"version that wrote it, or use another --workdir"
-    )
+    record = _record(self.directory, step) or {}  # unreadable: _read sets it aside
+    damaged = record.get("record_sha256", _record_digest(record)) != _record_digest(record)
+    if "step" in record and record.get("format") not in READS and not damaged:  # damage: not age
+      raise OlderCheckpoint(
+        f"checkpoint {step} in {self.directory} was written by an older easgd_jax (format "
+        f"{record.get('format', 1)}; this version reads formats 3 and 4): resume it with the "
+        f"version that wrote it, or use another --workdir"
+      )
 
   def _read(self, step, template_arrays):
     """The arrays and record of checkpoint `step`, verified; raises when they can't be used.

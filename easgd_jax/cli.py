@@ -7,14 +7,16 @@ fields (experiments/configs/); `--config.FIELD=VALUE` edits one, and a flat flag
 command line overrides the file's field, logged as such. Both ways end in the same
 `Config(**values).validate()`.
 
-Exit codes (`run`): 0 complete; 1 the run failed (DivergenceError, WorkerFailure); 2 bad input,
-nothing written (ConfigError: one line saying what to change); 3 the Ray parameter server was
-lost (ServerLost: the same command resumes); 128 + the signal when SIGTERM / SIGINT stopped it
-after a checkpoint (Preempted), 130 on Ctrl-C without one.
+Exit codes (`run`): 0 complete; 1 the run failed (DivergenceError, WorkerFailure, a full disk:
+OSError ENOSPC, one line naming the path); 2 bad input, nothing written (ConfigError: one line
+saying what to change); 3 the Ray parameter server was lost (ServerLost: the same command
+resumes); 128 + the signal when SIGTERM / SIGINT stopped it after a checkpoint (Preempted), 130
+on Ctrl-C without one.
 """
 
 import dataclasses
 import difflib
+import errno
 import os
 import sys
 import types
@@ -75,6 +77,24 @@ def run(main):
   except Preempted as error:
     print(f"stopped: {error}", file=sys.stderr)
     sys.exit(error.exit_code)
+  except OSError as error:
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    print(f"error: {_disk_full(error.filename)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _disk_full(path):
+  """The one line for a full disk: the path written and the filesystem it is on."""
+  if not path:
+    return "no space left on the device: free space, then run the same command to resume"
+  mount = os.path.abspath(path)
+  while not os.path.ismount(mount):
+    mount = os.path.dirname(mount)
+  return (
+    f"no space left writing {path} (the filesystem at {mount} is full): free space there, then "
+    f"run the same command to resume from the last checkpoint"
+  )
 
 
 def start(main):

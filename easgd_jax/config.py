@@ -10,6 +10,7 @@ on the algorithm or the engine is checked by `easgd_jax.algorithms.resolve` and
 
 import dataclasses
 import math
+import types
 
 from easgd_jax.errors import ConfigError
 
@@ -78,6 +79,9 @@ class Config:
   synthetic_train_size: int = field(4096, "Examples in the synthetic training split.")
   max_chars: int | None = field(None, "shakespeare: each split's first N characters (tests).")
   coordinator_address: str | None = field(None, "Multi-process runs: HOST:PORT of process 0.")
+  coordinator_bind_address: str | None = field(
+    None, "Process 0: HOST:PORT its coordinator listens on (unset: --coordinator_address's)."
+  )
   num_processes: int = field(1, "Multi-process runs: processes taking part.")
   process_id: int = field(0, "Multi-process runs: this process's rank.")
   heartbeat_timeout_s: int = field(60, "A process silent (or absent at start) this long: stop.")
@@ -116,6 +120,8 @@ class Config:
 
   def validate(self) -> "Config":
     """Returns self, or raises ConfigError naming the first bad flag."""
+    for f in dataclasses.fields(self):  # a config file's True is not a 1, nor "32" a 32
+      _of_type(f.name, getattr(self, f.name), f.type)
     _one_of("dataset", self.dataset, DATASETS)
     _one_of("model", self.model, MODELS)
     _in_range("num_devices", self.num_devices, 1, MAX_DEVICES)
@@ -228,6 +234,8 @@ class Config:
     if not self.coordinator_address:
       raise ConfigError("--num_processes > 1 needs --coordinator_address=HOST:PORT of process 0")
     _address("coordinator_address", self.coordinator_address, "HOST:PORT, e.g. 127.0.0.1:12345")
+    if self.coordinator_bind_address is not None:
+      _address("coordinator_bind_address", self.coordinator_bind_address, "IP:PORT of process 0")
     if self.num_devices % self.num_processes:
       raise ConfigError(
         f"--num_devices={self.num_devices} must be a multiple of --num_processes="
@@ -300,6 +308,21 @@ OTHERWISE = {
 # An outer gradient's streaming settings (algorithms that declare `streams`), and their values
 # everywhere else (--fragments stays unset there).
 STREAMING = {"fragments": None, "overlap_steps": 0, "merge_alpha": 0.0, "quantize": "none"}
+
+
+def _of_type(flag, value, kind):
+  if value is None and isinstance(kind, types.UnionType):  # X | None: unset
+    return
+  kind = next(k for k in getattr(kind, "__args__", (kind,)) if k is not type(None))
+  if kind is tuple:
+    fits = isinstance(value, tuple | list)
+  elif kind is float:
+    fits = isinstance(value, int | float) and not isinstance(value, bool)
+  else:
+    fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+  if not fits:
+    name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise ConfigError(f"--{flag} must be {name.get(kind, 'a list')} (got {value!r})")
 
 
 def _one_of(flag, value, choices):

@@ -13,13 +13,13 @@ ConfigError.
 """
 
 import logging as std_logging
-import socket
-import time
+import os
 
 import jax
 import numpy as np
 from absl import logging
 
+from easgd_jax import network
 from easgd_jax.collectives import AXIS
 from easgd_jax.errors import ConfigError
 
@@ -57,6 +57,19 @@ def emulate_cpu_devices(count):
     jax.config.update("jax_num_cpu_devices", max(count, 1))
   except RuntimeError:
     pass  # backend already initialized: keep whatever it has (see the docstring)
+
+
+def check_platform():
+  """ConfigError (one line) when jax has no backend for JAX_PLATFORMS (cuda on a machine with
+  no GPU or no jax plugin for it), where jax raises a RuntimeError or a bare AssertionError."""
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as error:
+    asked = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+    reason = str(error).splitlines()[0][:200] if str(error) else "jax has no backend for it here"
+    raise ConfigError(
+      f"JAX_PLATFORMS={asked}: {reason}; unset JAX_PLATFORMS, or install jax for that platform"
+    ) from None
 
 
 def worker_devices(num_workers, devices=None):
@@ -108,11 +121,18 @@ def mesh(data, model, axis_names):
 
 
 def initialize_processes(config):
-  """Join a multi-process run (JAX's distributed runtime; gloo collectives on CPU)."""
+  """Join a multi-process run (JAX's distributed runtime; gloo collectives on CPU).
+
+  Process 0's coordinator listens on the address the run names, not on every interface
+  (network.bind_address); the others first check that a coordinator answers.
+  """
   if config.num_processes == 1:
     return
-  if config.process_id != 0:
-    wait_for_coordinator(config.coordinator_address, config.heartbeat_timeout_s)
+  bind = None
+  if config.process_id == 0:
+    bind = network.bind_address(config.coordinator_address, config.coordinator_bind_address)
+  else:
+    network.wait_for_coordinator(config.coordinator_address, config.heartbeat_timeout_s)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
     config.coordinator_address,
@@ -124,34 +144,8 @@ def initialize_processes(config):
     # A process that fails must not wait minutes at the exit barrier for peers stuck in a
     # collective with it: give up on the barrier as soon as on a silent peer.
     shutdown_timeout_seconds=config.heartbeat_timeout_s,
+    coordinator_bind_address=bind,
   )
-
-
-def wait_for_coordinator(address, timeout_s):
-  """Return once something listens at `address` (HOST:PORT); ConfigError after `timeout_s`.
-
-  jax.distributed.initialize in a process other than 0 retries for its whole timeout and then
-  aborts the process with a C++ stack trace; a plain TCP probe first turns "process 0 is not
-  there" into one line.
-  """
-  host, _, port = address.rpartition(":")
-  host = host.strip("[]")  # an IPv6 address: [::1]:12345
-  deadline = time.monotonic() + timeout_s
-  while True:
-    try:
-      with socket.create_connection((host, int(port)), timeout=1):
-        return
-    except socket.gaierror as error:
-      raise ConfigError(
-        f"--coordinator_address={address}: unknown host {host} ({error.strerror})"
-      ) from None
-    except OSError:
-      if time.monotonic() >= deadline:
-        raise ConfigError(
-          f"nothing answers at --coordinator_address={address} after --heartbeat_timeout_s="
-          f"{timeout_s}: start process 0 first, or check the address"
-        ) from None
-      time.sleep(0.2)
 
 
 # Replicated (pmap) placement: one copy of the state per device, stacked on a leading axis.

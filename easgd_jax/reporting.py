@@ -34,8 +34,10 @@ def _atomic(path, suffix):
   try:
     yield tmp
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as error:
     os.unlink(tmp)
+    if isinstance(error, OSError) and error.filename is None:  # a full disk: say where
+      raise OSError(error.errno, error.strerror, path) from None
     raise
 
 
@@ -128,49 +130,83 @@ def read_metrics(workdir):
 class MetricsLog:
   """Appends one JSON object per evaluation to workdir/metrics.jsonl (or just keeps them).
 
-  `start()` begins a new file; `start(keep_until=step)` continues a resumed run: the rows up to
-  `step` (the checkpoint's) are kept, later ones, written after that checkpoint, are dropped, so
-  the file holds every evaluation exactly once.
+  `start()` begins a new file; `start(keep_until=step, kept=row)` continues a resumed run: the
+  rows up to `step` (the checkpoint's) are kept, later ones, written after that checkpoint, are
+  dropped, so the file holds every evaluation exactly once; `kept`, the checkpoint's own row
+  (its record carries it), replaces one torn from the file. `sync()` makes the rows durable
+  before a checkpoint is.
 
   Every row also goes to TensorBoard event files in the workdir (tensorboardX: no TensorFlow
   needed), one scalar per number; `tensorboard --logdir=WORKDIR` (or a study's runs/) shows them.
-  A resumed run purges the events after its checkpoint's step, as it does with the rows.
+  metrics.jsonl is the record: each launch replaces the event files with its kept rows, so they
+  hold every launch's rows once (and no file a killed launch left empty).
   """
 
   def __init__(self, workdir=None):
     self.workdir, self.rows, self._file, self._events = workdir, [], None, None
 
-  def start(self, keep_until=None):
+  def start(self, keep_until=None, kept=None):
     if keep_until is not None:
       path = os.path.join(self.workdir, METRICS) if self.workdir else None
       if path and os.path.exists(path):
         self.rows = [r for r in read_metrics(self.workdir) if r["step"] <= keep_until]
+      if kept and all(r["step"] != kept["step"] for r in self.rows):
+        self.rows.append(kept)
     if self.workdir:
       path = os.path.join(self.workdir, METRICS)
       write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in self.rows))
       self._file = open(path, "a")
       from tensorboardX import SummaryWriter
 
-      purge = keep_until + 1 if keep_until is not None else None
-      self._events = SummaryWriter(logdir=self.workdir, purge_step=purge, flush_secs=10)
+      for name in os.listdir(self.workdir):
+        if name.startswith("events.out.tfevents."):
+          os.remove(os.path.join(self.workdir, name))
+      self._events = SummaryWriter(logdir=self.workdir, flush_secs=10)
+      for row in self.rows:
+        self._emit(row)
 
   def append(self, row):
     self.rows.append(row)
     if self.workdir:
-      self._file.write(json.dumps(row, default=_jsonable) + "\n")
-      self._file.flush()
-      for key, value in row.items():
-        if key == "worker_steps":
-          for j, steps in enumerate(value):
-            self._events.add_scalar(f"worker_steps/{j}", steps, global_step=row["step"])
-        elif key != "step" and isinstance(value, int | float):
-          self._events.add_scalar(key, value, global_step=row["step"])
+      try:
+        self._file.write(json.dumps(row, default=_jsonable) + "\n")
+        self._file.flush()
+      except OSError as error:  # a full disk: say where
+        raise OSError(error.errno, error.strerror, self._file.name) from None
+      self._emit(row)
+
+  def _emit(self, row):
+    for key, value in row.items():
+      if key == "worker_steps":
+        for j, steps in enumerate(value):
+          self._events.add_scalar(f"worker_steps/{j}", steps, global_step=row["step"])
+      elif key != "step" and isinstance(value, int | float):
+        self._events.add_scalar(key, value, global_step=row["step"])
+
+  def sync(self):
+    if self._file:
+      os.fsync(self._file.fileno())
 
   def close(self):
-    if self._file:
-      self._file.close()
-    if self._events:
-      self._events.close()
+    """Closes both files; a full disk is OSError naming the first that failed (the events'
+    writer is then not left to try again at exit: metrics.jsonl is the record)."""
+    failed = None
+    for name, part in ((METRICS, self._file), ("events.out.tfevents.*", self._events)):
+      try:
+        if part:
+          part.close()
+      except OSError as error:
+        path = os.path.join(self.workdir, name)
+        failed = failed or OSError(error.errno, error.strerror, path)
+    if failed:
+      if self._events:
+        self._events.file_writer.event_writer._closed = True
+      raise failed
+
+
+def plain(obj):
+  """`obj` as JSON would give it back (NumPy numbers as Python's)."""
+  return json.loads(json.dumps(obj, default=_jsonable))
 
 
 class AppliedLog:

@@ -27,6 +27,7 @@ RESUMABLE = frozenset(
     "inject_nan",  # fault injection for one launch
     "inject_failure",
     "coordinator_address",  # a relaunched cluster may get another port
+    "coordinator_bind_address",
     "process_id",  # every process of a multi-process run reads the same config.json
     "progress_every_s",
     "engine",  # the checkpoint is the same on every engine that runs the algorithm
@@ -70,6 +71,12 @@ def fix_measured(config, workdir):
 
 
 def saved_config(workdir):
+  """The config of the workdir's run: its config.json, else (deleted) its newest checkpoint's,
+  which the checkpoint's checksummed record carries; None for a new workdir."""
+  return _config_json(workdir) or (workdir and checkpoints.newest_config(workdir)) or None
+
+
+def _config_json(workdir):
   path = workdir and os.path.join(workdir, reporting.CONFIG)
   if not path or not os.path.exists(path):
     return None
@@ -86,16 +93,29 @@ def saved_config(workdir):
   return saved
 
 
+def prepare(config, workdir):
+  """(config, finished): `config` with what the workdir's first launch fixed (--decay_steps,
+  the measured costs), and `check`'s answer."""
+  config = fix_measured(fix_decay_steps(config, workdir), workdir)
+  return config, check(config, workdir)
+
+
 def check(config, workdir):
   """(step, workdir) when the workdir's run is finished at or past --steps, else None.
 
-  Raises ConfigError (nothing written) for a config.json that can't be read or a flag that a
-  resume can't honour, including a lower --steps on a run that is not finished.
+  Raises ConfigError (nothing written) for a workdir that is not a run's (a study's, or one
+  whose outputs' names are taken), a config.json that can't be read, or a flag that a resume
+  can't honour (against config.json and the newest checkpoint's own config both), including a
+  lower --steps on a run that is not finished.
   """
-  saved = saved_config(workdir)
+  _check_layout(workdir)
+  written, newest = _config_json(workdir), workdir and checkpoints.newest_config(workdir)
+  saved = written or newest
   if saved is None:
     return None
-  check_same_experiment(saved, config)
+  for each in (written, newest):
+    if each:
+      check_same_experiment(each, config)
   done = max([*checkpoints.saved_steps(workdir), summary_step(workdir)])
   old_steps = saved.get("steps", config.steps)
   if done >= old_steps and config.steps <= done:
@@ -106,6 +126,29 @@ def check(config, workdir):
       f"--steps may only rise on resume; use --steps={old_steps} (or more), or another --workdir"
     )
   return None
+
+
+STUDY_RUNS = "runs"  # a study's workdir holds its runs here (easgd_jax/study)
+FILES = (reporting.CONFIG, reporting.METRICS, reporting.SUMMARY, reporting.PARAMS, reporting.PLOT)
+
+
+def _check_layout(workdir):
+  if not workdir or not os.path.isdir(workdir):
+    return
+  if os.path.isdir(os.path.join(workdir, STUDY_RUNS)):
+    raise ConfigError(
+      f"--workdir={workdir} holds a study (its {STUDY_RUNS}/ folder), not a run: use another "
+      f"--workdir"
+    )
+  folder = os.path.join(workdir, checkpoints.FOLDER)
+  if os.path.lexists(folder) and not os.path.isdir(folder):
+    raise ConfigError(f"{folder} is a file, not a folder: move it away, or use another --workdir")
+  for name in FILES:
+    if os.path.isdir(os.path.join(workdir, name)):
+      raise ConfigError(
+        f"{os.path.join(workdir, name)} is a folder, where the run writes a file: move it away, "
+        f"or use another --workdir"
+      )
 
 
 def summary_step(workdir):

@@ -16,6 +16,7 @@ from easgd_jax import (
   checkpoints,
   core,
   data,
+  devices,
   engines,
   failures,
   models,
@@ -31,6 +32,8 @@ def validate(config, workdir=None):
   """`config` checked and with every setting left unset resolved (on resume as the workdir's
   run resolved it, else the algorithm's default for the model), or ConfigError naming the flag
   to change."""
+  if workdir == "":
+    raise ConfigError("--workdir= is empty: name a folder, or leave --workdir out to keep no files")
   config = algorithms.resolve(resume.fix_unset(config.validate(), workdir))
   kind, known = algorithms.REGISTRY[config.algorithm], algorithms.REGISTRY.items()
   if not engines.runs(config.engine, kind):
@@ -94,17 +97,18 @@ def train_and_evaluate(config, workdir=None):
   --steps only (re)writes the final outputs.
   """
   config = validate(config, workdir)
+  devices.check_platform()
   checkpoints.check_shared_workdir(workdir)  # multi-process: all save their shards in one folder
   writes = workdir if workdir and jax.process_index() == 0 else None  # process 0 writes results
   lock = workdir_lib.Lock(workdir) if writes else None
   try:
     if writes and os.path.isdir(writes):
-      lock.acquire()  # before reading anything, so a live run's files are never mixed with ours
+      # Before reading anything, so a live run's files are never mixed with ours; shared until
+      # there is something to write, so that a finished run relaunched writes nothing.
+      lock.acquire(shared=True)
     # Every process of a multi-process run reads the shared workdir and so takes the same way:
     # until they all meet in the Checkpointer, nothing in it changes but config.json (atomically).
-    config = resume.fix_decay_steps(config, workdir)
-    config = resume.fix_measured(config, workdir)
-    finished = resume.check(config, workdir)
+    config, finished = resume.prepare(config, workdir)
     if finished is not None and resume.outputs_complete(workdir):
       logging.info("complete at step %d; results in %s (raise --steps to train on)", *finished)
       return resume.finished_summary(workdir)
@@ -142,8 +146,7 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
   config, dataset, loss_fn, params_host, rule, engine = build(config)
   checkpointer = None
   if workdir:
-    if lock._file is None:
-      lock.acquire()
+    lock.acquire()  # exclusive now
     if finished is None:  # a finished run's config.json stays as it was
       reporting.write_json(os.path.join(workdir, reporting.CONFIG), config.to_dict())
   if checkpoint_dir:  # every process of a multi-process run: each saves its own shards

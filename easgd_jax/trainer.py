@@ -163,7 +163,7 @@ class Trainer:
       logging.info("resuming from the checkpoint at step %d of %d", start, config.steps)
     else:
       self.applied.start(keep=0)
-    self.log.start(keep_until=start if restored else None)
+    self.log.start(keep_until=start if restored else None, kept=restored and saved.get("row"))
     if restored and not self.log.workdir and checkpointer.shared:  # process 1+: for its summary
       self.log.rows = [
         r for r in reporting.read_metrics(checkpointer.workdir) if r["step"] <= start
@@ -200,6 +200,7 @@ class Trainer:
       arrays, record = snapshot.state
       failures.check_weights(arrays, snapshot.step, self.config, self.checkpointer)
       pending = [] if snapshot.params is not None else snapshot.losses
+      row = reporting.plain(self.log.rows[-1]) if snapshot.params is not None else None
       record = {
         **record,
         "config": self.config.to_dict(),
@@ -209,8 +210,10 @@ class Trainer:
         "applied": self.applied.count,
         "lost": self.lost,
         "joined": self.joined,
+        "row": row,  # this step's row, if any (a resume restores it if torn from the file)
       }
-      self.applied.flush()  # the record the checkpoint counts is on disk before it
+      self.applied.flush()  # the records the checkpoint counts are on disk before it
+      self.log.sync()
       self.checkpointer.save(snapshot.step, arrays, record)
     if snapshot.stopped:
       raise Preempted(snapshot.stopped, snapshot.step, self.checkpointer.directory)

@@ -91,7 +91,9 @@ def round_trip_ms(model, repeats=200):
 def print_ray(
   steps=600, repeats=1, models=("lenet", "mlp"), workers_counts=(2, 4), names=ALGORITHMS
 ):
-  ray_cluster.connect(Config(engine="ray"))  # one embedded Ray for every run
+  # One private Ray for every run (not one already on the machine); its watchdog stops it and
+  # removes its files when this process exits.
+  ray_cluster.connect(Config(engine="ray"))
   header = (
     f"{'(j) digits, batch 32':<22}{'algorithm':<15}{'G':>3}{'local samples/s':>17}"
     f"{'ray':>16}{'ray+pipeline':>18}{'round trip ms':>15}"

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -16,8 +17,16 @@ import numpy as np
 import pytest
 
 from easgd_jax import train
-from easgd_jax.algorithms import SGD, AsyncEASGD, AsyncSGD, RoundRobinEASGD
+from easgd_jax.algorithms import (
+  SGD,
+  AsyncEASGD,
+  AsyncSGD,
+  Hogwild,
+  HogwildEASGD,
+  RoundRobinEASGD,
+)
 from easgd_jax.config import Config
+from easgd_jax.engines.local import masters
 from easgd_jax.errors import ConfigError, WorkerFailure
 
 import reference
@@ -141,6 +150,53 @@ def test_async_easgd_center_equals_numpy_replay_of_the_exchange_order(
   assert sum(engine.worker_steps) == steps
 
 
+@pytest.mark.parametrize("name", ["hogwild", "hogwild_easgd"])
+def test_the_unlocked_pair_with_one_worker_equals_its_rule_in_order(
+  problem, worker_batches, cpu_devices, name
+):
+  """One Hogwild worker is SGD, one Hogwild EASGD worker is EASGD with G = 1: the unlocked
+  in-place write adds the rule's own update, Eq. (1)'s pull included (rtol 1e-6)."""
+  loss_fn, params = problem
+  if name == "hogwild":
+    rule, kwargs = Hogwild(loss_fn, learning_rate=0.1), dict(devices=cpu_devices)
+    expected = run_steps(SGD(loss_fn, learning_rate=0.1), params, worker_batches[0][:20], **kwargs)
+    expected = expected.state.params
+  else:
+    settings = dict(learning_rate=0.1, rho=0.7, tau=1)
+    rule = HogwildEASGD(loss_fn, **settings)
+    easgd = RoundRobinEASGD(loss_fn, **settings)
+    expected = run_steps(easgd, params, worker_batches[0][:20], num_devices=1, devices=cpu_devices)
+    expected = expected.state["master"]
+  engine, _, _ = run_threads(rule, params, worker_batches[:1], 20)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    engine.master.snapshot(),
+    expected,
+  )
+
+
+def test_unlocked_writes_serialized_add_up_to_the_logged_increments(
+  problem, worker_batches, monkeypatch
+):
+  """Hogwild's master is W0 plus every increment the workers wrote, once each: with the writes
+  serialized (a lock around them, in a test only) the final W is that sum, bit for bit."""
+  loss_fn, params = problem
+  lock, logged, add = threading.Lock(), [], masters.SharedMaster.add
+
+  def serialized(self, j, worker_step, increment, read_at):
+    with lock:
+      logged.append(np.array(increment))
+      return add(self, j, worker_step, increment, read_at)
+
+  monkeypatch.setattr(masters.SharedMaster, "add", serialized)
+  engine, _, _ = run_threads(Hogwild(loss_fn, learning_rate=0.1), params, worker_batches[:4], 40)
+  w = masters.SharedBuffer(params).flat.copy()
+  for increment in logged:
+    np.add(w, increment, out=w)
+  np.testing.assert_array_equal(engine.master.buffer.flat, w)
+  assert len(logged) == engine.master.version == 40
+
+
 def test_hogwild_workers_write_concurrently_and_still_learn_digits(cpu_devices):
   summary = train.train_and_evaluate(
     Config(algorithm="hogwild", num_devices=2, steps=1500, eval_every=500)
@@ -179,6 +235,11 @@ def test_evaluation_snapshots_come_while_training(problem, worker_batches):
   # its losses go into the next row (tests/test_workdir.py makes that happen on purpose).
   assert {s.step for s in snapshots} <= {10, 20, 30} and final.step == 40
   assert len(snapshots) + engine.evaluations_skipped == 3
+  # The first point finds nothing in flight: it is never skipped, and it shows the master of
+  # then, not of the end.
+  assert snapshots[0].step == 10
+  first, last = jax.tree.leaves(snapshots[0].params), jax.tree.leaves(final.params)
+  assert not all(np.array_equal(a, b) for a, b in zip(first, last, strict=True))
   assert [len(s.losses) for s in snapshots] == [
     10 * (1 + s.extra["evaluations_skipped"]) for s in snapshots
   ]

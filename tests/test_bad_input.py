@@ -5,6 +5,7 @@ divergence message naming the EASGD stability condition it breaks, and 143 for a
 by SIGTERM. Each bad input returns in seconds (most before jax is even imported).
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from easgd_jax import failures, reporting
+from easgd_jax import failures, reporting, train
 from easgd_jax.algorithms import resolve
 from easgd_jax.config import MAX_SEED, Config, ConfigError
 from easgd_jax.workdir import check_workdir
@@ -27,6 +28,8 @@ RUN = os.path.join(REPO, "run.py")
 STUDY = os.path.join(REPO, "experiments", "sweep_rho.py")
 HUGE = "1000000000000000000"  # 10**18
 TWO_PROCESSES = ["--algorithm=sync_sgd", "--num_devices=2", "--num_processes=2", "--process_id=1"]
+PROCESS_0 = [*TWO_PROCESSES[:-1], "--process_id=0"]
+SIMULATED = ["--engine=simulated", "--model=mlp", "--sim_compute_ms=1", "--sim_service_us=20"]
 
 
 def cli(script, *args, timeout=60, env=None, **popen_kwargs):
@@ -57,12 +60,22 @@ BAD_FLAGS = [
   (["--no_such_flag=1"], "no_such_flag"),
   ([*TWO_PROCESSES, "--coordinator_address=127.0.0.1:notaport"], "--coordinator_address"),
   ([*TWO_PROCESSES, "--coordinator_address=garbage"], "--coordinator_address"),
+  # Process 0 listens on the address it is given, one of this machine's, and only there.
+  ([*PROCESS_0, "--coordinator_address=192.0.2.1:12345"], "not an address of this machine"),
+  ([*PROCESS_0, "--coordinator_address=example.invalid:12345"], "names a host, not an address"),
+  ([*PROCESS_0, "--coordinator_address=0.0.0.0:12345"], "would listen on every interface"),
+  (
+    [*PROCESS_0, "--coordinator_address=a:1", "--coordinator_bind_address=garbage"],
+    "--coordinator_bind_address",
+  ),
   (["--algorithm=easgd", "--fragments=2"], "--fragments"),
   (["--algorithm=streaming_diloco", "--tau=5"], "--tau"),  # 2 fragments by default
   # Checked against the data, before the workdir is touched.
   ([f"--batch_size={HUGE}"], "--batch_size"),
   (["--dataset=synthetic", "--synthetic_shape=100000,100000,3"], "--synthetic_shape"),
   (["--dataset=synthetic", f"--synthetic_train_size={HUGE}"], "--synthetic_train_size"),
+  # The simulated cluster's schedule for the whole run (~400 bytes a step) would not fit.
+  ([*SIMULATED, "--algorithm=async_sgd", f"--steps={3 * 10**10}"], "--steps=30000000000"),
   # ... and against the model: the MLP has 3 layers to deal into fragments
   (["--algorithm=streaming_diloco", "--model=mlp", "--fragments=4", "--tau=8"], "--fragments=4"),
 ]
@@ -85,7 +98,7 @@ def test_a_bad_workdir_is_one_line_exit_2_and_touches_nothing(tmp_path):
   a_file = tmp_path / "notes.txt"
   a_file.write_text("keep me\n")
   in_proc = "/proc/easgd_jax_run"  # /proc takes no folders, even from root
-  workdirs = (a_file, a_file / "run", *([in_proc] if os.path.isdir("/proc") else []))
+  workdirs = (a_file, a_file / "run", "", *([in_proc] if os.path.isdir("/proc") else []))
   commands = [[sys.executable, RUN, f"--workdir={workdir}"] for workdir in workdirs]
   for workdir, result in zip(
     workdirs, run_at_once(commands, timeout=60, cwd=REPO, env=child_env()), strict=True
@@ -96,12 +109,48 @@ def test_a_bad_workdir_is_one_line_exit_2_and_touches_nothing(tmp_path):
   assert not os.path.exists(in_proc)
 
 
+def test_a_taken_port_a_listener_not_jax_and_a_missing_platform_are_one_line_exit_2(tmp_path):
+  """Process 0 on a port something listens on (jax crashed with a segfault), process 1 at a
+  listener that is no JAX coordinator (a C++ abort after its timeout), and JAX_PLATFORMS=cuda
+  with no GPU (an AssertionError traceback): each one line, exit 2, nothing written."""
+  with socket.socket() as taken:  # accepts connections (its backlog), answers nothing
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    address = f"--coordinator_address=127.0.0.1:{taken.getsockname()[1]}"
+    cases = [
+      ([*PROCESS_0, address], {}, f"port {taken.getsockname()[1]} is in use"),
+      ([*TWO_PROCESSES, address, "--heartbeat_timeout_s=3"], {}, "is not a JAX coordinator"),
+      (["--steps=5"], {"JAX_PLATFORMS": "cuda"}, "JAX_PLATFORMS=cuda"),
+    ]
+    with contextlib.ExitStack() as stack:
+      runs = [
+        stack.enter_context(
+          child_process(
+            [sys.executable, RUN, *flags, f"--workdir={tmp_path / str(i)}"],
+            cwd=REPO,
+            env={**child_env(), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+          )
+        )
+        for i, (flags, env, _) in enumerate(cases)
+      ]
+      outputs = [run.communicate(timeout=120) for run in runs]
+  for i, (run, (_, stderr), (*_, named)) in enumerate(zip(runs, outputs, cases, strict=True)):
+    assert_bad_input(subprocess.CompletedProcess(run.args, run.returncode, "", stderr), named)
+    assert not (tmp_path / str(i)).exists()
+
+
 def test_check_workdir_accepts_a_new_or_existing_folder_and_leaves_no_trace(tmp_path):
   check_workdir(str(tmp_path / "a" / "b"))
   check_workdir(str(tmp_path))
   assert os.listdir(tmp_path) == []
   with pytest.raises(ConfigError, match="File name too long"):
     check_workdir(str(tmp_path / ("x" * 300)))
+  # An empty --workdir= is refused by run.py and by the library's own entry (a study, a notebook).
+  with pytest.raises(ConfigError, match="--workdir= is empty"):
+    train.validate(Config(), "")
 
 
 def test_a_process_with_no_coordinator_fails_within_the_heartbeat_timeout():

@@ -4,9 +4,11 @@ The subprocess runs share a persistent compilation cache, so each relaunch costs
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from easgd_jax import checkpoints, core, reporting, train
+from easgd_jax import checkpoints, cli, core, failures, reporting, train
 from easgd_jax.config import Config
 from easgd_jax.errors import ConfigError
 
@@ -59,6 +61,7 @@ def launch(env, workdir, *args, stderr=subprocess.PIPE):
     env=env,
     stderr=stderr,
     text=True,
+    default_sigint=True,  # Ctrl-C works even when the tests run as a background job
   )
 
 
@@ -109,15 +112,18 @@ def test_killed_and_terminated_runs_resume_bitwise(tmp_path, cli_env, algorithm)
   workdir, rng = tmp_path / "interrupted", random.Random(algorithm)
   resumed_from = []
   with contextlib.ExitStack() as stack:
-    # A fresh run killed, the resumed run stopped by SIGTERM, and that resumed run killed: both
-    # signals, on a fresh and on a resumed run, and resumes from the checkpoints each leaves.
-    for i, signum in enumerate([signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]):
+    # A fresh run killed, the resumed run stopped by SIGTERM (Ctrl-C's SIGINT for easgd), and
+    # that resumed run killed: each signal, on a fresh and on a resumed run, and resumes from
+    # the checkpoints each leaves.
+    stop = signal.SIGINT if algorithm == "easgd" else signal.SIGTERM
+    for i, signum in enumerate([signal.SIGKILL, stop, signal.SIGKILL]):
       code, stderr = interrupt(cli_env, workdir, args, signum, rng)
       if signum == signal.SIGKILL:
         assert code == -signal.SIGKILL
       else:
-        assert code == 143, stderr[-2000:]
-        assert "stopped: SIGTERM at step" in stderr and "run the same command to resume" in stderr
+        assert code == 128 + signum, stderr[-2000:]  # 143 for SIGTERM, 130 for SIGINT
+        assert f"stopped: {signum.name} at step" in stderr, stderr[-2000:]
+        assert "run the same command to resume" in stderr
       resumed_from += [
         int(line.split("at step ")[1].split()[0])
         for line in stderr.splitlines()
@@ -180,20 +186,45 @@ def test_a_longer_relaunch_continues_exactly(tmp_path, cpu_devices, overrides):
 
 @pytest.mark.parametrize("algorithm", ["async_sgd", "hogwild", "async_easgd", "hogwild_easgd"])
 def test_async_runs_resume_from_the_saved_master(tmp_path, cpu_devices, algorithm):
-  config = Config(algorithm=algorithm, steps=400, eval_every=100, checkpoint_every=100)
+  config = Config(algorithm=algorithm, model="mlp", steps=400, eval_every=100, checkpoint_every=100)
   train.train_and_evaluate(config.__class__(**{**config.to_dict(), "steps": 200}), str(tmp_path))
-  saved = reporting.load_params(tmp_path / reporting.PARAMS)
+  # Right after a restore the engine holds the checkpoint's master and workers, and its counter.
+  engine = train.build(train.validate(config, str(tmp_path))).engine
+  arrays, record = checkpoints.Checkpointer(str(tmp_path), 3).restore_latest(
+    engine.checkpoint_arrays()
+  )
+  engine.restore(arrays, record)
+  restored = engine.checkpoint_arrays()
+  assert all(np.array_equal(restored[name], arrays[name]) for name in arrays)
+  assert engine.state.version == record["version"] == len(reporting.read_applied(tmp_path)) > 0
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert [r["step"] for r in summary["history"]] == [100, 200, 300, 400]
   assert sum(summary["worker_steps"]) == 400  # the first 200 counted, 200 more done
-  # The engine's master counts its updates (`version`) for every algorithm: the EASGD family's
-  # exchanges and the others' updates are one counter now.
-  counter = summary["state"].version
-  assert counter >= 200  # the master's update counter carried on from the checkpoint
-  assert not all(
-    np.array_equal(saved[k], v)
-    for k, v in reporting.load_params(tmp_path / reporting.PARAMS).items()
+  # The master's update counter and the applied-update record are the whole run's: versions
+  # 1, 2, ... once each across the two launches.
+  made = [made for *_, made in reporting.read_applied(tmp_path)]
+  assert summary["state"].version == len(made) and made == list(range(1, len(made) + 1))
+
+
+def test_failed_workers_stay_in_the_summary_after_a_resume(tmp_path, cpu_devices):
+  """Worker 1 fails in the first launch; the resumed launch (no failure injected) reports it
+  still: the summary is the whole run's, carried in the checkpoint's record."""
+  config = Config(
+    algorithm="async_sgd",
+    model="mlp",
+    num_devices=3,
+    steps=120,
+    eval_every=60,
+    inject_failure="1:0",
   )
+  first = train.train_and_evaluate(dataclasses.replace(config, steps=60), str(tmp_path))
+  assert [f["worker"] for f in first["failed_workers"]] == [1]
+  summary = train.train_and_evaluate(
+    dataclasses.replace(config, inject_failure=None), str(tmp_path)
+  )
+  assert [f["worker"] for f in summary["failed_workers"]] == [1]
+  saved = json.loads((tmp_path / reporting.SUMMARY).read_text())
+  assert saved["failed_workers"] == first["failed_workers"] and saved["final"]["step"] == 120
 
 
 @pytest.mark.slow
@@ -240,6 +271,50 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, cpu_
   assert same_params(tmp_path / "whole", tmp_path)  # resumed from 30, exactly
 
 
+@pytest.mark.parametrize("edit", ["format edited", "format removed"])
+def test_a_record_whose_format_was_edited_is_damage_not_age(tmp_path, edit):
+  """The record's checksum is verified before its format is read: an edited record is set
+  aside like any damage and the previous checkpoint is used (not exit 2, "older")."""
+  saver = checkpoints.Checkpointer(str(tmp_path), keep=3)
+  for step in (1, 2):
+    saver.save(step, {"w": np.full(4, float(step))}, {"note": step})
+  path = tmp_path / checkpoints.FOLDER / "2" / "record" / "metadata"
+  record = json.loads(path.read_text())
+  if edit == "format edited":
+    record["format"] = checkpoints.FORMAT - 1
+  else:
+    del record["format"]
+  path.write_text(json.dumps(record))
+  arrays, saved = checkpoints.Checkpointer(str(tmp_path), 3).restore_latest({"w": np.zeros(4)})
+  assert saved["step"] == 1 and arrays["w"].tolist() == [1.0] * 4
+  assert (tmp_path / checkpoints.SET_ASIDE / "2").is_dir()
+
+
+def test_a_full_disk_is_one_line_exit_1_and_leaves_no_partial_checkpoint(tmp_path, capsys):
+  """A checkpoint that no longer fits: one line naming it and its filesystem, exit 1, no
+  temporary folder; the checkpoints before it stay (the relaunch resumes from them)."""
+  small = tmp_path / "small"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)]).returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    config = Config(algorithm="sgd", model="mlp", steps=200, eval_every=20, checkpoint_every=20)
+    with pytest.raises(SystemExit) as stopped:
+      cli.run(
+        lambda: train.train_and_evaluate(
+          dataclasses.replace(config, keep_checkpoints=20), str(small / "w")
+        )
+      )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 1 and len(lines) == 1, lines
+    full = rf"error: no space left writing {small}/w/checkpoints/\d+ \(the filesystem at {small} "
+    assert re.match(full, lines[0]), lines
+    left = os.listdir(small / "w" / checkpoints.FOLDER)
+    assert left and all(name.isdigit() for name in left), left
+  finally:
+    subprocess.run(["umount", "-l", str(small)])
+
+
 def test_an_injected_nan_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, cli_env):
   args = ["--algorithm=easgd", "--steps=200", "--eval_every=50", "--checkpoint_every=50"]
   code, stderr = finish(launch(cli_env, tmp_path, *args, "--inject_nan=123"))
@@ -252,19 +327,36 @@ def test_an_injected_nan_exits_1_and_keeps_the_last_good_checkpoint(tmp_path, cl
   assert code == 0 and "resuming from the checkpoint at step 100" in stderr
 
 
+def test_nan_weights_with_a_finite_loss_exit_1_and_save_nothing(tmp_path, capsys, monkeypatch):
+  """The weights are checked too, not only the loss: with the loss check off (as if every
+  loss had been finite), the NaN weights a poisoned batch leaves stop the run at the next
+  checkpoint, step 10 (evaluations come at 20), which is not written."""
+  monkeypatch.setattr(failures, "check_losses", lambda *args: None)
+  config = Config(
+    algorithm="sgd", model="mlp", steps=40, eval_every=20, checkpoint_every=10, inject_nan=3
+  )
+  with pytest.raises(SystemExit) as stopped:
+    cli.run(lambda: train.train_and_evaluate(config, str(tmp_path)))
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert stopped.value.code == 1 and len(lines) == 1
+  assert lines[0].startswith("error: weights are NaN/inf at step 10"), lines
+  assert checkpoints.saved_steps(tmp_path) == []
+
+
 def test_resuming_with_another_algorithm_is_refused_and_changes_nothing(tmp_path, cli_env):
   train.train_and_evaluate(Config(algorithm="easgd", steps=20, eval_every=10), str(tmp_path))
-  # Everything but the workdir lock, whose file names the pid of the last run that held it.
-  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
-  stamps = {p: p.stat().st_mtime_ns for p in before}
+  # Everything, the workdir lock and the folders included: a refused run writes nothing.
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  stamps = {p: p.stat().st_mtime_ns for p in [tmp_path, *tmp_path.rglob("*")]}
   code, stderr = finish(launch(cli_env, tmp_path, "--algorithm=sgd", "--steps=40"))
   assert code == 2
   assert stderr.strip().splitlines() == [
     "error: the workdir holds a run with --algorithm=easgd, not sgd: use another --workdir, "
     "or the same --algorithm to resume it"
   ]
-  after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
-  assert after == before and {p: p.stat().st_mtime_ns for p in after} == stamps
+  after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  assert after == before
+  assert {p: p.stat().st_mtime_ns for p in [tmp_path, *tmp_path.rglob("*")]} == stamps
   with pytest.raises(ConfigError, match="--num_devices=4, not 2"):
     train.train_and_evaluate(Config(algorithm="easgd", num_devices=2), str(tmp_path))
 

@@ -8,12 +8,14 @@ tests' compilation cache (helpers.child_env), so a launch costs seconds after th
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from easgd_jax import checkpoints, reporting
@@ -79,6 +81,12 @@ def read_rows(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
+def listening(pid, port):
+  """The local addresses process `pid` listens on at `port`."""
+  found = psutil.Process(pid).net_connections(kind="tcp")
+  return {c.laddr.ip for c in found if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
 def flip_a_byte_of_process_1(workdir, step):
   """Corrupt process 1's shards in checkpoint `step`: only process 1 reads them."""
   folder = os.path.join(workdir, checkpoints.FOLDER, str(step), "state", "ocdbt.process_1", "d")
@@ -92,14 +100,21 @@ def flip_a_byte_of_process_1(workdir, step):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-  "algorithm, flags, victim, corrupt",
-  [("sync_sgd", [], 1, False), ("sync_easgd", ["--tau=2"], 0, True)],
+  "algorithm, flags, victim, signum, corrupt",
+  [
+    ("sync_sgd", [], 1, signal.SIGTERM, False),
+    ("sync_easgd", ["--tau=2"], 0, signal.SIGKILL, True),
+  ],
 )
-def test_a_killed_process_relaunched_resumes_bitwise(tmp_path, algorithm, flags, victim, corrupt):
-  """SIGKILL one process after a checkpoint; the other stops; the same commands finish the run.
+def test_a_stopped_process_relaunched_resumes_bitwise(
+  tmp_path, algorithm, flags, victim, signum, corrupt
+):
+  """SIGKILL one process after a checkpoint: the other stops; SIGTERM to one only: both stop
+  after a checkpoint of that moment (143). The same commands finish the run, bitwise.
 
   With `corrupt`, process 1's part of the newest checkpoint is damaged too: every process sets
-  that checkpoint aside together and resumes from the one before.
+  that checkpoint aside together and resumes from the one before. Process 0's coordinator
+  listens on 127.0.0.1 alone (jax's default is every interface).
   """
   flags = [f"--algorithm={algorithm}", *flags, *SHORT]
   whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -110,7 +125,9 @@ def test_a_killed_process_relaunched_resumes_bitwise(tmp_path, algorithm, flags,
         alive = all(p.poll() is None for p in procs)
         assert alive and time.monotonic() < deadline, open(logs[0]).read()[-3000:]
         time.sleep(0.02)
-      procs[victim].send_signal(signal.SIGKILL)
+      port = int(procs[0].args[2].rsplit(":", 1)[1])  # two_process_command's coordinator
+      assert listening(procs[0].pid, port) <= {"127.0.0.1", "::ffff:127.0.0.1"}
+      procs[victim].send_signal(signum)
       killed_at = time.monotonic()
       # The uninterrupted reference pair runs beside the rest of the test (its own port and
       # workdir), started now that the programs are in the compilation cache; it is awaited
@@ -118,13 +135,19 @@ def test_a_killed_process_relaunched_resumes_bitwise(tmp_path, algorithm, flags,
       reference = stack.enter_context(start_pair(whole, flags, "run"))
       survivor = procs[1 - victim]
       survivor.wait(timeout=120)
+      procs[victim].wait(timeout=120)
       waited = time.monotonic() - killed_at
     log = open(logs[1 - victim]).read()
-    assert survivor.returncode != 0, log[-3000:]
-    assert waited < HEARTBEAT_S + 20, waited  # it notices the dead peer, it does not hang
-    assert "another task died" in log or "unhealthy" in log, log[-3000:]  # and says so
+    assert waited < HEARTBEAT_S + 20, waited  # it notices, it does not hang
+    if signum == signal.SIGTERM:  # both stop at the same step, after its checkpoint
+      assert [p.returncode for p in procs] == [143, 143], log[-3000:]
+      stopped = int(re.search(r"SIGTERM at step (\d+)", log).group(1))
+      assert stopped == max(checkpoints.saved_steps(killed))
+    else:
+      assert survivor.returncode != 0, log[-3000:]
+      assert "another task died" in log or "unhealthy" in log, log[-3000:]  # and says so
     saved = max(checkpoints.saved_steps(killed))
-    assert 50 <= saved < STEPS  # killed mid-run
+    assert 50 <= saved < STEPS  # stopped mid-run
     if corrupt:
       flip_a_byte_of_process_1(killed, saved)
 

@@ -10,14 +10,18 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 
 from easgd_jax import core, data, models, reporting, study, train
@@ -25,10 +29,11 @@ from easgd_jax.config import Config
 from easgd_jax.engines.local.threads import worker_seed
 
 import helpers
-from helpers import REPO, bad_input_runs, child_env, child_process, run_cli
+from helpers import REPO, bad_input_runs, child_env, child_process, run_at_once, run_cli
 
 pytestmark = pytest.mark.slow
 SMALL = dict(dataset="digits", model="mlp", batch_size=16, learning_rate=0.05, eval_every=1000)
+RUN = os.path.join(REPO, "run.py")
 
 
 def ray_run(cluster, workdir, **fields):
@@ -49,25 +54,29 @@ def assert_params_close(actual, expected, rtol=1e-6):
 
 
 def test_async_sgd_with_one_worker_equals_sgd_in_a_study_mixing_engines(ray_cluster, tmp_path):
-  """One study, two arms: async_sgd on Ray (one worker) and sgd on the local engine."""
+  """One study, two arms: async_sgd on Ray (one worker) and sgd on the local engine; and
+  hogwild_easgd's unlocked server with one worker is easgd with G = 1 on the local engine."""
+  on_ray = dict(engine="ray", ray_address=ray_cluster.address)
+  elastic = dict(tau=1, rho=1.0)
   arms = (
-    study.Arm(
-      "async_sgd on ray", dict(algorithm="async_sgd", engine="ray", ray_address=ray_cluster.address)
-    ),
+    study.Arm("async_sgd on ray", dict(algorithm="async_sgd", **on_ray)),
     study.Arm("sgd", dict(algorithm="sgd")),
+    study.Arm("hogwild_easgd on ray", dict(algorithm="hogwild_easgd", **on_ray, **elastic)),
+    study.Arm("easgd", dict(algorithm="easgd", **elastic)),
   )
   base = Config(**{**SMALL, "num_devices": 1})
   mixed = study.Study("mixed", arms, base=base, seeds=(0,), samples=40 * 16, eval_samples=20 * 16)
   table = study.run(mixed, str(tmp_path))
-  assert [row["arm"] for row in table] == ["async_sgd on ray", "sgd"]
-  on_ray, sgd = (
+  assert [row["arm"] for row in table] == [arm.label for arm in arms]
+  on_ray, sgd, hogwild_easgd, easgd = (
     reporting.load_params(os.path.join(study.run_dir(str(tmp_path), arm, 0), reporting.PARAMS))
     for arm in arms
   )
   assert_params_close(on_ray, sgd)
+  assert_params_close(hogwild_easgd, easgd)
   summaries = [
     json.loads(open(os.path.join(study.run_dir(str(tmp_path), arm, 0), reporting.SUMMARY)).read())
-    for arm in arms
+    for arm in arms[:2]
   ]
   assert summaries[0]["engine"] == "ray" and summaries[0]["final"]["step"] == 40
   assert (tmp_path / "results.md").exists()
@@ -142,8 +151,22 @@ def test_round_robin_on_ray_equals_the_local_engine_and_resumes_across_engines(
 
 
 @pytest.mark.parametrize("restarts", [0, 1])
-def test_a_worker_that_dies_is_reported_and_the_run_completes(ray_cluster, tmp_path, restarts):
-  """--inject_failure on Ray ends worker 1's process at its step 5 (os._exit, as a kill)."""
+def test_a_worker_that_dies_is_reported_and_the_run_completes(
+  ray_cluster, tmp_path, restarts, monkeypatch
+):
+  """--inject_failure on Ray ends worker 1's process at its step 5 (os._exit, as a kill); a
+  restarted one starts from the center as it is then, with a fresh worker state."""
+  from easgd_jax.engines.ray.asynchronous import AsyncEngine  # Ray: after the cluster fixture
+
+  started = {}  # worker 1's state handed to its actor: at the start, at a restart (and the center)
+  make = AsyncEngine._worker
+
+  def worker(self, j, state, sampler_state, stream=None):
+    if j == 1:
+      started["restart" if stream else "start"] = (state, self.master_host)
+    return make(self, j, state, sampler_state, stream)
+
+  monkeypatch.setattr(AsyncEngine, "_worker", worker)
   summary, _ = ray_run(
     ray_cluster,
     tmp_path,
@@ -163,6 +186,10 @@ def test_a_worker_that_dies_is_reported_and_the_run_completes(ray_cluster, tmp_p
     assert summary["restarted_workers"] == {"1": 1}
     assert summary["worker_steps"][1] > 5  # it rejoined and worked on
     assert all(r["workers_alive"] == 3 for r in rows)
+    (first, initial), (state, center) = started["start"], started["restart"]
+    jax.tree.map(np.testing.assert_array_equal, state.local, center)  # the center of then
+    jax.tree.map(np.testing.assert_array_equal, state.opt_state, first.opt_state)  # fresh
+    assert not all(map(np.array_equal, jax.tree.leaves(center), jax.tree.leaves(initial)))
   else:
     assert summary["worker_steps"][1] == 5
     assert rows[-1]["workers_alive"] == 2
@@ -308,6 +335,11 @@ def test_sigkilled_worker_and_server_then_sigterm_and_relaunches(ray_cluster, tm
   assert f"resuming from the checkpoint at step {stopped.group(1)}" in result.stderr
   summary = json.loads((tmp_path / reporting.SUMMARY).read_text())
   assert summary["final"]["step"] == 800 and sum(summary["worker_steps"]) == 800
+  # One record of the whole run's applied updates across the three launches: versions 1..800,
+  # each (worker, its step) once; on resume it was cut back to the checkpoint, not restarted.
+  record = reporting.read_applied(tmp_path)
+  assert [made for *_, made in record] == list(range(1, 801))
+  assert len({(worker, step) for worker, step, _, _ in record}) == 800
 
 
 BAD_ENGINE_FLAGS = [
@@ -344,19 +376,75 @@ def test_bad_engine_flags_exit_2_with_one_line(bad_engine_runs, flags, message):
 
 
 def test_an_unreachable_ray_address_exits_2_within_30_seconds(tmp_path):
-  started = time.monotonic()
-  result = run_cli(
-    "--engine=ray",
-    "--algorithm=async_sgd",
-    "--ray_address=127.0.0.1:9",
-    f"--workdir={tmp_path / 'w'}",
-    timeout=120,
-  )
+  """Nothing at the address, or a listener that isn't Ray (ray.init hung there past 120 s)."""
+  with socket.socket() as silent:  # accepts connections (its backlog), answers nothing
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    addresses = ["127.0.0.1:9", f"127.0.0.1:{silent.getsockname()[1]}"]
+    commands = [
+      [RUN, "--engine=ray", "--algorithm=async_sgd", f"--ray_address={address}"]
+      + [f"--workdir={tmp_path / str(i)}"]
+      for i, address in enumerate(addresses)
+    ]
+    started = time.monotonic()
+    results = run_at_once(
+      [[sys.executable, *c] for c in commands], timeout=120, cwd=REPO, env=child_env()
+    )
   assert time.monotonic() - started < 30
-  assert result.returncode == 2, result.stderr[-2000:]
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1 and "--ray_address=127.0.0.1:9" in errors[0]
-  assert not (tmp_path / "w").exists()
+  for i, (address, result) in enumerate(zip(addresses, results, strict=True)):
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"--ray_address={address}" in errors[0]
+    assert not (tmp_path / str(i)).exists()
+
+
+def _ray_processes(folder):
+  """The processes whose environment names `folder` as Ray's temp folder (RAY_TMPDIR)."""
+  found = []
+  for process in psutil.process_iter():
+    try:
+      if process.environ().get("RAY_TMPDIR") == folder:
+        found.append(process)
+    except psutil.Error:
+      pass
+  return found
+
+
+def test_a_private_ray_ignores_another_cluster_and_leaves_nothing_behind(ray_cluster, tmp_path):
+  """Without --ray_address a run starts its own Ray on 127.0.0.1, whatever RAY_ADDRESS says
+  (here: the session's cluster; joined, the run failed with a traceback), and when it ends,
+  finished or SIGKILLed, no process of it is left, nor any file in Ray's temp folder."""
+  folder = tempfile.mkdtemp(prefix="ray_", dir="/tmp")  # unix socket paths must stay short
+  try:
+    env = child_env(RAY_ADDRESS=ray_cluster.address, RAY_TMPDIR=folder)
+    args = [sys.executable, RUN, "--engine=ray", "--algorithm=async_sgd", "--num_devices=2"]
+    args += ["--model=mlp", "--eval_every=1000", f"--workdir={tmp_path}"]
+    for steps in (60, 100000):  # a run that finishes, then one killed mid-run
+      lines, command = [], [*args, f"--steps={steps}"]
+      with child_process(command, env=env, stderr=subprocess.PIPE, text=True) as p:
+        _wait_for(p, r"ray: worker 1 on node 127\.0\.0\.1", lines)
+        listening = {
+          c.laddr.ip
+          for process in _ray_processes(folder)
+          for c in process.net_connections(kind="tcp")
+          if c.status == psutil.CONN_LISTEN
+        }
+        assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+        if steps == 60:
+          lines += p.stderr.readlines()
+          assert p.wait(timeout=120) == 0, "".join(lines)[-3000:]
+        else:
+          p.kill()  # the driver alone: what its private cluster started must go with it
+        # Checked before the test kills the driver's process group: Ray's own agents outlived
+        # a killed driver by 60 s.
+        deadline = time.monotonic() + 20
+        while (_ray_processes(folder) or os.listdir(folder)) and time.monotonic() < deadline:
+          time.sleep(0.2)
+        assert not _ray_processes(folder) and not os.listdir(folder)
+  finally:
+    for process in _ray_processes(folder):
+      process.kill()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_round_robin_on_ray_keeps_its_golden_values(ray_cluster, tmp_path):

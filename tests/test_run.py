@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -80,3 +81,13 @@ def test_config_validation_names_the_flag():
   with pytest.raises(ConfigError, match="--target_accuracy"):
     Config(target_accuracy=1.5).validate()
   assert Config().validate() == Config()
+  # A config file's values keep their types: True is not a number, "10" not an integer.
+  for bad, named in [
+    (dict(batch_size=True), "--batch_size"),
+    (dict(target_accuracy=True), "--target_accuracy must be a number (got True)"),
+    (dict(steps="10"), "--steps must be an integer (got '10')"),
+    (dict(fail_fast=1), "--fail_fast must be true or false (got 1)"),
+  ]:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+      Config(**bad).validate()
+  assert Config(learning_rate=1, synthetic_shape=[4, 4, 1]).validate()  # an int is a number

@@ -15,6 +15,7 @@ import pytest
 from easgd_jax import study, train
 from easgd_jax.algorithms import REGISTRY
 from easgd_jax.config import Config
+from easgd_jax.errors import ConfigError
 
 import helpers
 from helpers import REPO, child_env, child_process, run_process
@@ -187,6 +188,24 @@ def test_a_diverging_run_is_reported_and_the_study_goes_on(tmp_path, cpu_devices
   results = study.load(small, str(tmp_path))
   assert study.plot_curves(small, results, "samples", "", str(tmp_path / "c.png")) == ["sgd"]
   assert [row["arm"] for row in study.run(small, str(tmp_path))] == ["sgd", "poisoned"]  # skipped
+  # Relaunched with other settings, it refuses naming the flag and writes nothing (the budget is
+  # the study's own: its runs must all have it), nor does a plain run on its workdir or the reverse.
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+  for changes, named in (
+    (dict(samples=640), "--samples"),
+    (dict(base=Config(model="lenet")), "--model=mlp, not lenet"),
+    (dict(base=Config(model="mlp", dataset="mnist5k")), "--dataset=digits, not mnist5k"),
+  ):
+    with pytest.raises(ConfigError, match=named):
+      study.run(dataclasses.replace(small, **changes), str(tmp_path))
+  with pytest.raises(ConfigError, match="holds a study"):
+    train.train_and_evaluate(Config(model="mlp", steps=5), str(tmp_path))
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+  (tmp_path / "plain").mkdir()
+  (tmp_path / "plain" / "config.json").write_text("{}")
+  with pytest.raises(ConfigError, match="holds a single run"):
+    study.run(small, str(tmp_path / "plain"))
+  assert os.listdir(tmp_path / "plain") == ["config.json"]
 
 
 def test_simulated_arms_need_one_device_and_add_the_clock_columns():
@@ -221,6 +240,17 @@ def test_simulated_arms_need_one_device_and_add_the_clock_columns():
   plain = study.rows(local, {"sgd": [(summary, [])]})
   assert "communication_share" not in plain[0]
   assert "virtual" not in study.markdown(local, plain)
+  # A spread is never printed from one sample: the mean and n; from three, mean ± sample std.
+  assert "| sgd | 0.9000 (n = 1) |" in study.markdown(local, plain)
+  three = [({**summary, "final": {"test_accuracy": a}}, []) for a in (0.90, 0.92, 0.94)]
+  spread = study.rows(local, {"sgd": three})
+  assert "| sgd | 0.9200 ± 0.0200 (n = 3) |" in study.markdown(local, spread)
+
+
+@pytest.mark.parametrize("name", ["study_communication", "sweep_tau_mnist5k"])
+def test_the_simulated_studies_run_three_seeds_at_least(name):
+  """A simulated run is fast and deterministic: its studies report a spread over seeds."""
+  assert len(experiment(name).make_study(Config()).seeds) >= 3
 
 
 @pytest.mark.slow

@@ -6,18 +6,21 @@ import hashlib
 import json
 import math
 import os
+import types
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-from easgd_jax import checkpoints, optimizers, reporting, train
+from easgd_jax import algorithms, checkpoints, models, optimizers, reporting, train
 from easgd_jax.algorithms import REGISTRY
 from easgd_jax.config import Config
 from easgd_jax.errors import ConfigError
 from easgd_jax.trainer import Trainer
 
+import helpers
+import reference
 from helpers import run_cli
 
 CORE = ("step", "samples", "wall_time_s", "train_loss", "test_loss", "test_accuracy")
@@ -76,6 +79,53 @@ def test_the_diagnostics_equal_their_numpy_definitions():
   np.testing.assert_allclose(found["gap_max"], max(gaps), rtol=1e-6)
 
 
+def test_grad_norm_is_the_norm_of_the_gradient_on_the_probe_batch(problem, cpu_devices):
+  """The trainer's own grad_norm (not a stub) against a NumPy backprop of the tiny MLP."""
+  loss_fn, params = problem
+  batch = helpers.random_batches(1, seed=11)[0]
+  dataset = types.SimpleNamespace(  # the probe batch is the training set's first examples
+    tokens_per_example=1,
+    num_train=len(batch["label"]),
+    take=lambda indices: {k: v[indices] for k, v in batch.items()},
+    test_images=batch["image"],
+    test_labels=batch["label"],
+  )
+  config = Config(algorithm="sgd", model="mlp", batch_size=16)
+  rule = algorithms.create(config, loss_fn)
+  trainer = Trainer(config, rule, dataset, loss_fn, reporting.MetricsLog(), None)
+  grads = reference.mlp_gradient(reference.to_layers(params), batch["image"], batch["label"])
+  expected = math.sqrt(sum(float(np.sum(g**2)) for layer in grads for g in layer))
+  np.testing.assert_allclose(trainer.diagnostics(params, None)["grad_norm"], expected, rtol=1e-5)
+
+
+def test_adamw_steps_are_optax_adamw_and_its_moments_are_in_the_checkpoint(problem, cpu_devices):
+  """--optimizer=adamw: four steps of sgd equal optax.adamw called directly (rtol 1e-6), and
+  the checkpoint holds its state, mu and nu included, under their names."""
+  loss_fn, params = problem
+  config = Config(
+    algorithm="sgd",
+    model="mlp",
+    optimizer="adamw",
+    learning_rate=0.01,
+    weight_decay=0.05,
+    beta2=0.99,
+  )
+  batches = helpers.random_batches(4, seed=12)
+  runner = helpers.run_steps(algorithms.create(config, loss_fn), params, batches)
+  adamw = optax.adamw(0.01, b2=0.99, weight_decay=0.05, mask=models.DECAY_MASK.get("mlp"))
+  expected, state = params, adamw.init(params)
+  for batch in batches:
+    grads = jax.grad(lambda p, b=batch: loss_fn(p, b)[0])(expected)
+    updates, state = adamw.update(grads, state, expected)
+    expected = optax.apply_updates(expected, updates)
+  saved = runner.checkpoint_arrays()
+  wanted = checkpoints.to_host({"params": expected, "opt_state": state})
+  assert saved.keys() == wanted.keys()
+  assert any("/mu/" in name for name in saved) and any("/nu/" in name for name in saved)
+  for name, value in wanted.items():
+    np.testing.assert_allclose(saved[name], value, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
 def test_a_gap_opens_between_syncs_and_closes_at_each_average(cpu_devices):
   """local_sgd's workers drift apart between averages and coincide right after one."""
   config = quick(algorithm="local_sgd", tau=5, eval_every=5, steps=20)
@@ -107,6 +157,22 @@ def test_a_checkpoint_from_an_older_version_gets_one_line(tmp_path, cpu_devices)
   with pytest.raises(ConfigError, match=r"^checkpoint 10 in .* older easgd_jax \(format 1"):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]  # nothing set aside or lost
+
+
+def test_a_format_3_checkpoint_resumes(tmp_path, cpu_devices):
+  """Format 4 only added the step's metrics row to the record: a format-3 workdir (the one-rule
+  redesign's) resumes as it is, its rows from metrics.jsonl."""
+  config = quick(algorithm="sgd", steps=20, checkpoint_every=10)
+  train.train_and_evaluate(dataclasses.replace(config, steps=10), str(tmp_path))
+  path = tmp_path / "checkpoints" / "10" / "record" / "metadata"
+  record = json.loads(path.read_text())
+  assert record["format"] == 4 and record["row"]["step"] == 10
+  del record["row"]
+  record["format"] = 3
+  record["record_sha256"] = record_digest(record)
+  path.write_text(json.dumps(record))
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert [row["step"] for row in summary["history"]] == [10, 20]
 
 
 def record_digest(record):

@@ -29,6 +29,7 @@ from helpers import (
   ListSampler,
   child_env,
   kill_group,
+  read_events,
   run_process,
 )
 
@@ -54,13 +55,18 @@ def worker_batches():
 
 
 def files_of(folder):
-  """{relative path: (bytes, mode)} of every file under `folder`."""
+  """{relative path: (bytes, mode, inode, modification time)} of every file and folder under
+  `folder` (a folder's bytes: None): a rewrite with the same bytes shows too."""
   found = {}
-  for root, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        found[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mode)
+  for root, folders, names in os.walk(folder):
+    for name in [*folders, *names, *([] if root != str(folder) else ["."])]:
+      path = os.path.normpath(os.path.join(root, name))
+      stat = os.stat(path)
+      content = None
+      if not os.path.isdir(path):
+        with open(path, "rb") as f:
+          content = f.read()
+      found[os.path.relpath(path, folder)] = (content, stat.st_mode, stat.st_ino, stat.st_mtime_ns)
   return found
 
 
@@ -109,7 +115,9 @@ def test_a_kill_after_the_final_checkpoint_is_completed_by_the_relaunch(
   rows = reporting.read_metrics(tmp_path)
   for name in (reporting.SUMMARY, reporting.PARAMS):  # as if SIGKILLed just before writing them
     os.remove(tmp_path / name)
+  saved = files_of(tmp_path)[reporting.CONFIG]
   summary = train.train_and_evaluate(config, str(tmp_path))
+  assert files_of(tmp_path)[reporting.CONFIG] == saved  # config.json not even rewritten
   assert reporting.read_metrics(tmp_path) == rows  # no extra row
   assert summary["final"] == rows[-1] and os.path.exists(tmp_path / reporting.SUMMARY)
   rewritten = reporting.load_params(tmp_path / reporting.PARAMS)
@@ -125,9 +133,12 @@ def test_a_relaunched_finished_run_exits_0_from_the_command_line(tmp_path, cli_e
     "--eval_every=20",
     f"--workdir={tmp_path}",
   ]
-  for _ in range(2):
+  before = {}
+  for launch in range(2):
+    before = files_of(tmp_path) if launch else before
     result = run_process([sys.executable, RUN, *args], env=cli_env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+  assert files_of(tmp_path) == before  # run.py's checks of the workdir write nothing either
   stderr = result.stderr
   assert "complete at step 40" in stderr and "Traceback" not in stderr
   assert [r["step"] for r in reporting.read_metrics(tmp_path)] == [20, 40]
@@ -222,6 +233,27 @@ def test_resume_refuses_every_change_but_the_allowlist(tmp_path, cpu_devices, ch
   assert summary["steps"] == 60
 
 
+def test_without_config_json_the_checkpoints_own_config_rules_the_resume(tmp_path, cpu_devices):
+  """config.json deleted: each checkpoint's record carries the run's config, and a relaunch
+  with other flags is refused as against config.json (nothing resumed or set aside silently)."""
+  config = Config(algorithm="easgd", num_devices=2, **SMALL)
+  train.train_and_evaluate(config, str(tmp_path))
+  os.remove(tmp_path / reporting.CONFIG)
+  before = files_of(tmp_path)
+  longer = config.to_dict() | {"steps": 60}
+  for change, named in (
+    (dict(learning_rate=0.1), "--learning_rate"),
+    (dict(model="lenet"), "--model"),
+  ):
+    with pytest.raises(ConfigError, match=f"{named}=") as error:
+      train.train_and_evaluate(Config(**longer | change), str(tmp_path))
+    assert "\n" not in str(error.value)
+    assert files_of(tmp_path) == before
+  summary = train.train_and_evaluate(Config(**longer), str(tmp_path))  # the same flags resume
+  assert [r["step"] for r in summary["history"]] == [20, 40, 60]
+  assert json.loads((tmp_path / reporting.CONFIG).read_text())["steps"] == 60
+
+
 def test_a_damaged_config_json_is_one_line(tmp_path, cpu_devices):
   (tmp_path / reporting.CONFIG).write_text('{"algorithm": "easgd", "ste')
   with pytest.raises(ConfigError, match="config.json is damaged") as error:
@@ -229,16 +261,23 @@ def test_a_damaged_config_json_is_one_line(tmp_path, cpu_devices):
   assert "\n" not in str(error.value)
 
 
-def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, cpu_devices):
+def test_a_torn_row_and_lost_events_are_restored_on_resume(tmp_path, cpu_devices):
+  """Power lost after the checkpoint at step 20: its own row torn mid-line (the checkpoint's
+  record keeps it) and the TensorBoard events never flushed (rewritten from the rows)."""
   config = Config(algorithm="sgd", **SMALL)
   whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
   train.train_and_evaluate(Config(**config.to_dict() | {"steps": 20}), str(tmp_path))
-  with open(tmp_path / reporting.METRICS, "a") as f:
-    f.write('{"step": 40, "samples": 12')  # power lost mid-write
+  metrics = tmp_path / reporting.METRICS
+  metrics.write_text(metrics.read_text()[:-30])
+  for events in tmp_path.glob("events.out.tfevents.*"):
+    events.write_bytes(b"")
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert [r["step"] for r in summary["history"]] == [20, 40]
   timeless = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
   assert timeless(reporting.read_metrics(tmp_path)) == timeless(whole["history"])
+  scalars = [step for tag, step, _ in read_events(tmp_path) if tag == "test_accuracy"]
+  assert scalars == [20, 40]  # every row once, every launch's
+  assert all(p.stat().st_size > 0 for p in tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_a_damaged_checkpoint_record_falls_back_to_the_previous_checkpoint(tmp_path, cpu_devices):

@@ -100,17 +100,17 @@ def same_checkpoints(old, new):
 
 @contextlib.contextmanager
 def cluster(config):
-  """--engine=ray: join --ray_address or start an embedded Ray (shut down on the way out)."""
+  """--engine=ray: join --ray_address or start a private Ray (stopped on the way out)."""
   if config.engine != "ray":
     yield
     return
   from easgd_jax.engines.ray import cluster as ray_cluster
 
-  started = ray_cluster.connect(config)
+  private = ray_cluster.connect(config)
   try:
     yield
   finally:
-    ray_cluster.shutdown(started)
+    ray_cluster.shutdown(private)
 
 
 def create(config, rule, dataset, params_host):

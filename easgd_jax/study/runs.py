@@ -7,8 +7,9 @@ one that steps one worker (b samples) see the same amount of data.
 
 Every run keeps its own workdir (STUDY/runs/ARM/seed_S, ARM the label made a folder name) with
 the usual files; a run whose summary.json exists is finished and skipped, and an unfinished one
-resumes from its checkpoint, so an interrupted study is relaunched with the same command. At
-the end the study writes:
+resumes from its checkpoint, so an interrupted study is relaunched with the same command. A
+relaunch with other settings (a run's, or the budget) is refused naming the flag, as run.py
+refuses one, and so is a workdir that holds a single run. At the end the study writes:
 
   results.md / results.csv   per arm: final test accuracy (mean ± std over seeds), steps, samples
                              and seconds to the target accuracy, samples/s, staleness (async);
@@ -33,10 +34,10 @@ import re
 
 from absl import logging
 
-from easgd_jax import engines, reporting, train
+from easgd_jax import checkpoints, engines, reporting, resume, train
 from easgd_jax.algorithms import REGISTRY, resolve
 from easgd_jax.config import Config
-from easgd_jax.errors import DivergenceError
+from easgd_jax.errors import ConfigError, DivergenceError
 from easgd_jax.study import plots, tables
 from easgd_jax.workdir import Lock
 
@@ -100,13 +101,39 @@ class Study:
 
 
 def run_dir(workdir, arm, seed):
-  return os.path.join(workdir, "runs", arm.folder, f"seed_{seed}")
+  return os.path.join(workdir, resume.STUDY_RUNS, arm.folder, f"seed_{seed}")
 
 
 def run(study, workdir):
-  """Run every (arm, seed) not yet finished, then write the tables and plots. Returns the rows."""
+  """Run every (arm, seed) not yet finished, then write the tables and plots. Returns the rows.
+
+  ConfigError, before anything is written, when the workdir holds a single run, or runs made
+  with other settings than `study`'s (run.py's resume rules, and the same budget)."""
+  check(study, workdir)
   with Lock(workdir):  # one study per workdir; each run also locks its own folder
     return _run_all(study, workdir)
+
+
+def check(study, workdir):
+  for name in (reporting.CONFIG, checkpoints.FOLDER):
+    if os.path.exists(os.path.join(workdir, name)):
+      raise ConfigError(
+        f"--workdir={workdir} holds a single run ({name}), not a study: use another --workdir"
+      )
+  for arm in study.arms:
+    for seed in study.seeds:
+      folder = run_dir(workdir, arm, seed)
+      saved = resume.saved_config(folder)
+      if saved is None:
+        continue
+      config = train.validate(study.config(arm, seed), folder)
+      config = resume.fix_measured(resume.fix_decay_steps(config, folder), folder)
+      resume.check_same_experiment(saved, config)  # names --model, --dataset, ...
+      if saved.get("steps") != config.steps:
+        raise ConfigError(
+          f"{folder} holds a run of {saved.get('steps')} steps, not {config.steps}: the study's "
+          f"budget (--samples) changed; use the same --samples, or another --workdir"
+        )
 
 
 def _run_all(study, workdir):
@@ -141,7 +168,11 @@ def load(study, workdir):
         runs.append(None)  # counted in the table's "diverged" column, left out of the means
         continue
       with open(os.path.join(folder, reporting.SUMMARY)) as f:
-        runs.append((json.load(f), reporting.read_metrics(folder)))
+        summary, rows = json.load(f), reporting.read_metrics(folder)
+      # The target is the study's: --target_accuracy may have changed since the run finished.
+      reached = reporting.summarize(rows, study.target_accuracy)
+      summary.update({key: value for key, value in reached.items() if "target" in key})
+      runs.append((summary, rows))
     results[arm.label] = runs
   return results
 

@@ -7,10 +7,11 @@ import numpy as np
 
 
 def _mean_std(values):
+  """Mean and sample standard deviation (ddof 1) of the values given; no spread from one."""
   values = [v for v in values if v is not None]
   if not values:
     return None, None
-  return float(np.mean(values)), float(np.std(values))
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def rows(study, results):
@@ -29,6 +30,7 @@ def rows(study, results):
         "swept": arm.swept,
         "seeds": len(results[arm.label]),
         "diverged": diverged,
+        "n": len(summaries),  # the runs the means are over
         "final_accuracy_mean": accuracy,
         "final_accuracy_std": accuracy_std,
         "reached_target": f"{len(reached)}/{len(results[arm.label])}",
@@ -104,8 +106,10 @@ def markdown(study, table):
     if row["final_accuracy_mean"] is None:
       accuracy = diverged
     else:
-      accuracy = f"{row['final_accuracy_mean']:.4f} ± {row['final_accuracy_std']:.4f}"
-      accuracy += f" ({diverged})" if row["diverged"] else ""
+      accuracy = f"{row['final_accuracy_mean']:.4f}"
+      if row["final_accuracy_std"] is not None:  # a spread needs two runs at least
+        accuracy += f" ± {row['final_accuracy_std']:.4f}"
+      accuracy += f" (n = {row['n']}" + (f", {diverged})" if row["diverged"] else ")")
     lines.append(
       f"| {row['arm']} | {accuracy} "
       f"| {row['reached_target']} | {_fmt(row['steps_to_target'], '.0f')} "
