@@ -34,6 +34,8 @@ RESUMABLE = frozenset(
     "ray_pipeline",
     "ray_worker_gpus",
     "max_worker_restarts",
+    "round_timeout_s",
+    "min_workers",
   }
 )
 

@@ -37,8 +37,7 @@ def validate(config, workdir=None):
     runs = [name for name, other in known if engines.runs(config.engine, other)]
     raise ConfigError(
       f"--engine={config.engine} runs {', '.join(runs)}; --algorithm={config.algorithm} runs on "
-      f"--engine=local or simulated; the synchronous family spans machines with --num_processes "
-      f"(jax.distributed)"
+      f"--engine=local or simulated"
     )
   if config.inject_failure is not None and not engines.injects_failures(config.engine, kind):
     at_own_pace = [n for n, k in known if engines.injects_failures("local", k)]
@@ -47,7 +46,7 @@ def validate(config, workdir=None):
       f"--inject_failure applies to the asynchronous algorithms ({', '.join(at_own_pace)}), and "
       f"to {', '.join(n for n in on_ray if n not in at_own_pace)} with --engine=ray"
     )
-  engines.check(config)
+  engines.check(config, kind)
   return config
 
 
