@@ -22,6 +22,7 @@ from easgd_jax.algorithms import (
   HogwildEASGD,
   LocalSGD,
   RoundRobinEASGD,
+  StreamingDiLoCo,
   SyncEASGD,
   SyncSGD,
 )
@@ -43,6 +44,7 @@ VALID = {
   Hogwild: dict(learning_rate=0.1),
   LocalSGD: dict(learning_rate=0.1),
   DiLoCo: dict(learning_rate=0.001),
+  StreamingDiLoCo: dict(learning_rate=0.001),
   Downpour: dict(learning_rate=0.1),
 }
 

@@ -30,7 +30,8 @@ OWN_FLAGS = {
   "simulated": tuple(
     f"sim_{name}"
     for name in "compute_ms latency_us bandwidth_gbps service_us jitter stragglers "
-    "straggler_slowdown".split()
+    "straggler_slowdown shared_link node_size intra_node_latency_us "
+    "intra_node_bandwidth_gbps".split()
   ),
 }
 
@@ -38,8 +39,9 @@ OWN_FLAGS = {
 QUORUM_FLAGS = ("round_timeout_s", "min_workers")  # the step-driven rules' rounds on Ray
 
 
-def check(config, rule):
-  """ConfigError naming the flag, when --engine cannot run this algorithm with these flags."""
+def check(config, kind=None):
+  """ConfigError naming the flag, when --engine cannot run this algorithm (the class `kind`)
+  with these flags."""
   if config.engine not in NAMES:
     raise ConfigError(f"--engine={config.engine} is unknown; choose one of: {', '.join(NAMES)}")
   defaults = type(config)()
@@ -50,7 +52,7 @@ def check(config, rule):
   if config.engine == "ray" and config.num_processes > 1:
     raise ConfigError("--engine=ray runs one driver process; use --num_processes=1")
   given = [f for f in QUORUM_FLAGS if getattr(config, f) != getattr(defaults, f)]
-  if given and rule.kind == WORKER_MASTER:
+  if given and kind and kind.kind == WORKER_MASTER:
     raise ConfigError(
       f"--{given[0]} applies to the step-driven algorithms' rounds on --engine=ray (got "
       f"--algorithm={config.algorithm})"
@@ -63,6 +65,12 @@ def check(config, rule):
       )
     if config.inject_failure is not None:
       raise ConfigError("--inject_failure applies to --engine=local and ray, not simulated")
+    asynchronous = kind and kind.kind == WORKER_MASTER and kind.schedule == ASYNCHRONOUS
+    if config.sim_shared_link and kind and not asynchronous:
+      raise ConfigError(
+        f"--sim_shared_link queues messages to a master from workers at their own pace; "
+        f"--algorithm={config.algorithm} never has two in flight at once: drop the flag"
+      )
 
 
 def runs(engine, rule):

@@ -29,8 +29,6 @@ row before). The checkpoint has the local engine's layout (the replicas' states 
 device, one stream per data shard): a run may move between the two engines.
 """
 
-import collections
-import statistics
 import time
 
 import jax
@@ -61,10 +59,8 @@ class QuorumEngine:
     self.reducer, self.actors, self.members = None, [None] * self.workers, set()
     self.joining = {}  # worker -> (its actor, the ref that answers once it has started)
     self.stragglers = {}  # a left-out worker's call still running -> the worker
-    self.lost_at, self.last_round = {}, {}  # when each was lost; the last round it was in
-    self.quorums, self.since_row, self.last_quorum = collections.Counter(), [], None
-    self.reduce_s, self.wait_s, self.join_s, self.dropped = [], [], [], 0
-    self.events, self.history, self.gone, self.failing = [], [], {}, None
+    self.tally = replicas.Tally()  # the rounds, losses and joins, for the rows and the summary
+    self.events, self.gone, self.failing = [], {}, None
 
   @property
   def state(self):
@@ -139,8 +135,8 @@ class QuorumEngine:
       yield from self._loop(plan)
     finally:
       self._stop()
-      if self.history:  # who was lost and who rejoined, when
-        logging.warning("ray: %s", "; ".join(self.history))
+      if self.tally.history:  # who was lost and who rejoined, when
+        logging.warning("ray: %s", "; ".join(self.tally.history))
 
   def _loop(self, plan):
     step, losses = self.done, list(self.pending)
@@ -162,8 +158,8 @@ class QuorumEngine:
         continue
       snapshot = Snapshot(step, watch.seconds(), losses, stopped=stop)
       if evaluate:
-        snapshot.extra = self._extra()
-        snapshot.params, snapshot.points = self._evaluate(step)
+        snapshot.params, snapshot.points, diagnostics = self._evaluate(step)
+        snapshot.extra = {**self.tally.row(len(self.members)), **diagnostics}
       if plan.checkpointing and (save or stop or self.failing):
         snapshot.state = self._checkpoint(step)
       elif step >= plan.steps:
@@ -235,22 +231,7 @@ class QuorumEngine:
   def _status(self):
     """The reducer's members now; takes its closed rounds and dropped pushes."""
     members, record, dropped = self._ask_reducer(self.reducer.status.remote())
-    for step, k, quorum, left_out, waited, spent in record:
-      self.quorums[len(quorum)] += 1
-      self.since_row.append(len(quorum))
-      self.last_quorum = len(quorum)
-      self.wait_s.append(waited)
-      self.reduce_s.append(spent)
-      for j in quorum:
-        self.last_round[j] = step
-      if left_out:
-        logging.warning(f"ray: round of run step {step} (reduction {k}) closed without {left_out}")
-    for step, _, j in dropped:
-      self.dropped += 1
-      logging.warning(
-        f"ray: worker {j}'s push for run step {step} came after its round closed (or after it "
-        f"was left out): dropped"
-      )
+    self.tally.rounds(record, dropped)
     return set(members)
 
   def _check_stragglers(self):
@@ -275,10 +256,9 @@ class QuorumEngine:
   def _left_out(self, j, start, why, died_=False):
     self.members.discard(j)
     self._ask_reducer(self.reducer.leave.remote(j))
-    own = max(self.last_round.get(j, start - 1) + 1, start)
-    self.lost_at[j] = time.perf_counter()
+    own = max(self.tally.last_round.get(j, start - 1) + 1, start)
     self.gone[j] = f"worker {j} {'died' if died_ else 'left out'} at run step {own}"
-    self.history.append(self.gone[j])
+    self.tally.lost(j, self.gone[j])
     logging.warning(f"ray: {self.gone[j]}: {why}")
     self.events.append(WorkerLost(j, own, why, start))
     lost = [self.gone[w] for w in sorted(set(range(self.workers)) - self.members)]
@@ -317,7 +297,9 @@ class QuorumEngine:
         if ref is not None:
           ray.get(ref)
         self._ask_reducer(self.reducer.join.remote(j, self.generation[j]))
+        fetch = time.perf_counter()
         ray.get(actor.join.remote(self.actors[donor].state_now.remote(), self.generation[j], step))
+        self.tally.fetch_s.append(time.perf_counter() - fetch)
       except Exception as error:
         if not died(error):
           raise
@@ -326,9 +308,7 @@ class QuorumEngine:
         continue
       self.actors[j] = actor
       self.members.add(j)
-      if j in self.lost_at:
-        self.join_s.append(time.perf_counter() - self.lost_at.pop(j))
-      self.history.append(f"worker {j} rejoined at run step {step}")
+      self.tally.joined(j, f"worker {j} rejoined at run step {step}")
       logging.warning(f"ray: worker {j} joined at run step {step} from worker {donor}'s state")
       self.events.append(WorkerJoined(j, step))
 
@@ -339,22 +319,32 @@ class QuorumEngine:
   # --- the trainer's points -------------------------------------------------------------------
 
   def _ask_members(self, method, step):
-    """{member: its answer}; a member found dead on the way is lost."""
-    refs = {j: getattr(self.actors[j], method).remote() for j in sorted(self.members)}
+    """{member: its answer}; a member found dead on the way is lost, one that does not answer
+    in --round_timeout_s (SERVER_TIMEOUT_S without it: a hang, a SIGSTOP) is left out."""
+    refs = {getattr(self.actors[j], method).remote(): j for j in sorted(self.members)}
+    timeout = self.config.round_timeout_s or SERVER_TIMEOUT_S
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
     found = {}
-    for j, ref in refs.items():
+    for ref in ready:
       try:
-        found[j] = ray.get(ref)
+        found[refs[ref]] = ray.get(ref)
       except Exception as error:
         if not died(error):
           raise
-        self._lost(j, error, step)
+        self._lost(refs[ref], error, step)
+    for ref in late:
+      self._left_out(refs[ref], step, f"it did not answer `{method}` in {timeout:g} s")
+      self.stragglers[ref] = refs[ref]
     return found
 
   def _evaluate(self, step):
-    points = self._ask_members("point", step)  # none: no member left to ask
-    params = points and ray.get(self.actors[min(points)].params.remote())
-    return params or None, [p for p in points.values() if p is not None] or None
+    """(the weights to evaluate, the members' points, the rule's diagnostics), of the first
+    member that answers; none when none is left."""
+    found = self._ask_members("point", step)
+    if not found:
+      return None, None, {}
+    params, diagnostics = ray.get(self.actors[min(found)].params.remote())
+    return params, [p for p in found.values() if p is not None] or None, diagnostics
 
   def _checkpoint(self, step):
     saved = self._ask_members("checkpoint", step)
@@ -367,15 +357,6 @@ class QuorumEngine:
           self.streams[j * self.per_worker : (j + 1) * self.per_worker] = streams
     return checkpoints.to_host(self.state), {"samplers": list(self.streams)}
 
-  def _extra(self):
-    found = {
-      "workers_alive": len(self.members),
-      "quorum": self.last_quorum,
-      "quorum_min": min(self.since_row) if self.since_row else self.last_quorum,
-    }
-    self.since_row = []
-    return found
-
   # --- the end --------------------------------------------------------------------------------
 
   def throughput(self):
@@ -385,16 +366,7 @@ class QuorumEngine:
     return self.final if self.final is not None else self.rule.eval_params(self.states[0])
 
   def summary(self):
-    median_ms = lambda xs: xs and round(statistics.median(xs) * 1e3, 3)  # noqa: E731
-    return {
-      "rounds": sum(self.quorums.values()),
-      "quorum_sizes": {str(k): v for k, v in sorted(self.quorums.items())},
-      "reduce_ms_median": median_ms(self.reduce_s),
-      "round_wait_ms_median": median_ms(self.wait_s),
-      "pushes_dropped": self.dropped,
-      "join_s": [round(s, 3) for s in self.join_s],
-      "workers_history": list(self.history),
-    }
+    return self.tally.summary()
 
   def write_outputs(self, workdir):
     pass

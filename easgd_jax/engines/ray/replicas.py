@@ -19,15 +19,18 @@ old generation of a worker, are dropped: the worker gets its own value back, wit
 fell behind, and stops.
 """
 
+import collections
 import functools
 import itertools
 import os
+import statistics
 import threading
 import time
 
 import jax
 import numpy as np
 import ray
+from absl import logging
 from jax.experimental import io_callback
 
 from easgd_jax import collectives, data, devices, partitioning
@@ -104,9 +107,70 @@ class Reducer:
     for j in left_out:
       del self.members[j]
     self.closed = key
-    waited = time.monotonic() - found.first
-    self.record.append((*key, quorum, left_out, waited, time.perf_counter() - start))
+    waited, spent = time.monotonic() - found.first, time.perf_counter() - start
+    self.record.append((*key, quorum, left_out, waited, spent, time.time()))
     self.changed.notify_all()
+
+
+class Tally:
+  """The driver's account of the rounds: their quorums (for the rows), the reducer's times, the
+  workers lost and rejoined, when, and how long the run took to close a round after a loss."""
+
+  def __init__(self):
+    self.quorums, self.since_row, self.last_quorum = collections.Counter(), [], None
+    self.reduce_s, self.wait_s, self.join_s, self.recover_s, self.dropped = [], [], [], [], 0
+    self.history, self.lost_at, self.last_round = [], {}, {}  # the last round each was in
+    self.fetch_s = []  # a joiner taking a member's state
+
+  def rounds(self, record, dropped):
+    """The reducer's closed rounds and dropped pushes since it was last asked."""
+    for step, k, quorum, left_out, waited, spent, closed in record:
+      self.quorums[len(quorum)] += 1
+      self.since_row.append(len(quorum))
+      self.last_quorum = len(quorum)
+      self.wait_s.append(waited)
+      self.reduce_s.append(spent)
+      self.last_round.update(dict.fromkeys(quorum, step))
+      for j, at in list(self.lost_at.items()):
+        if at[1] and closed > at[0]:  # the first round closed after worker j was lost
+          self.recover_s.append(closed - at[0])
+          self.lost_at[j] = (at[0], False)
+      if left_out:
+        logging.warning(f"ray: round of run step {step} (reduction {k}) closed without {left_out}")
+    for step, _, j in dropped:
+      self.dropped += 1
+      logging.warning(
+        f"ray: worker {j}'s push for run step {step} came after its round closed (or after it "
+        f"was left out): dropped"
+      )
+
+  def lost(self, j, what):
+    self.lost_at[j] = (time.time(), True)  # (when, the next round not yet seen)
+    self.history.append(what)
+
+  def joined(self, j, what):
+    if j in self.lost_at:
+      self.join_s.append(time.time() - self.lost_at.pop(j)[0])
+    self.history.append(what)
+
+  def row(self, alive):
+    least = min(self.since_row) if self.since_row else self.last_quorum
+    self.since_row = []
+    return {"workers_alive": alive, "quorum": self.last_quorum, "quorum_min": least}
+
+  def summary(self):
+    median_ms = lambda xs: xs and round(statistics.median(xs) * 1e3, 3)  # noqa: E731
+    return {
+      "rounds": sum(self.quorums.values()),
+      "quorum_sizes": {str(k): v for k, v in sorted(self.quorums.items())},
+      "reduce_ms_median": median_ms(self.reduce_s),
+      "round_wait_ms_median": median_ms(self.wait_s),
+      "pushes_dropped": self.dropped,
+      "lost_to_next_round_s": [round(s, 3) for s in self.recover_s],
+      "lost_to_rejoined_s": [round(s, 3) for s in self.join_s],
+      "join_fetch_ms": [round(s * 1e3, 3) for s in self.fetch_s],
+      "workers_history": list(self.history),
+    }
 
 
 @ray.remote
@@ -211,7 +275,9 @@ class Replica:
     return host(self.state), self.sampler.state()
 
   def params(self):
-    return host(self.rule.eval_params(self.state))
+    """(the weights to evaluate, the rule's diagnostics), on the host."""
+    found = self.rule.diagnostics(self.state)
+    return host(self.rule.eval_params(self.state)), {k: float(v) for k, v in found.items()}
 
   def point(self):
     found = self.rule.worker_point(self.state)
