@@ -294,8 +294,7 @@ class QuorumEngine:
       donor = min(self.members)
       self.generation[j] += 1
       try:
-        if ref is not None:
-          ray.get(ref)
+        place = ref and ray.get(ref)  # a new actor: where it started
         self._ask_reducer(self.reducer.join.remote(j, self.generation[j]))
         fetch = time.perf_counter()
         ray.get(actor.join.remote(self.actors[donor].state_now.remote(), self.generation[j], step))
@@ -308,6 +307,8 @@ class QuorumEngine:
         continue
       self.actors[j] = actor
       self.members.add(j)
+      if place:
+        logging.info("ray: worker %d on %s", j, place)
       self.tally.joined(j, f"worker {j} rejoined at run step {step}")
       logging.warning(f"ray: worker {j} joined at run step {step} from worker {donor}'s state")
       self.events.append(WorkerJoined(j, step))
@@ -319,10 +320,11 @@ class QuorumEngine:
   # --- the trainer's points -------------------------------------------------------------------
 
   def _ask_members(self, method, step):
-    """{member: its answer}; a member found dead on the way is lost, one that does not answer
-    in --round_timeout_s (SERVER_TIMEOUT_S without it: a hang, a SIGSTOP) is left out."""
+    """{member: its answer}; a member found dead on the way is lost, one that does not answer in
+    SERVER_TIMEOUT_S or --round_timeout_s if longer (a hang, a SIGSTOP) is left out: an answer
+    may first compile, which a loaded machine can make take longer than a round's deadline."""
     refs = {getattr(self.actors[j], method).remote(): j for j in sorted(self.members)}
-    timeout = self.config.round_timeout_s or SERVER_TIMEOUT_S
+    timeout = max(self.config.round_timeout_s or 0, SERVER_TIMEOUT_S)
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
     found = {}
     for ref in ready:
