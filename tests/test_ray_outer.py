@@ -1,13 +1,13 @@
 """The step-driven outer loops on Ray: replica actors, a reducer and a quorum per round
 (easgd_jax/engines/ray/quorum.py), on the session's two-node cluster (tests/conftest.py).
 
-Without faults a run equals the local engine's (workers of two devices); the reducer closes a
-round over the quorum that delivered and drops what comes late; a worker killed inside the
-outer reduction stops the run at --min_workers (exit 1, a checkpoint) or, restarted, lets it
-finish; run.py processes take a SIGSTOP (left out, dropped, rejoined), a SIGKILL (restarted,
-rejoined) and the reducer's death (exit 3, the same command resumes), and a node that leaves
-(its worker lost) and comes back (it rejoins there); DiLoCo on digits with a worker killed
-mid-round lands within 0.02 of the fault-free run, over 3 seeds.
+Without faults a run equals the local engine's (DiLoCo on workers of two devices, and Streaming
+DiLoCo's three phases); the reducer closes a round over the quorum that delivered and drops what
+comes late; a worker killed inside the outer reduction stops the run at --min_workers (exit 1, a
+checkpoint) or, restarted, lets it finish; run.py processes take a SIGSTOP (left out, dropped,
+rejoined), a SIGKILL (restarted, rejoined) and the reducer's death (exit 3, the same command
+resumes), and a node that leaves (its worker lost) and comes back (it rejoins there); DiLoCo on
+digits with a worker killed mid-round lands within 0.02 of the fault-free run, over 3 seeds.
 """
 
 import json
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from test_ray import _launch, _wait_for, _wait_for_step, local_run, ray_run
 
-from easgd_jax import reporting
+from easgd_jax import data, reporting
 from easgd_jax.config import Config
 from easgd_jax.errors import WorkerFailure
 
@@ -31,22 +31,36 @@ pytestmark = pytest.mark.slow
 DILOCO = dict(algorithm="diloco", optimizer="adamw", learning_rate=2e-3)
 
 
-def test_diloco_on_ray_with_workers_of_two_devices_equals_the_local_engine(ray_cluster, tmp_path):
-  """G = 2 workers of D = 2 devices: on Ray a mesh each (the batch split over it, GSPMD's
-  all-reduce inside), locally a pmean over the worker's devices; the outer mean at the reducer."""
-  fields = dict(DILOCO, num_devices=4, devices_per_worker=2, tau=2, steps=20, eval_every=10)
+EQUAL_RUNS = {
+  # G = 2 workers of D = 2 devices: on Ray a mesh each (the batch split over it, GSPMD's
+  # all-reduce inside), locally a pmean over the worker's devices; the outer mean at the reducer.
+  "diloco, workers of 2 devices": (dict(DILOCO, num_devices=4, devices_per_worker=2, tau=2), 10),
+  # Three phases (local steps, fragment 0's sync, fragment 1's), one reduction each, overlapped.
+  "streaming_diloco": (
+    dict(algorithm="streaming_diloco", num_devices=2, tau=4, fragments=2, overlap_steps=1),
+    10,
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EQUAL_RUNS))
+def test_without_faults_ray_equals_the_local_engine(ray_cluster, tmp_path, name):
+  fields, rounds = EQUAL_RUNS[name]
+  fields = dict(fields, steps=20, eval_every=10)
   _, local = local_run(tmp_path / "local", **fields)
   summary, on_ray = ray_run(ray_cluster, tmp_path / "ray", **fields)
-  for name in local:  # AdamW's division by sqrt(v) carries float32 rounding a little further
-    np.testing.assert_allclose(on_ray[name], local[name], rtol=1e-5, atol=2e-6, err_msg=name)
-  assert summary["rounds"] == 10 and summary["quorum_sizes"] == {"2": 10}
-  assert [(r["quorum"], r["workers_alive"]) for r in summary["history"]] == [(2, 2)] * 2
+  for key in local:  # AdamW's division by sqrt(v) carries float32 rounding a little further
+    np.testing.assert_allclose(on_ray[key], local[key], rtol=1e-5, atol=2e-6, err_msg=key)
+  workers = fields["num_devices"] // fields.get("devices_per_worker", 1)
+  assert summary["rounds"] == rounds and summary["quorum_sizes"] == {str(workers): rounds}
+  assert [(r["quorum"], r["workers_alive"]) for r in summary["history"]] == [(workers,) * 2] * 2
 
 
 def test_the_reducer_closes_a_round_over_the_quorum_that_delivered(ray_cluster):
   """Three members, a 1 s deadline: two push, the round closes without the third after the
-  deadline with the mean of the two; the third's late push, and one of an old generation, are
-  dropped; a sum over the two left closes as soon as both have pushed."""
+  deadline with the mean of the two; the third's late push, one of an old generation and one for
+  a round before the last closed are dropped; a sum over the two left closes as soon as both have
+  pushed."""
   import ray
 
   from easgd_jax.engines.ray import cluster, replicas
@@ -68,9 +82,10 @@ def test_the_reducer_closes_a_round_over_the_quorum_that_delivered(ray_cluster):
       np.testing.assert_array_equal(ray.get(found[0])[0], [2.0, 4.0])
     late = ray.get(reducer.push.remote(4, 0, 2, 0, True, [np.zeros(2, np.float32)]))
     stale = ray.get(reducer.push.remote(5, 0, 0, 7, True, [np.zeros(2, np.float32)]))
-    assert late == ("dropped", None) and stale == ("dropped", None)
+    again = ray.get(reducer.push.remote(3, 0, 1, 0, True, [np.zeros(2, np.float32)]))  # closed
+    assert late == stale == again == ("dropped", None)
     members, record, dropped = ray.get(reducer.status.remote())
-    assert members == [0, 1] and dropped == [(4, 0, 2), (5, 0, 0)]
+    assert members == [0, 1] and dropped == [(4, 0, 2), (5, 0, 0), (3, 0, 1)]
     assert [(step, k, quorum, left_out) for step, k, quorum, left_out, *_ in record] == [
       (4, 0, [0, 1], [2])
     ]
@@ -230,3 +245,22 @@ def _fill_free_cpus(ray, cpus=0.25):
   actors = [Ballast.remote() for _ in range(count)]
   ray.get([a.ready.remote() for a in actors], timeout=120)
   return actors
+
+
+def test_a_rejoining_worker_draws_a_fresh_stream_seeded_by_seed_shard_and_step():
+  """Replica.join reseeds its shards' generators from (seed, shard, the run step it joins at):
+  the same three give the same batches, any other gives others, and none replays the old one."""
+  dataset = data.load(Config(dataset="digits"))
+
+  def drawn(step=None, seed=0, shard=1):
+    sampler = data.ShardedSampler(dataset, 3, [shard], seed)
+    old = sampler.indices(8)
+    if step is not None:
+      sampler.fresh(step)
+    return old, sampler.indices(8)
+
+  old, new = drawn(40)
+  assert np.array_equal(new, drawn(40)[1]) and not np.array_equal(new, drawn()[1])
+  for other in (drawn(41), drawn(40, seed=1), drawn(40, shard=2)):
+    assert not np.array_equal(new, other[1])
+  assert not np.array_equal(new, old)
