@@ -1,7 +1,7 @@
 """Chaos: DiLoCo on Ray while a random worker is SIGKILLed every so often, against the same run
 without faults.
 
-  python experiments/chaos.py                           # digits, G = 4, about 5 minutes idle
+  python experiments/chaos.py                           # digits, G = 4, 2000 steps, MTBF 10 s
   python experiments/chaos.py --mtbf_s=5 --steps=3000   # harsher and longer
   python experiments/chaos.py --ray_address=auto        # a real cluster: kills this host's
                                                         # workers only
@@ -9,7 +9,8 @@ without faults.
 Starts a two-node Ray cluster on loopback (ray.cluster_utils.Cluster) unless --ray_address is
 given, then runs `run.py --engine=ray --algorithm=diloco` twice on it: once untouched, once while
 this script SIGKILLs the process of a worker drawn at random, the gaps between kills drawn from
-an exponential law of mean --mtbf_s (seeded by --seed). Workers are restarted
+an exponential law of mean --mtbf_s (seeded by --seed), sparing the last live worker (a joiner
+takes a live worker's state; with none left the run would stop). Workers are restarted
 (--max_worker_restarts) and rejoin at the next round boundary from a live worker's state; a
 worker's process is found from the run's log ("ray: worker J on node H pid P"). Prints one
 markdown table: kills, the rounds' quorum sizes, the final test loss and accuracy of both runs,
@@ -66,7 +67,7 @@ def command(args, workdir, address):
     f"--eval_every={args.steps // 4}",
     f"--seed={args.seed}",
     f"--round_timeout_s={args.round_timeout_s}",
-    f"--max_worker_restarts={10**6}",
+    "--max_worker_restarts=1000",
     "--progress_every_s=5",
     f"--workdir={workdir}",
   ]
@@ -74,7 +75,7 @@ def command(args, workdir, address):
 
 def run(args, workdir, address, mtbf_s=None):
   """One run.py; with `mtbf_s`, a thread SIGKILLs a random live worker at exponential gaps.
-  Returns (its summary, the kills: (seconds after the first worker started, worker))."""
+  Returns (its summary, the kills: (seconds after the first kill, worker))."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   process = subprocess.Popen(
@@ -87,10 +88,11 @@ def run(args, workdir, address, mtbf_s=None):
     started = None
     while not done.wait(rng.exponential(mtbf_s)):
       alive = {j: pid for j, pid in pids.items() if _alive(pid)}
-      if not alive:
+      if len(alive) < 2:  # the last live worker holds the run's state: spared
         continue
       j = int(rng.choice(sorted(alive)))
       started = started or time.monotonic()
+      del pids[j]  # its replacement's pid comes with its "ray: worker J on" line
       os.kill(alive[j], signal.SIGKILL)
       kills.append((round(time.monotonic() - started, 1), j))
       print(f"chaos: SIGKILL worker {j} (pid {alive[j]})", file=sys.stderr, flush=True)
@@ -102,8 +104,10 @@ def run(args, workdir, address, mtbf_s=None):
       found = WORKER.search(line)
       if found and found[2] in HERE:  # a pid on another host is not ours to signal
         pids[int(found[1])] = int(found[3])
-      if mtbf_s and pids and not killer.is_alive() and len(pids) == args.workers:
-        killer.start()
+      if mtbf_s and "progress:" in line and not killer.is_alive() and not done.is_set():
+        killer.start()  # once the workers have compiled and run: kills, not failed starts
+      if re.search(r"step \d+/(\d+) \(100%\)", line):
+        done.set()  # the last stretch: no kill in the checkpoint and the shutdown
       if "progress:" in line or "chaos" in line or "joined" in line or "died" in line:
         print(line.rstrip()[:160], file=sys.stderr, flush=True)
     code = process.wait()
