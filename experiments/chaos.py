@@ -1,8 +1,8 @@
 """Chaos: DiLoCo on Ray while a random worker is SIGKILLed every so often, against the same run
 without faults.
 
-  python experiments/chaos.py                           # digits, G = 4, 2000 steps, MTBF 10 s
-  python experiments/chaos.py --mtbf_s=5 --steps=3000   # harsher and longer
+  python experiments/chaos.py                           # digits, G = 4, 20000 steps, MTBF 10 s
+  python experiments/chaos.py --mtbf_s=5 --steps=50000  # harsher and longer
   python experiments/chaos.py --ray_address=auto        # a real cluster: kills this host's
                                                         # workers only
 
@@ -40,7 +40,7 @@ HERE = {"127.0.0.1", socket.gethostbyname(socket.gethostname())}
 def parse():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--mtbf_s", type=float, default=10.0, help="mean seconds between kills")
-  parser.add_argument("--steps", type=int, default=2000)
+  parser.add_argument("--steps", type=int, default=20000)
   parser.add_argument("--workers", type=int, default=4, help="G")
   parser.add_argument("--tau", type=int, default=20, help="H, inner steps per round")
   parser.add_argument("--dataset", default="digits")
@@ -108,7 +108,7 @@ def run(args, workdir, address, mtbf_s=None):
         killer.start()  # once the workers have compiled and run: kills, not failed starts
       if re.search(r"step \d+/(\d+) \(100%\)", line):
         done.set()  # the last stretch: no kill in the checkpoint and the shutdown
-      if "progress:" in line or "chaos" in line or "joined" in line or "died" in line:
+      if re.search(r"progress:|chaos|joined|died|restarted|stays out", line):
         print(line.rstrip()[:160], file=sys.stderr, flush=True)
     code = process.wait()
   finally:
