@@ -1,14 +1,14 @@
 """The Ray engine for a step-driven rule: replica actors, a reducer, and a quorum per round.
 
-Each of the G workers is an actor (replicas.Replica) running the rule's phases on its own
-devices; their reductions across replicas go to a reducer actor (replicas.Reducer), which closes
-each over the quorum Q of the members that delivered. A phase is not split at its collective:
-traced under collectives.deferred, replica_mean / replica_sum become a host call inside the
-jitted step that pushes to the reducer and waits for the result (replicas.py says why), so every
-rule runs unchanged, whatever its number of phases and reductions. A round ends after each run step the rule
-declares a transfer after (StepRule.transfers). The driver hands every member the same stretch
-of run steps (to the trainer's next point, CHUNK at most, to a round's end when one waits to
-join) and waits for them.
+Each of the G workers is an actor (replicas.Replica) running the rule's phases on its own devices;
+their reductions across replicas go to a reducer actor (replicas.Reducer), which closes each over
+the quorum Q of the members that delivered. A phase is not split at its collective: traced under
+collectives.deferred, replica_mean / replica_sum become a host call inside the jitted step that
+pushes to the reducer and waits for the result (replicas.py says why), so every rule runs unchanged,
+whatever its number of phases and reductions. A round ends after each run step the rule declares a
+transfer after (StepRule.transfers). The driver hands every member the same stretch of run steps (to
+the trainer's next point, CHUNK at most, to a round's end when one waits to join) and waits for
+them.
 
 - A worker that dies (process killed, node gone): Ray fails its call; the driver tells the
   reducer, whose open round then closes over the others, and reports it (WorkerLost). With
