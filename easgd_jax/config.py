@@ -89,6 +89,7 @@ class Config:
   keep_checkpoints: int = field(3, "How many of the newest checkpoints are kept.")
   inject_nan: int | None = field(None, "Fault injection: this iteration's batch is all NaN.")
   model_parallel: int = field(1, "M: every layer split across M devices (sgd, sync_sgd).")
+  devices_per_worker: int = field(1, "D: workers of D devices, data parallel inside (G = N / D).")
   fail_fast: bool = field(False, "Stop when a worker fails (default: go on with the rest).")
   inject_failure: str | None = field(None, "WORKER:STEP: that worker fails at its own step.")
   progress_every_s: int = field(30, "Seconds between progress lines on stderr (0: none).")
@@ -97,6 +98,8 @@ class Config:
   ray_pipeline: bool = field(False, "ray: one push/pull in flight while computing the next step.")
   ray_worker_gpus: float = field(0.0, "ray: GPUs each worker actor asks for (0: CPU workers).")
   max_worker_restarts: int = field(0, "ray: times a dead worker is started again (0: never).")
+  round_timeout_s: float | None = field(None, "ray: a round goes on without a worker this late.")
+  min_workers: int = field(1, "ray: stop (a checkpoint, exit 1) when fewer workers are left.")
   # The simulated cluster's costs (--engine=simulated); the default network is one PCIe node.
   sim_compute_ms: float | None = field(None, "simulated: one worker's step (unset: measured).")
   sim_latency_us: float = field(10.0, "simulated: one message's latency, one way (us).")
@@ -147,6 +150,7 @@ class Config:
     self._validate_streaming()
     self._validate_processes()
     _in_range("model_parallel", self.model_parallel, 1, MAX_DEVICES)
+    self._validate_workers()
     _at_least("checkpoint_every", self.checkpoint_every, 0)
     _at_least("keep_checkpoints", self.keep_checkpoints, 1)
     _in_range("progress_every_s", self.progress_every_s, 0, MAX_TIMEOUT_S)
@@ -244,6 +248,23 @@ class Config:
     if self.model_parallel > 1:
       raise ConfigError("--model_parallel > 1 runs in one process; use --num_processes=1")
 
+  def _validate_workers(self):
+    _in_range("devices_per_worker", self.devices_per_worker, 1, MAX_DEVICES)
+    if self.num_devices % self.devices_per_worker:
+      raise ConfigError(
+        f"--devices_per_worker={self.devices_per_worker} must divide --num_devices="
+        f"{self.num_devices} (G = num_devices / devices_per_worker workers)"
+      )
+    _at_least("min_workers", self.min_workers, 1)
+    if self.min_workers > self.num_workers:
+      raise ConfigError(
+        f"--min_workers={self.min_workers} is more than the G = {self.num_workers} workers "
+        f"(--num_devices / --devices_per_worker); lower it"
+      )
+    timeout = self.round_timeout_s
+    if timeout is not None and not (_is_number(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
+      raise ConfigError(f"--round_timeout_s must be in (0, {MAX_TIMEOUT_S}] (got {timeout})")
+
   def _validate_costs(self):
     links = ("sim_latency_us", "sim_bandwidth_gbps") + INTRA_NODE
     for flag in ("sim_compute_ms", "sim_service_us", *links):
@@ -289,6 +310,11 @@ class Config:
     except ValueError:
       return None
     return worker, step
+
+  @property
+  def num_workers(self) -> int:
+    """G: the workers, each of --devices_per_worker devices."""
+    return self.num_devices // self.devices_per_worker
 
   @property
   def local_devices(self) -> int:

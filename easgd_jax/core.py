@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from easgd_jax import optimizers
+from easgd_jax import collectives, optimizers
 
 
 def make_loss_fn(model):
@@ -34,11 +34,12 @@ def local_optimizer(learning_rate, momentum=0.0):
 
 
 def make_gradient(loss_fn):
-  """gradient(params, batch) -> (Delta W, loss): forward and backward, no update."""
+  """gradient(params, batch) -> (Delta W, loss): forward and backward, no update. On a worker
+  of several devices (--devices_per_worker), both are the means over its devices' batches."""
 
   def gradient(params, batch):
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-    return grads, loss
+    return collectives.worker_mean((grads, loss))
 
   return gradient
 

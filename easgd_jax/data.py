@@ -330,6 +330,12 @@ class ShardedSampler:
     parts = np.array_split(np.random.default_rng(seed).permutation(dataset.num_train), num_shards)
     self.parts = [parts[p] for p in shard_ids]
     self.rngs = [np.random.default_rng([seed, p]) for p in shard_ids]
+    self.seed, self.ids = seed, list(shard_ids)
+
+  def fresh(self, *stream):
+    """Each shard's generator seeded anew from (seed, shard, *stream): a worker that rejoins
+    draws a stream of its own, not a replay of its old batches."""
+    self.rngs = [np.random.default_rng([self.seed, p, *stream]) for p in self.ids]
 
   def next(self, batch_size):
     return self.dataset.take(self.indices(batch_size))

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from easgd_jax import network
-from easgd_jax.collectives import AXIS
+from easgd_jax.collectives import AXIS, INNER
 from easgd_jax.errors import ConfigError
 
 
@@ -165,28 +165,46 @@ def local_replica_ids(replicas):
   return [i for i, d in enumerate(replicas) if d.process_index == jax.process_index()]
 
 
-def pmap(fn, replicas, **kwargs):
-  """fn run on every replica device at once; its collectives (easgd_jax.collectives) name AXIS."""
-  return jax.pmap(fn, axis_name=AXIS, devices=replicas, **kwargs)
+def pmap(fn, replicas, per_worker=1):
+  """fn run on every replica device at once; its collectives (easgd_jax.collectives) name AXIS.
+
+  With workers of `per_worker` devices (--devices_per_worker) the devices form a (workers,
+  per_worker) mesh, AXIS across workers and INNER within one: fn runs on each device as under
+  pmap (a shard_map over both axes; nested pmaps are no longer supported), the leading axis of
+  every argument one entry per device, worker-major.
+  """
+  if per_worker == 1:
+    return jax.pmap(fn, axis_name=AXIS, devices=replicas)
+  sharding = _replica_sharding(replicas, per_worker)
+
+  def each_device(*args):  # as under pmap: the device's own entry, without the leading axis
+    found = fn(*jax.tree.map(lambda x: x[0], args))
+    return jax.tree.map(lambda x: x[None], found)
+
+  spec = sharding.spec
+  return jax.jit(jax.shard_map(each_device, mesh=sharding.mesh, in_specs=spec, out_specs=spec))
 
 
-def _replica_sharding(replicas):
+def _replica_sharding(replicas, per_worker=1):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-  return NamedSharding(Mesh(np.array(replicas), (AXIS,)), PartitionSpec(AXIS))
+  if per_worker == 1:
+    return NamedSharding(Mesh(np.array(replicas), (AXIS,)), PartitionSpec(AXIS))
+  grid = np.array(replicas).reshape(-1, per_worker)
+  return NamedSharding(Mesh(grid, (AXIS, INNER)), PartitionSpec((AXIS, INNER)))
 
 
-def put_replicas(tree_local, replicas):
+def put_replicas(tree_local, replicas, per_worker=1):
   """Leading axis of each leaf = this process's replicas, one slice per local device."""
-  sharding = _replica_sharding(replicas)
+  sharding = _replica_sharding(replicas, per_worker)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree_local)
 
 
-def replicate(tree_host, replicas):
+def replicate(tree_host, replicas, per_worker=1):
   """The same host pytree copied to each of this process's replica devices."""
   local = len(local_replica_ids(replicas))
   return put_replicas(
-    jax.tree.map(lambda x: np.stack([np.asarray(x)] * local), tree_host), replicas
+    jax.tree.map(lambda x: np.stack([np.asarray(x)] * local), tree_host), replicas, per_worker
   )
 
 

@@ -35,6 +35,8 @@ RESUMABLE = frozenset(
     "ray_pipeline",
     "ray_worker_gpus",
     "max_worker_restarts",
+    "round_timeout_s",
+    "min_workers",
   }
 )
 

@@ -40,8 +40,7 @@ def validate(config, workdir=None):
     runs = [name for name, other in known if engines.runs(config.engine, other)]
     raise ConfigError(
       f"--engine={config.engine} runs {', '.join(runs)}; --algorithm={config.algorithm} runs on "
-      f"--engine=local or simulated; the synchronous family spans machines with --num_processes "
-      f"(jax.distributed)"
+      f"--engine=local or simulated"
     )
   if config.inject_failure is not None and not engines.injects_failures(config.engine, kind):
     at_own_pace = [n for n, k in known if engines.injects_failures("local", k)]

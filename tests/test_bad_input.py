@@ -70,6 +70,9 @@ BAD_FLAGS = [
   ),
   (["--algorithm=easgd", "--fragments=2"], "--fragments"),
   (["--algorithm=streaming_diloco", "--tau=5"], "--tau"),  # 2 fragments by default
+  (["--algorithm=diloco", "--num_devices=4", "--devices_per_worker=3"], "--devices_per_worker"),
+  (["--engine=ray", "--algorithm=diloco", "--num_devices=2", "--min_workers=3"], "--min_workers"),
+  (["--engine=ray", "--algorithm=diloco", "--round_timeout_s=0"], "--round_timeout_s"),
   # Checked against the data, before the workdir is touched.
   ([f"--batch_size={HUGE}"], "--batch_size"),
   (["--dataset=synthetic", "--synthetic_shape=100000,100000,3"], "--synthetic_shape"),

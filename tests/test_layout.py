@@ -38,6 +38,7 @@ BUDGET = {
   "sampling a language model: transformer.generate, reporting.load_params(like=)": 30,
   "the cluster clock: overlap, node and shared links, payload bytes, peak bandwidth, recost": 241,
   "issue 23's reliability: network surface, private Ray, no mixed runs, damage, full disks": 453,
+  "step-driven rules on Ray (replica actors, a reducer, a quorum per round), mesh workers": 791,
 }
 BUDGET_LINES = sum(BUDGET.values())
 

@@ -344,10 +344,14 @@ def test_sigkilled_worker_and_server_then_sigterm_and_relaunches(ray_cluster, tm
 
 BAD_ENGINE_FLAGS = [
   (
-    ["--engine=ray", "--algorithm=sync_sgd"],
-    "--engine=ray runs easgd, async_sgd, .*--num_processes",
+    ["--engine=ray", "--algorithm=sgd"],
+    "--engine=ray runs easgd, sync_sgd, .*; --algorithm=sgd runs on --engine=local or simulated",
   ),
-  (["--engine=ray", "--algorithm=local_sgd"], "--algorithm=local_sgd runs on --engine=local"),
+  (
+    ["--engine=ray", "--algorithm=async_sgd", "--round_timeout_s=5"],
+    "--round_timeout_s applies to the step-driven algorithms' rounds",
+  ),
+  (["--algorithm=async_sgd", "--num_devices=2", "--devices_per_worker=2"], "use 1"),
   (["--algorithm=hogwild", "--engine=threads"], "--engine=threads is unknown"),
   (
     ["--engine=ray", "--algorithm=hogwild", "--ray_address=nowhere"],
@@ -355,7 +359,7 @@ BAD_ENGINE_FLAGS = [
   ),
   (["--engine=ray", "--algorithm=async_sgd", "--max_worker_restarts=-1"], "--max_worker_restarts"),
   (["--algorithm=async_sgd", "--ray_pipeline"], "--ray_pipeline applies to --engine=ray"),
-  (["--algorithm=easgd", "--inject_failure=1:3"], "and to easgd with --engine=ray"),
+  (["--algorithm=easgd", "--inject_failure=1:3"], "and to easgd, sync_sgd, .* with --engine=ray"),
 ]
 
 

@@ -120,6 +120,18 @@ def _check_parallelism(config, kind):
       f"--algorithm={config.algorithm} runs in one process; multi-process runs support "
       f"{', '.join(supported)}"
     )
+  if config.devices_per_worker > 1:
+    if not (kind.data_parallel and kind.kind == STEP_DRIVEN):
+      supported = [n for n, c in REGISTRY.items() if c.data_parallel and c.kind == STEP_DRIVEN]
+      raise ConfigError(
+        f"--devices_per_worker={config.devices_per_worker} makes each replica of "
+        f"{', '.join(supported)} a mesh (got --algorithm={config.algorithm}); use 1"
+      )
+    if config.model_parallel > 1 or config.num_processes > 1:
+      raise ConfigError(
+        "--devices_per_worker > 1 runs in one process (or on --engine=ray) without "
+        "--model_parallel; use --num_processes=1 and --model_parallel=1"
+      )
   if config.model_parallel == 1:
     return
   if not kind.model_parallel:

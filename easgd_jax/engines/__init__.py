@@ -4,7 +4,8 @@ Every engine interprets the facts an algorithm declares (algorithms/base.py) and
 and gives the trainer the face of engines/base.py. Here, and only here, `--engine` is read:
 
 - local (local/): devices and threads in this process;
-- ray (ray/): actors on a Ray cluster, for the worker/master family;
+- ray (ray/): actors on a Ray cluster: the worker/master family, and the data-parallel
+  step-driven rules as replica actors with a quorum per round;
 - simulated (simulated/): G workers fused on one device under a virtual clock.
 """
 
@@ -18,7 +19,14 @@ from easgd_jax.errors import ConfigError
 NAMES = ("local", "ray", "simulated")
 # Flags that belong to one engine, refused on the others.
 OWN_FLAGS = {
-  "ray": ("ray_address", "ray_pipeline", "ray_worker_gpus", "max_worker_restarts"),
+  "ray": (
+    "ray_address",
+    "ray_pipeline",
+    "ray_worker_gpus",
+    "max_worker_restarts",
+    "round_timeout_s",
+    "min_workers",
+  ),
   "simulated": tuple(
     f"sim_{name}"
     for name in "compute_ms latency_us bandwidth_gbps service_us jitter stragglers "
@@ -26,6 +34,9 @@ OWN_FLAGS = {
     "intra_node_bandwidth_gbps".split()
   ),
 }
+
+
+QUORUM_FLAGS = ("round_timeout_s", "min_workers")  # the step-driven rules' rounds on Ray
 
 
 def check(config, kind=None):
@@ -40,6 +51,12 @@ def check(config, kind=None):
       raise ConfigError(f"--{given[0]} applies to --engine={engine} (got --engine={config.engine})")
   if config.engine == "ray" and config.num_processes > 1:
     raise ConfigError("--engine=ray runs one driver process; use --num_processes=1")
+  given = [f for f in QUORUM_FLAGS if getattr(config, f) != getattr(defaults, f)]
+  if given and kind and kind.kind == WORKER_MASTER:
+    raise ConfigError(
+      f"--{given[0]} applies to the step-driven algorithms' rounds on --engine=ray (got "
+      f"--algorithm={config.algorithm})"
+    )
   if config.engine == "simulated":
     if config.num_processes > 1 or config.model_parallel > 1:
       raise ConfigError(
@@ -57,13 +74,16 @@ def check(config, kind=None):
 
 
 def runs(engine, rule):
-  """Whether `engine` runs this kind of algorithm: Ray runs the worker/master family."""
-  return engine != "ray" or rule.kind == WORKER_MASTER
+  """Whether `engine` runs this kind of algorithm: Ray runs the worker/master family and the
+  data-parallel step-driven rules (a replica per worker actor)."""
+  return engine != "ray" or rule.kind == WORKER_MASTER or rule.data_parallel
 
 
 def injects_failures(engine, rule):
   """Whether --inject_failure has a worker to fail: at its own pace, or any actor on Ray."""
-  return rule.kind == WORKER_MASTER and (engine == "ray" or rule.schedule == ASYNCHRONOUS)
+  if engine == "ray":
+    return runs(engine, rule)
+  return rule.kind == WORKER_MASTER and rule.schedule == ASYNCHRONOUS
 
 
 def devices_to_emulate(config):

@@ -1,9 +1,10 @@
 """--engine=local: every algorithm as devices and threads in this process.
 
 Read off the algorithm's facts: a step-driven rule runs on the host scheduler (steps.py) on one
-device, one replica per device (pmap; several processes with --num_processes) or a
-model-parallel mesh; a worker/master rule in Algorithm 1's order on the same scheduler; an
-asynchronous worker/master rule as one thread per worker (threads.py).
+device, one replica per device (pmap; several processes with --num_processes; a worker of
+--devices_per_worker devices has its replica on each) or a model-parallel mesh; a worker/master
+rule in Algorithm 1's order on the same scheduler; an asynchronous worker/master rule as one
+thread per worker (threads.py).
 """
 
 from easgd_jax import data, devices
@@ -38,4 +39,4 @@ def _placed(config, rule, dataset, params_host):
     return steps.Single(config, rule, data.Sampler(dataset, seed=config.seed), params_host)
   replicas = devices.replica_devices(config.num_devices)
   sampler = data.sampler(dataset, config, len(replicas), devices.local_replica_ids(replicas))
-  return steps.Replicas(config, rule, sampler, params_host, replicas)
+  return steps.Replicas(config, rule, sampler, params_host, replicas, config.devices_per_worker)

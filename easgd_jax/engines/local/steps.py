@@ -50,18 +50,20 @@ class Single(Stepper):
 
 
 class Replicas(Stepper):
-  """One replica per device, pmapped; `sampler` hands this process's batches, one per device."""
+  """One replica per device, pmapped; `sampler` hands this process's batches, one per device.
+  Workers of `per_worker` devices: each device holds its worker's replica, and the gradient is
+  averaged over the worker's devices (collectives.worker_mean) before the replica's update."""
 
-  def __init__(self, config, rule, sampler, params_host, replicas):
+  def __init__(self, config, rule, sampler, params_host, replicas, per_worker=1):
     super().__init__(config, sampler)
-    self.rule, self.devices = rule, replicas
+    self.rule, self.devices, self.per_worker = rule, replicas, per_worker
     self.shared = jax.process_count() > 1
     self.max_in_flight = devices.max_in_flight(replicas)
-    self.state = devices.replicate(rule.init(params_host), replicas)
-    self._pmapped = [devices.pmap(fn, replicas) for fn in rule.phases]
+    self.state = devices.replicate(rule.init(params_host), replicas, per_worker)
+    self._pmapped = [devices.pmap(fn, replicas, per_worker) for fn in rule.phases]
 
   def step(self, t, batch_local):
-    batch = devices.put_replicas(batch_local, self.devices)
+    batch = devices.put_replicas(batch_local, self.devices, self.per_worker)
     self.state, loss = self._pmapped[self.rule.phase(t)](self.state, batch)
     return loss, None
 
@@ -72,7 +74,8 @@ class Replicas(Stepper):
     return host_floats(self.rule.diagnostics(devices.first_replica(self.state)))
 
   def worker_points(self):
-    found = [self.rule.worker_point(r) for r in devices.local_replicas(self.state)]
+    replicas = devices.local_replicas(self.state)[:: self.per_worker]  # one per worker
+    found = [self.rule.worker_point(r) for r in replicas]
     return None if found[0] is None else found
 
   def host_losses(self, pending):

@@ -164,7 +164,8 @@ def check_memory(config, rule, params_host, dataset):
       per_worker += _bytes(jax.eval_shape(rule.eval_params, master))  # the last reply
     if rule.schedule == ASYNCHRONOUS:  # computed ahead for the whole run
       schedule = SCHEDULE_BYTES_PER_STEP * config.steps
-  states = SAFETY * (config.num_devices * per_worker + fixed)
+  replicas = config.num_workers if rule.kind == STEP_DRIVEN else config.num_devices
+  states = SAFETY * (replicas * per_worker + fixed)
   needed = states + schedule + _bytes(dataset.device_arrays())
   flags = f"--engine=simulated with --num_devices={config.num_devices} and --model={config.model}"
   if schedule > states:

@@ -124,7 +124,11 @@ class Replicas(Fused):
   def __init__(self, config, rule, dataset, params_host, costs, num_bytes, sampler):
     super().__init__(config, dataset, costs, num_bytes)
     self.rule, self.samplers = rule, [sampler]
-    self.replicas = config.num_devices if rule.data_parallel else 1
+    # A worker of D devices (--devices_per_worker) is one replica stepping on its D shards'
+    # batches together: the gradient of their mean loss is the mean of theirs, the worker's
+    # inner all-reduce. The clock costs the outer all-reduce across workers only; the inner one
+    # on the node's links is left to a topology of the clock (config.devices_per_worker).
+    self.replicas = config.num_workers if rule.data_parallel else 1
     self.state = devices.put(_stack(rule.init(params_host), self.replicas), self.device)
     phases = [jax.vmap(fn, axis_name=collectives.AXIS) for fn in rule.phases]
 
@@ -139,8 +143,7 @@ class Replicas(Fused):
   def inputs(self, first, count):
     steps = range(first, first + count)
     index = np.stack([self.samplers[0].indices(self.config.batch_size) for _ in steps])
-    if not self.rule.data_parallel:
-      index = index[:, None]
+    index = index.reshape(count, self.replicas, -1)  # a worker's D shards, one after another
     return {"index": index, "phase": np.array([self.rule.phase(t) for t in steps], np.int32)}
 
   def who(self, first, count):

@@ -1,0 +1,116 @@
+"""Benchmark: the step-driven outer loops on Ray (replica actors, a reducer, a quorum per round).
+
+  python experiments/benchmark_quorum.py              # about 10 minutes on an idle 2-core machine
+  python experiments/benchmark_quorum.py --steps=200 --no_settle   # a quick look (figures noisy)
+
+Three tables, every run on one embedded Ray on this machine, built and driven as every run is
+(experiments/measure.py):
+
+1. Outer-round overhead: DiLoCo on digits (mlp), G = 4, H in {1, 10, 50}: samples/s on the local
+   engine (4 devices, pmap) and on Ray, and Ray's extra time per outer round,
+   (t_ray - t_local) / rounds, beside the reducer's own median time to sum a round
+   (`reduce_ms_median`) and a push's median wait at the reducer (`round_wait_ms_median`).
+2. Recovery: worker 1 killed inside a round (--inject_failure, its process ends as a SIGKILL
+   would) with --max_worker_restarts=1: seconds from the loss to the next closed round
+   (`lost_to_next_round_s`) and to its rejoin (`lost_to_rejoined_s`).
+3. Joining against the model size: the same failure for each --models, the replacement's time to
+   fetch a live worker's state through the object store and take it (`join_fetch_ms`).
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 4)  # the local engine's workers: a device each
+
+import measure  # noqa: E402
+
+from easgd_jax import train  # noqa: E402
+from easgd_jax.config import Config  # noqa: E402
+from easgd_jax.engines.ray import cluster as ray_cluster  # noqa: E402
+
+SETTLE = [True]
+DILOCO = dict(algorithm="diloco", dataset="digits", num_devices=4, batch_size=32)
+
+
+def one_run(**fields):
+  if SETTLE[0]:
+    measure.settle()
+  config = Config(**{**DILOCO, "progress_every_s": 0, **fields})
+  config = Config(**{**vars(config), "eval_every": config.steps})
+  return measure.run(config)
+
+
+def overhead(steps, taus):
+  print(
+    f"{'(1) DiLoCo digits mlp G=4':<28}{'H':>4}{'local samples/s':>17}{'ray samples/s':>15}"
+    f"{'ray extra ms/round':>20}{'reduce ms':>11}{'wait ms':>9}"
+  )
+  for tau in taus:
+    local, _ = one_run(model="mlp", tau=tau, steps=steps)
+    on_ray, summary = one_run(model="mlp", tau=tau, steps=steps, engine="ray")
+    per_step = lambda rate: DILOCO["batch_size"] * DILOCO["num_devices"] / rate  # noqa: E731
+    extra_ms = (per_step(on_ray) - per_step(local)) * tau * 1e3
+    print(
+      f"{'':<28}{tau:>4}{local:>17.0f}{on_ray:>15.0f}{extra_ms:>20.2f}"
+      f"{summary['reduce_ms_median']:>11.3f}{summary['round_wait_ms_median']:>9.2f}",
+      flush=True,
+    )
+  print()
+
+
+def recovery(steps, names):
+  print(
+    f"{'(2, 3) a worker lost mid-round':<32}{'params':>10}{'to next round s':>17}"
+    f"{'to rejoined s':>15}{'join fetch ms':>15}"
+  )
+  for model in names:
+    _, summary = one_run(
+      model=model,
+      tau=10,
+      steps=steps,
+      engine="ray",
+      inject_failure=f"1:{steps // 2 - 1}",
+      max_worker_restarts=1,
+    )
+    size = _parameters(model)
+    print(
+      f"{model:<32}{size:>10}{_first(summary['lost_to_next_round_s']):>17}"
+      f"{_first(summary['lost_to_rejoined_s']):>15}{_first(summary['join_fetch_ms']):>15}",
+      flush=True,
+    )
+  print()
+
+
+def _first(values):
+  return f"{values[0]:.3f}" if values else "-"
+
+
+def _parameters(model):
+  config = train.validate(Config(**{**DILOCO, "model": model}))
+  params = train.setup(config)[3]
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=500, help="run steps per run")
+  parser.add_argument("--taus", default="1,10,50", help="comma-separated H")
+  parser.add_argument("--models", default="mlp,lenet", help="comma-separated models")
+  parser.add_argument("--no_settle", action="store_true", help="no idle wait before each run")
+  args = parser.parse_args()
+  SETTLE[0] = not args.no_settle
+  print(
+    f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, load average "
+    f"{measure.load_average():.2f}"
+  )
+  ray_cluster.connect(Config(engine="ray"))  # one embedded Ray for every run
+  overhead(args.steps, [int(t) for t in args.taus.split(",")])
+  recovery(args.steps, args.models.split(","))
+
+
+if __name__ == "__main__":
+  main()
