@@ -276,5 +276,6 @@ def test_a_text_study_reports_loss_tokens_and_bytes_to_its_target_loss(tmp_path,
   assert [row["reached_target_loss"] for row in table] == ["1/1", "0/1"]
   text = (tmp_path / "results.md").read_text()
   assert "| final validation loss | reached 4.3 | tokens to 4.3 |" in text
+  assert text.count(" (n = 1) |") == 2 and "±" not in text  # no spread from one seed
   assert (tmp_path / study.LOSS_TOKENS_PLOT).exists()
   assert (tmp_path / study.LOSS_VIRTUAL_TIME_PLOT).exists()

@@ -138,8 +138,11 @@ def _loss_markdown(study, table):
     if row["final_loss_mean"] is None:
       loss = f"{row['diverged']}/{row['seeds']} diverged"
     else:
-      loss = f"{row['final_loss_mean']:.4f} ± {row['final_loss_std']:.4f}"
-      loss += f" ({row['diverged']}/{row['seeds']} diverged)" if row["diverged"] else ""
+      loss = f"{row['final_loss_mean']:.4f}"
+      if row["final_loss_std"] is not None:  # a spread needs two runs at least
+        loss += f" ± {row['final_loss_std']:.4f}"
+      diverged = f", {row['diverged']}/{row['seeds']} diverged" if row["diverged"] else ""
+      loss += f" (n = {row['n']}{diverged})"
     lines.append(
       f"| {row['arm']} | {loss} | {row['reached_target_loss']} "
       f"| {_fmt(row['tokens_to_target_loss'], ',.0f')} "
