@@ -61,8 +61,16 @@ class Config:
   weight_decay: float | None = field(None, "adamw: decoupled weight decay.", 1e-4)
   beta2: float | None = field(None, "adamw: the second moment's decay.", 0.999)
   grad_clip: float | None = field(None, "Clip the gradient to this global norm (0: no).", 0.0)
-  outer_learning_rate: float = field(0.7, "diloco: the outer Nesterov SGD's learning rate.")
+  outer_learning_rate: float | None = field(
+    None, "diloco: the outer Nesterov SGD's learning rate (unset: 0.7; async_diloco: 0.35).", 0.7
+  )
   outer_momentum: float = field(0.9, "diloco: the outer momentum.")
+  outer_delay: int | None = field(
+    None, "async_diloco: N, the outer momentum moves every N-th push (unset: --num_devices)."
+  )
+  dynamic_local_steps: bool = field(
+    False, "async_diloco: worker w's inner steps max(1, floor(v_w / max v * tau)), v: speeds."
+  )
   steps: int = field(2000, "Iterations T (a worker/master step: one worker's iteration).")
   eval_every: int = field(100, "Iterations between evaluations of the center on the test set.")
   seed: int = field(0, "Seed of the parameter initialization and the batch sampling.")
@@ -108,6 +116,8 @@ class Config:
       _at_least("batch_size", self.batch_size, 1)
     if self.tau is not None:
       _at_least("tau", self.tau, 1)
+    if self.outer_delay is not None:
+      _at_least("outer_delay", self.outer_delay, 1)
     for name in ("num_layers", "num_heads", "width", "context"):
       _at_least(name, getattr(self, name), 1)
     if self.width % self.num_heads:
@@ -186,7 +196,8 @@ class Config:
         raise ConfigError(f"--{name} must be a finite number >= 0 (got {value})")
     if self.beta2 is not None and not (_is_number(self.beta2) and 0 <= self.beta2 < 1):
       raise ConfigError(f"--beta2 must be in [0, 1) (got {self.beta2})")
-    _positive("outer_learning_rate", self.outer_learning_rate)
+    if self.outer_learning_rate is not None:
+      _positive("outer_learning_rate", self.outer_learning_rate)
     if not (_is_number(self.outer_momentum) and 0 <= self.outer_momentum < 1):
       raise ConfigError(f"--outer_momentum must be in [0, 1) (got {self.outer_momentum})")
 

@@ -66,6 +66,12 @@ class Costs:
     """One message of `num_bytes`: its latency, then its bytes at the link's bandwidth."""
     return self.latency_s + num_bytes / self.bandwidth_bytes_s
 
+  def mean_step_s(self, num_workers):
+    """[worker] the mean compute seconds of each worker's step (the jitter's factor has mean 1):
+    its speed is 1 / this."""
+    slowed = np.arange(num_workers) >= num_workers - self.stragglers
+    return self.compute_s * np.where(slowed, self.straggler_slowdown, 1.0)
+
   def step_times(self, num_workers, num_steps, rng):
     """[worker, step] compute seconds: jitter on every step, the last `stragglers` slowed."""
     if self.stragglers > num_workers:

@@ -162,7 +162,11 @@ class Workers(Fused):
     self.round_robin = rule.schedule == ROUND_ROBIN
     master = rule.master_init(params_host)
     views = () if rule.opens_round else _stack(rule.eval_params(master), count)
-    workers = _stack(rule.worker_init(params_host), count)
+    # Each worker's exchange period from its clock speed, stragglers slower (a rule's own fact).
+    self.periods = [int(p) for p in rule.periods(list(1 / costs.mean_step_s(count)))]
+    worker = rule.worker_init(params_host)
+    workers = [rule.with_period(worker, period) for period in self.periods]
+    workers = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *workers)
     self.state = devices.put((master, workers, views), self.device)
     self.events = None if self.round_robin else self._events(config.steps)
     self.recorded = self.reached = 0  # steps whose exchanges are in the applied record; done
@@ -193,7 +197,7 @@ class Workers(Fused):
 
   def _events(self, steps):
     rule, seed = self.rule, self.config.seed
-    args = (self.costs, self.num_workers, steps, self.num_bytes, rule.tau, seed)
+    args = (self.costs, self.num_workers, steps, self.num_bytes, self.periods, seed)
     return events.events(*args, opens_round=rule.opens_round, locked=rule.locked)
 
   def order(self, first, count):
@@ -207,7 +211,7 @@ class Workers(Fused):
     who, own = self.order(first, count)
     if self.round_robin:
       index = np.stack([self.samplers[0].indices(b) for _ in range(count)])
-      exchange = np.asarray(self.rule.sends(own))
+      exchange = np.asarray(self.rule.sends(own, np.asarray(self.periods)[who]))
     else:
       index = np.stack([self.samplers[w].indices(b) for w in who])
       exchange = self.events.exchange[first : first + count]
@@ -244,7 +248,7 @@ class Workers(Fused):
     entries = []
     who, own = self.order(first, last - first)
     for j, d in zip(who.tolist(), own.tolist(), strict=True):
-      if rule.sends(d):
+      if rule.sends(d, self.periods[j]):
         self.version += 1
         entries.append([j, d, self.reads[j], self.version])
         self.reads[j] = self.version
@@ -252,7 +256,8 @@ class Workers(Fused):
 
   def checkpoint(self):
     arrays, record = super().checkpoint()
-    return arrays, {**record, "version": self.version, "reads": list(self.reads)}
+    versions = {"version": self.version, "reads": list(self.reads)}
+    return arrays, {**record, **versions, "periods": list(self.periods)}
 
   def restore(self, arrays, record):
     super().restore(arrays, record)
@@ -270,6 +275,8 @@ class Workers(Fused):
 
   def summary(self):
     found = super().summary()
+    if self.rule.periods_from_speeds:
+      found["exchange_periods"] = list(self.periods)
     if not self.round_robin:
       values, counts = events.staleness_histogram(self.events, self.config.steps)
       found["sim_staleness_histogram"] = {
