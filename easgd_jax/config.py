@@ -15,6 +15,7 @@ from easgd_jax.errors import ConfigError
 
 DATASETS = ("digits", "mnist5k", "mnist", "cifar10", "synthetic", "shakespeare")
 MODELS = ("mlp", "lenet", "cifar_cnn", "transformer")
+QUANTIZE = ("none", "bf16", "fp8", "int8", "fp4")  # easgd_jax/quantize.py's formats
 # Upper bounds, so a typo fails here with a message instead of hanging or crashing later: the
 # CPU backend creates 4096 emulated devices in a second, 16384 in 25 s, 100000 in many minutes.
 MAX_DEVICES = 4096
@@ -23,6 +24,7 @@ MAX_TIMEOUT_S = 24 * 3600
 # sigma of the simulated compute time's lognormal factor: at 3 the median step is already 1 %
 # of the mean; far above, float64 rounds most steps to nothing.
 MAX_JITTER = 3.0
+INTRA_NODE = ("sim_intra_node_latency_us", "sim_intra_node_bandwidth_gbps")
 
 
 def field(default, help, otherwise=None):  # noqa: A002 (the flag's help text)
@@ -71,6 +73,10 @@ class Config:
   dynamic_local_steps: bool = field(
     False, "async_diloco: worker w's inner steps max(1, floor(v_w / max v * tau)), v: speeds."
   )
+  fragments: int | None = field(None, "streaming_diloco: P, layer l in fragment l mod P.", 1)
+  overlap_steps: int = field(0, "streaming_diloco: inner steps a fragment's sync overlaps.")
+  merge_alpha: float = field(0.0, "streaming_diloco: the local share kept as the global lands.")
+  quantize: str = field("none", f"streaming_diloco's outer gradient: {', '.join(QUANTIZE)}.")
   steps: int = field(2000, "Iterations T (a worker/master step: one worker's iteration).")
   eval_every: int = field(100, "Iterations between evaluations of the center on the test set.")
   seed: int = field(0, "Seed of the parameter initialization and the batch sampling.")
@@ -105,6 +111,16 @@ class Config:
   sim_jitter: float = field(0.0, "simulated: sigma of a lognormal factor on every step's time.")
   sim_stragglers: int = field(0, "simulated: this many workers (the last ones) compute slower.")
   sim_straggler_slowdown: float = field(4.0, "simulated: ... by this factor.")
+  sim_shared_link: bool = field(
+    False, "simulated: the parameter server's messages queue on one link into (and out of) it."
+  )
+  sim_node_size: int = field(
+    1, "simulated: workers per node; the latency/bandwidth above are the links between nodes."
+  )
+  sim_intra_node_latency_us: float = field(2.0, "simulated: one message inside a node (us).")
+  sim_intra_node_bandwidth_gbps: float = field(
+    2400.0, "simulated: a link inside a node, one way (2400: NVLink 3)."
+  )
 
   def validate(self) -> "Config":
     """Returns self, or raises ConfigError naming the first bad flag."""
@@ -132,6 +148,7 @@ class Config:
       raise ConfigError(f"--momentum must be in [0, 1) (got {self.momentum})")
     self._validate_elastic()
     self._validate_schedule()
+    self._validate_streaming()
     self._validate_processes()
     _in_range("model_parallel", self.model_parallel, 1, MAX_DEVICES)
     _at_least("checkpoint_every", self.checkpoint_every, 0)
@@ -201,6 +218,14 @@ class Config:
     if not (_is_number(self.outer_momentum) and 0 <= self.outer_momentum < 1):
       raise ConfigError(f"--outer_momentum must be in [0, 1) (got {self.outer_momentum})")
 
+  def _validate_streaming(self):
+    if self.fragments is not None:
+      _at_least("fragments", self.fragments, 1)
+    _at_least("overlap_steps", self.overlap_steps, 0)
+    if not (_is_number(self.merge_alpha) and 0 <= self.merge_alpha <= 1):
+      raise ConfigError(f"--merge_alpha must be in [0, 1] (got {self.merge_alpha})")
+    _one_of("quantize", self.quantize, QUANTIZE)
+
   def _validate_processes(self):
     _in_range("num_processes", self.num_processes, 1, MAX_DEVICES)
     _in_range("heartbeat_timeout_s", self.heartbeat_timeout_s, 1, MAX_TIMEOUT_S)
@@ -223,7 +248,8 @@ class Config:
       raise ConfigError("--model_parallel > 1 runs in one process; use --num_processes=1")
 
   def _validate_costs(self):
-    for flag in ("sim_compute_ms", "sim_latency_us", "sim_bandwidth_gbps", "sim_service_us"):
+    links = ("sim_latency_us", "sim_bandwidth_gbps") + INTRA_NODE
+    for flag in ("sim_compute_ms", "sim_service_us", *links):
       value = getattr(self, flag)
       # 1 / value finite too: a subnormal bandwidth (1e-320) makes every transfer infinite
       if value is not None and not (_is_number(value) and value > 0 and math.isfinite(1 / value)):
@@ -235,6 +261,12 @@ class Config:
         f"--sim_straggler_slowdown must be a finite number >= 1 (got {self.sim_straggler_slowdown})"
       )
     _in_range("sim_stragglers", self.sim_stragglers, 0, self.num_devices)
+    _in_range("sim_node_size", self.sim_node_size, 1, self.num_devices)
+    if self.num_devices % self.sim_node_size:
+      raise ConfigError(
+        f"--sim_node_size={self.sim_node_size} must divide --num_devices={self.num_devices} "
+        f"(every node holds as many workers)"
+      )
 
   @property
   def moving_rate(self):
@@ -275,6 +307,10 @@ FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 OTHERWISE = {
   f.name: f.metadata["otherwise"] for f in dataclasses.fields(Config) if "otherwise" in f.metadata
 }
+
+# An outer gradient's streaming settings (algorithms that declare `streams`), and their values
+# everywhere else (--fragments stays unset there).
+STREAMING = {"fragments": None, "overlap_steps": 0, "merge_alpha": 0.0, "quantize": "none"}
 
 
 def _one_of(flag, value, choices):

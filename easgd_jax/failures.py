@@ -90,3 +90,33 @@ def check_weights(arrays, step, config, checkpointer):
     raise DivergenceError(
       f"weights are NaN/inf at step {step}: the run diverged; {advice(config, checkpointer)}"
     )
+
+
+def not_learning(rows, config, initial_loss=None):
+  """A warning when the run's third evaluation has not moved its test loss 10 % below the loss
+  at the initial weights (when that is not known: not below the first evaluation's), naming the
+  flags most likely at fault and values to try; None while it learns (or is too young to tell).
+
+  Against the initial loss, not the first evaluation: an unstable run's first evaluation can be
+  a spike far above where it started (7.5 nats on digits), and a run that learned before its
+  first evaluation may wander a little after it (0.46, 0.40, 0.49) while learning well."""
+  if len(rows) < 3:
+    return None
+  bar = rows[0]["test_loss"] if initial_loss is None else 0.9 * initial_loss
+  if rows[2]["test_loss"] < bar:
+    return None
+  kind = REGISTRY[config.algorithm]
+  third = rows[2]["test_loss"]
+  if initial_loss is None:
+    before = f"{rows[0]['test_loss']:.4f} at step {rows[0]['step']}"
+  else:
+    before = f"{initial_loss:.4f} at the initial weights"
+  tries = [f"--learning_rate={config.learning_rate / 10:g} (now {config.learning_rate:g})"]
+  if config.tau > 1:  # an exchange period set longer than one step
+    tries.append(f"--tau={max(1, config.tau // 4)} (now {config.tau})")
+  if kind.elastic:
+    tries.append(f"a larger --alpha (now {config.moving_rate:g})")
+  return (
+    f"not learning: test_loss {before}, {third:.4f} at step {rows[2]['step']}; try "
+    f"{' or '.join(tries)}"
+  )

@@ -91,9 +91,17 @@ def plot_histogram(values, counts, path, xlabel, title=""):
   save_figure(fig, path)
 
 
-def load_params(path):
+def load_params(path, like=None):
+  """save_params' file: {tree path: array}, or with `like` (a pytree of the same structure, e.g.
+  the model's initial parameters) that pytree; ValueError when the file holds other leaves."""
   with np.load(path, allow_pickle=False) as archive:
-    return dict(archive)
+    flat = dict(archive)
+  if like is None:
+    return flat
+  paths = [jax.tree_util.keystr(key) for key, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
+  if sorted(paths) != sorted(flat):
+    raise ValueError(f"{path} holds other parameters than the model's")
+  return jax.tree.unflatten(jax.tree.structure(like), [flat[p] for p in paths])
 
 
 def read_metrics(workdir):

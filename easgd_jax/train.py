@@ -47,7 +47,7 @@ def validate(config, workdir=None):
       f"--inject_failure applies to the asynchronous algorithms ({', '.join(at_own_pace)}), and "
       f"to {', '.join(n for n in on_ray if n not in at_own_pace)} with --engine=ray"
     )
-  engines.check(config)
+  engines.check(config, kind)
   return config
 
 
@@ -116,6 +116,23 @@ def train_and_evaluate(config, workdir=None):
   return summary
 
 
+def settings_in_force(config, rule):
+  """The training settings the run uses, whether given or resolved from a default."""
+  names = ["optimizer", "learning_rate", "lr_schedule", "batch_size", "tau"]
+  if config.lr_schedule != "constant":
+    names += ["warmup_steps", "min_learning_rate"]
+  if config.optimizer == "adamw":
+    names += ["weight_decay", "beta2"]
+  if config.momentum:
+    names.append("momentum")
+  if config.grad_clip:
+    names.append("grad_clip")
+  found = [f"{name}={getattr(config, name)}" for name in names]
+  if rule.elastic:
+    found.append(f"alpha={config.moving_rate:g}")
+  return ", ".join(found)
+
+
 def _train(config, workdir, lock, finished, checkpoint_dir=None):
   """Build the run, resume or start it, train to --steps and write the outputs.
 
@@ -133,9 +150,9 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
     checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints)
   shape = "x".join(map(str, dataset.image_shape))
   logging.info(
-    f"{config.algorithm} (inner optimizer {config.optimizer}, {config.lr_schedule} schedule) on "
-    f"{config.dataset} ({shape}, {dataset.num_train} train / {len(dataset.test_labels)} test), "
-    f"model {config.model}, {engine.describe()}"
+    f"{config.algorithm} on {config.dataset} ({shape}, {dataset.num_train} train / "
+    f"{len(dataset.test_labels)} test), model {config.model}, {engine.describe()}; "
+    f"in force: {settings_in_force(config, rule)}"
   )
   if rule.elastic:
     warning = core.elastic_stability(config.moving_rate, config.num_devices, rule.all_at_once)

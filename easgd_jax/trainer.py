@@ -11,7 +11,8 @@ checkpoint, a DivergenceError or a Preempted. Every row has the same core keys:
   gap_mean, gap_max   over the workers of ||x^i - W-bar|| / ||W-bar|| (algorithms with
                       workers beside a center: the EASGD family, local SGD, DiLoCo, DOWNPOUR),
 
-plus the engine's columns (staleness for asynchronous runs, the virtual clock when simulated).
+plus the engine's columns (staleness for asynchronous runs, the virtual clock when simulated)
+and a step-driven rule's own diagnostics (`StepRule.diagnostics`: a quantization error).
 """
 
 import contextlib
@@ -84,11 +85,12 @@ class Trainer:
     self.offset, self.measured = 0.0, [0, 0.0]  # seconds and throughput of earlier launches
     self.applied = reporting.AppliedLog(log.workdir)
     self.lost, self.joined = [], []  # (worker, run step, why) as the engine reported them
+    self.initial_loss = None  # the test loss at the initial weights, once compile_evaluation ran
 
   def compile_evaluation(self, params_host):
     """Score once now: with concurrent workers the first evaluation would otherwise lag far."""
     params = devices.put(params_host, self.test_images.sharding)
-    self.evaluate(params, self.test_images, self.test_labels)
+    self.initial_loss = self.evaluate(params, self.test_images, self.test_labels)[0]
     self._grad_norm(params, self.probe)
 
   def row(self, step, params, train_loss, wall_time_s, points=None, **extra):
@@ -115,6 +117,10 @@ class Trainer:
       f"step {step}/{self.config.steps}  train_loss {train_loss:.4f}  test_loss "
       f"{test_loss:.4f}  test_accuracy {test_accuracy:.4f}  {wall_time_s:.1f}s"
     )
+    if len(self.log.rows) == 3:  # once: at the run's third evaluation
+      warning = failures.not_learning(self.log.rows, self.config, self.initial_loss)
+      if warning:
+        logging.warning("%s", warning)
 
   def text_columns(self, step, test_loss):
     """A text's tokens seen and its loss in bits per character (test_loss is in nats)."""

@@ -120,3 +120,28 @@ def decay_mask(params):
   """True for the parameters AdamW should decay: those of 2 or more dimensions (matrices and
   embeddings), as nanoGPT's configure_optimizers; False for the 1-D LayerNorm scales."""
   return jax.tree.map(lambda param: param.ndim >= 2, params)
+
+
+def generate(model, params, tokens, length, temperature, key):
+  """`tokens` (ints) followed by `length` more drawn one at a time, as nanoGPT's generate: the
+  last `model.context` tokens in, the next drawn from softmax(logits / temperature), or the most
+  likely one at temperature 0. Returns a list of ints."""
+
+  # One program for every step: the window is right-padded to the context, and since attention
+  # is causal, the padding never reaches the logits read at the window's last real token.
+  @jax.jit
+  def next_token(window, last, key):
+    logits = model.apply({"params": params}, window[None])[0, last]
+    if temperature == 0:
+      return jnp.argmax(logits)
+    return jax.random.categorical(key, logits / temperature)
+
+  tokens = [int(t) for t in tokens]
+  if not tokens:
+    raise ValueError("generate needs at least one token to start from")
+  for _ in range(length):
+    key, draw = jax.random.split(key)
+    recent = tokens[-model.context :]
+    window = jnp.zeros(model.context, jnp.int32).at[: len(recent)].set(jnp.asarray(recent))
+    tokens.append(int(next_token(window, len(recent) - 1, draw)))
+  return tokens

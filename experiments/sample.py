@@ -5,14 +5,16 @@
 
 The weights are the run's evaluated ones (the center, for the algorithms with one): its
 params.npz once it finished, else (a run still training or stopped early) its newest readable
-checkpoint, restored into the engine its config.json describes. One character at a time: the last
---context characters in, the next character drawn from softmax(logits / temperature) (0: the most
-likely one). Exit 2 with one line for a workdir that holds no language-model run or no weights.
+checkpoint, restored into the engine its config.json describes. One character at a time
+(easgd_jax.transformer.generate): the last --context characters in, the next character drawn
+from softmax(logits / temperature) (0: the most likely one). Exit 2 with one line for a workdir
+that holds no language-model run or no weights.
 """
 
 import dataclasses
 import os
 import sys
+import zipfile
 
 from absl import flags
 
@@ -60,12 +62,10 @@ def weights(workdir):
     template = jax.eval_shape(
       model.init, jax.random.key(0), jnp.zeros((1, config.context), jnp.int32)
     )["params"]
-    saved = reporting.load_params(params_path)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
-    if sorted(paths) != sorted(saved):
-      raise ConfigError(f"{params_path} does not hold this run's transformer; is it damaged?")
-    leaves = [saved[path] for path in paths]
-    return config, model, jax.tree.unflatten(jax.tree.structure(template), leaves)
+    try:
+      return config, model, reporting.load_params(params_path, like=template)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+      raise ConfigError(f"{params_path} is damaged ({error}); move it away") from None
   if newest == 0:
     raise ConfigError(f"--workdir={workdir} has neither {reporting.PARAMS} nor a checkpoint yet")
   if config.engine == "ray":
@@ -73,7 +73,11 @@ def weights(workdir):
       f"--workdir={workdir} is a Ray run still training: sample it once it has written "
       f"{reporting.PARAMS}"
     )
-  built = train.build(train.validate(dataclasses.replace(config, num_processes=1), workdir))
+  from easgd_jax import devices, engines
+
+  config = train.validate(dataclasses.replace(config, num_processes=1), workdir)
+  devices.emulate_cpu_devices(engines.devices_to_emulate(config))  # as run.py does
+  built = train.build(config)
   found = checkpoints.Checkpointer(workdir, config.keep_checkpoints).restore_latest(
     built.engine.checkpoint_arrays()
   )
@@ -81,32 +85,6 @@ def weights(workdir):
     raise ConfigError(f"--workdir={workdir} has no readable checkpoint to sample from")
   built.engine.restore(*found)
   return config, model, built.engine.final_params()
-
-
-def generate(model, params, prompt, length, temperature, seed, context):
-  """`prompt` followed by `length` characters drawn one at a time."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  # One program for every step: the window is right-padded to `context`, and since attention is
-  # causal, the padding never reaches the logits read at the window's last real character.
-  @jax.jit
-  def next_token(params, window, last, key):
-    logits = model.apply({"params": params}, window[None])[0, last]
-    if temperature == 0:
-      return jnp.argmax(logits)
-    return jax.random.categorical(key, logits / temperature)
-
-  tokens = list(text.encode(prompt))
-  key = jax.random.key(seed)
-  for _ in range(length):
-    key, draw = jax.random.split(key)
-    window = np.zeros(context, np.int32)
-    recent = tokens[-context:]
-    window[: len(recent)] = recent
-    tokens.append(int(next_token(params, window, len(recent) - 1, draw)))
-  return text.decode(np.asarray(tokens))
 
 
 def check_flags():
@@ -127,9 +105,15 @@ def main(argv):
 
   def sample():
     check_flags()
-    config, model, params = weights(FLAGS.workdir)
-    return generate(
-      model, params, FLAGS.prompt, FLAGS.length, FLAGS.temperature, FLAGS.seed, config.context
+    import jax
+
+    from easgd_jax import transformer
+
+    _, model, params = weights(FLAGS.workdir)
+    key = jax.random.key(FLAGS.seed)
+    prompt = text.encode(FLAGS.prompt)
+    return text.decode(
+      transformer.generate(model, params, prompt, FLAGS.length, FLAGS.temperature, key)
     )
 
   print(cli.run(sample))

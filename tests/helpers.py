@@ -348,6 +348,11 @@ EXPLAINED = {
   # contracts it into a fused multiply-add (one rounding fewer).
   "simulated/async_eamsgd_tau2": ("gap_mean", "gap_max"),
 }
+# Written on purpose since (only these, the weights and every other column untouched): the
+# simulated rows' new `bytes_sent` and `peak_bandwidth_gbps`; and `master_utilization` of the
+# asynchronous runs, which counted the whole service of an update the master starts at the row's
+# time, past that time (above 1 for a saturated locked master); rows that end on a local step
+# kept theirs bit for bit.
 CLOCK = ("wall_time_s",)
 
 

@@ -59,10 +59,14 @@ BAD_FLAGS = [
   (["--no_such_flag=1"], "no_such_flag"),
   ([*TWO_PROCESSES, "--coordinator_address=127.0.0.1:notaport"], "--coordinator_address"),
   ([*TWO_PROCESSES, "--coordinator_address=garbage"], "--coordinator_address"),
+  (["--algorithm=easgd", "--fragments=2"], "--fragments"),
+  (["--algorithm=streaming_diloco", "--tau=5"], "--tau"),  # 2 fragments by default
   # Checked against the data, before the workdir is touched.
   ([f"--batch_size={HUGE}"], "--batch_size"),
   (["--dataset=synthetic", "--synthetic_shape=100000,100000,3"], "--synthetic_shape"),
   (["--dataset=synthetic", f"--synthetic_train_size={HUGE}"], "--synthetic_train_size"),
+  # ... and against the model: the MLP has 3 layers to deal into fragments
+  (["--algorithm=streaming_diloco", "--model=mlp", "--fragments=4", "--tau=8"], "--fragments=4"),
 ]
 
 

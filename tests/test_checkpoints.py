@@ -145,6 +145,16 @@ def test_killed_and_terminated_runs_resume_bitwise(tmp_path, cli_env, algorithm)
     dict(algorithm="sgd", model_parallel=2),
     dict(algorithm="sync_sgd", num_devices=4, model_parallel=2),
     dict(algorithm="diloco", num_devices=4, tau=3, learning_rate=0.002),  # inner and outer state
+    dict(  # per-fragment outer states, and fragment 1's g_p in flight at steps 20 and 40
+      algorithm="streaming_diloco",
+      model="mlp",
+      num_devices=2,
+      tau=4,
+      overlap_steps=1,
+      merge_alpha=0.5,
+      quantize="int8",
+      learning_rate=0.002,
+    ),
     dict(
       algorithm="local_sgd",
       num_devices=2,

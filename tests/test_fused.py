@@ -46,7 +46,7 @@ def test_round_robin_fused_on_one_device_equals_the_host_scheduler(
     sim_service_us=50.0,
   )
   run = steppers.Workers(
-    config, rule, dataset, params, simulated.costs(config), 1, [data.Sampler(dataset, seed=0)]
+    config, rule, dataset, params, simulated.costs(config), (1, 1), [data.Sampler(dataset, seed=0)]
   )
   pending = []
   for step in range(0, ITERATIONS, ITERATIONS // 3):  # three dispatches of 20 iterations

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from easgd_jax import collectives, data, devices, engines, train
-from easgd_jax.algorithms import REGISTRY, SGD, DiLoCo, LocalSGD, SyncEASGD, SyncSGD
+from easgd_jax.algorithms import (
+  REGISTRY,
+  SGD,
+  DiLoCo,
+  LocalSGD,
+  StreamingDiLoCo,
+  SyncEASGD,
+  SyncSGD,
+)
 from easgd_jax.config import Config
 from easgd_jax.errors import ConfigError
 
@@ -27,6 +35,11 @@ ALGORITHMS = {
   # averages after the tau-th inner step of a round: steps tau - 1, 2 tau - 1, ...
   "local_sgd": (lambda f: LocalSGD(f, learning_rate=0.2, tau=2), [0, 1, 0, 1, 0]),
   "diloco": (lambda f: DiLoCo(f, learning_rate=0.01, tau=2), [0, 1, 0, 1, 0]),
+  # fragment 0 syncs after step 1 and lands after step 2, fragment 1 after steps 3 and 4
+  "streaming_diloco": (
+    lambda f: StreamingDiLoCo(f, learning_rate=0.01, tau=4, fragments=2, overlap_steps=1),
+    [0, 1, 3, 2, 4],
+  ),
 }
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from easgd_jax import algorithms, core, data, reporting, train
+from easgd_jax.algorithms.base import Transfer
+from easgd_jax.algorithms.sync_sgd import SyncSGD
 from easgd_jax.config import Config
 from easgd_jax.engines import simulated
 from easgd_jax.engines.local import masters
@@ -197,10 +199,10 @@ def test_an_asynchronous_run_is_its_schedule_replayed(tmp_path, algorithm):
 @pytest.mark.parametrize(
   "changes",
   [
-    dict(algorithm="downpour", tau=2, sim_jitter=0.5, sim_stragglers=1),
+    dict(algorithm="downpour", tau=2, sim_jitter=0.5, sim_stragglers=1, sim_shared_link=True),
     # each worker's H_w from its clock speed (the straggler's 1 of 4), kept by the checkpoint
     dict(algorithm="async_diloco", tau=4, sim_stragglers=1, dynamic_local_steps=True),
-    dict(algorithm="sync_easgd", tau=2),
+    dict(algorithm="sync_easgd", tau=2, sim_jitter=0.5, sim_node_size=2),
     dict(algorithm="easgd", tau=2),
   ],
   ids=lambda c: c["algorithm"],
@@ -214,6 +216,7 @@ def test_a_resumed_run_is_bitwise_the_whole_run(tmp_path, changes):
   assert all(np.array_equal(a[k], b[k]) for k in a)
   # (train_loss differs at step 60: the first launch's last row took the losses up to 50)
   keys = ("step", "test_loss", "test_accuracy", "virtual_time_s", "communication_share")
+  keys += ("link_busy_share", "bytes_sent", "peak_bandwidth_gbps")
   at = {r["step"] for r in whole["history"]}  # the resumed log has the first launch's last row
   rows = lambda s: [[r[k] for k in keys] for r in s["history"] if r["step"] in at]  # noqa: E731
   assert rows(resumed) == rows(whole)
@@ -235,7 +238,10 @@ def test_rows_and_summary_carry_the_virtual_clock(tmp_path):
   for r in rows:
     assert 0 <= r["compute_share"] <= 1
     assert r["communication_share"] == pytest.approx(1 - r["compute_share"])
-    assert 0 < r["master_utilization"] and 0 < r["link_busy_share"] <= 1
+    assert 0 < r["master_utilization"] <= 1 and 0 < r["link_busy_share"] <= 1
+    assert r["peak_bandwidth_gbps"] > 0
+  sent = [r["bytes_sent"] for r in rows]
+  assert sent == sorted(sent) and sent[0] > 0 and summary["sim_bytes_sent"] >= sent[-1]
   assert summary["virtual_seconds_to_target"] in times
   histogram = summary["sim_staleness_histogram"]
   schedule = np.load(tmp_path / simulated.SCHEDULE)
@@ -243,9 +249,8 @@ def test_rows_and_summary_carry_the_virtual_clock(tmp_path):
   assert (tmp_path / simulated.STALENESS_PLOT).exists() and (tmp_path / reporting.PLOT).exists()
   # The costs the run used: the flags, and the bytes of one message (the MLP's weights).
   assert summary["sim_costs"]["latency_s"] == pytest.approx(1e-3)
-  assert summary["sim_message_bytes"] == 4 * sum(
-    np.size(v) for v in final_params(tmp_path).values()
-  )
+  model_bytes = 4 * sum(np.size(v) for v in final_params(tmp_path).values())
+  assert summary["sim_message_bytes"] == summary["sim_reply_bytes"] == model_bytes
 
 
 def test_sixty_four_workers_run_on_one_device(tmp_path):
@@ -289,6 +294,13 @@ def test_unset_costs_are_measured_once_and_kept_for_the_relaunch(tmp_path):
     (dict(sim_bandwidth_gbps=1e-320), "--sim_bandwidth_gbps"),  # every transfer infinite
     (dict(sim_stragglers=5), "--sim_stragglers"),
     (dict(sim_straggler_slowdown=0.5), "--sim_straggler_slowdown"),
+    (dict(sim_node_size=3), "--sim_node_size=3 must divide --num_devices=4"),
+    (dict(sim_node_size=0), "--sim_node_size"),
+    (dict(sim_intra_node_latency_us=float("nan")), "--sim_intra_node_latency_us"),
+    (dict(sim_intra_node_bandwidth_gbps=0.0), "--sim_intra_node_bandwidth_gbps"),
+    (dict(sim_shared_link=True, algorithm="sync_sgd"), "--sim_shared_link"),
+    (dict(sim_shared_link=True, algorithm="easgd"), "--sim_shared_link"),
+    (dict(engine="local", sim_node_size=2), "--sim_node_size applies to --engine=simulated"),
     (dict(engine="ray", sim_latency_us=5.0), "--sim_latency_us applies to --engine=simulated"),
     (dict(inject_failure="0:3", algorithm="async_sgd"), "--inject_failure"),
   ],
@@ -337,3 +349,39 @@ def test_the_clock_of_a_schedule_is_the_clock_module_s(tmp_path):
   )
   np.testing.assert_array_equal(schedule["worker"], events.worker[: config.steps])
   np.testing.assert_array_equal(schedule["time"], events.time[: config.steps])
+
+
+def test_a_rules_transfers_are_costed_and_a_finished_run_recosted(tmp_path, monkeypatch):
+  """A made-up sync_sgd whose all-reduce of the whole model overlaps the next step: hidden on
+  the default network; re-costed (no training) on a link that takes 1.5 steps for it, the link
+  sets the pace: step k >= 2 starts when the transfer after step k - 2 lands, c + (k - 1) 1.5 c
+  (a row's time is when the next step may start)."""
+  overlapped = lambda self, step, num_bytes: (Transfer(num_bytes, 1),)  # noqa: E731
+  monkeypatch.setattr(SyncSGD, "transfers", overlapped)
+  summary = run(tmp_path, algorithm="sync_sgd", engine="simulated", steps=20, eval_every=10)
+  c, latency, model = 1e-3, 10e-6, 4 * sum(np.size(v) for v in final_params(tmp_path).values())
+  assert 6 * (latency + model / 4 / (96 * simulated.BYTES_PER_GBIT)) < c  # the ring, G = 4
+  rows = summary["history"]
+  assert [r["virtual_time_s"] for r in rows] == pytest.approx([10 * c, 20 * c], rel=1e-12)
+  assert [r["compute_share"] for r in rows] == pytest.approx([1.0, 1.0], rel=1e-12)
+  # Landed by a row: all but the last step's, each 2 (G - 1) B on the links
+  assert [r["bytes_sent"] for r in rows] == pytest.approx([9 * 6 * model, 19 * 6 * model])
+  peak = 2 * 3 / 4 * model / c / simulated.BYTES_PER_GBIT  # a worker's link, within one step
+  assert [r["peak_bandwidth_gbps"] for r in rows] == pytest.approx([peak, peak])
+
+  assert simulated.recost(tmp_path) == reporting.read_metrics(tmp_path)  # bit for bit
+  slow = (model / 4) / (1.5 * c / 6 - latency) / simulated.BYTES_PER_GBIT
+  recosted = simulated.recost(tmp_path, sim_bandwidth_gbps=slow)
+  assert [r["virtual_time_s"] for r in recosted] == pytest.approx([14.5 * c, 29.5 * c], rel=1e-9)
+  assert [r["test_loss"] for r in recosted] == [r["test_loss"] for r in rows]
+  # Two nodes of two: a node's link carries 2 (N - 1) / N = 1 of the model's bytes a step
+  nodes = simulated.recost(tmp_path, sim_node_size=2)
+  assert nodes[-1]["peak_bandwidth_gbps"] == pytest.approx(model / c / simulated.BYTES_PER_GBIT)
+  for changes, named in [
+    (dict(learning_rate=1.0), "not --learning_rate"),
+    (dict(sim_node_size=3), "--sim_node_size=3 must divide"),
+  ]:
+    with pytest.raises(ConfigError, match=named):
+      simulated.recost(tmp_path, **changes)
+  with pytest.raises(ConfigError, match=r"transfers\.npz"):
+    simulated.recost(tmp_path / "nothing")

@@ -23,6 +23,7 @@ from easgd_jax.algorithms import (
   HogwildEASGD,
   LocalSGD,
   RoundRobinEASGD,
+  StreamingDiLoCo,
   SyncEASGD,
   SyncSGD,
 )
@@ -44,6 +45,7 @@ VALID = {
   Hogwild: dict(learning_rate=0.1),
   LocalSGD: dict(learning_rate=0.1),
   DiLoCo: dict(learning_rate=0.001),
+  StreamingDiLoCo: dict(learning_rate=0.001),
   Downpour: dict(learning_rate=0.1),
   AsyncDiLoCo: dict(learning_rate=0.001),
 }

@@ -25,9 +25,10 @@ from easgd_jax.algorithms.easgd import RoundRobinEASGD
 from easgd_jax.algorithms.hogwild import Hogwild
 from easgd_jax.algorithms.local_sgd import LocalSGD
 from easgd_jax.algorithms.sgd import SGD
+from easgd_jax.algorithms.streaming_diloco import StreamingDiLoCo
 from easgd_jax.algorithms.sync_easgd import SyncEASGD
 from easgd_jax.algorithms.sync_sgd import SyncSGD
-from easgd_jax.config import OTHERWISE
+from easgd_jax.config import OTHERWISE, STREAMING
 from easgd_jax.errors import ConfigError
 from easgd_jax.optimizers import OPTIMIZERS, SCHEDULES
 
@@ -40,6 +41,7 @@ REGISTRY = {
     SyncEASGD,
     LocalSGD,
     DiLoCo,
+    StreamingDiLoCo,
     AsyncSGD,
     Hogwild,
     AsyncEASGD,
@@ -71,7 +73,11 @@ def resolve(config):
     )
   kind = REGISTRY[config.algorithm]
   defaults = kind.defaults(config)
-  unset = {n: defaults.get(n, v) for n, v in OTHERWISE.items() if getattr(config, n) is None}
+  unset = {
+    n: defaults.get(n, v)
+    for n, v in OTHERWISE.items()
+    if getattr(config, n) is None and (kind.streams or n not in STREAMING)
+  }
   if config.optimizer is None:
     unset["optimizer"] = defaults.get("optimizer") or ("nesterov" if config.momentum else "sgd")
   if config.alpha is None and config.rho is None and "alpha" in defaults:
@@ -83,6 +89,7 @@ def resolve(config):
   _check_own_flags(config, kind)
   _check_optimizer(config, kind)
   _check_parallelism(config, kind)
+  _check_streaming(config, kind)
   return config
 
 
@@ -141,4 +148,29 @@ def _check_parallelism(config, kind):
     raise ConfigError(
       f"--num_devices={config.num_devices} must be a multiple of --model_parallel="
       f"{config.model_parallel} (the mesh is num_devices / model_parallel data x model_parallel)"
+    )
+
+
+def _check_streaming(config, kind):
+  """config.STREAMING's flags: on an algorithm that streams an outer gradient, fragments that
+  divide --tau and an overlap that ends before the next fragment syncs; refused elsewhere."""
+  if not kind.streams:
+    given = [n for n, value in STREAMING.items() if getattr(config, n) != value]
+    if given:
+      takers = " or ".join(name for name, cls in REGISTRY.items() if cls.streams)
+      raise ConfigError(
+        f"--{given[0]}={getattr(config, given[0])} applies to --algorithm={takers}, whose outer "
+        f"gradient streams (got --algorithm={config.algorithm})"
+      )
+    return
+  tau, count, overlap = config.tau, config.fragments, config.overlap_steps
+  if tau % count:
+    raise ConfigError(
+      f"--tau={tau} must be a multiple of --fragments={count}: each fragment syncs every tau "
+      f"steps, tau / fragments after the one before"
+    )
+  if overlap >= tau // count:
+    raise ConfigError(
+      f"--overlap_steps={overlap} must be below --tau / --fragments = {tau // count}: a "
+      f"fragment's outer step lands before the next fragment syncs"
     )

@@ -69,6 +69,7 @@ class Rule:
   schedules = SCHEDULES  # the learning-rate schedules it accepts
   settings = {}  # its own defaults, on every model
   own_flags = ()  # the flags only some algorithms read that this one does (others refuse them)
+  streams = False  # splits, overlaps and quantizes an outer gradient (config.STREAMING's flags)
 
   @classmethod
   def defaults(cls, config):
@@ -120,6 +121,10 @@ class StepRule(Rule):
   def eval_params(self, state):
     """The weights to evaluate, from one replica's state."""
     return state.params
+
+  def diagnostics(self, state):
+    """{name: scalar} of one replica's state, added to each evaluation row (none here)."""
+    return {}
 
   def transfers(self, step, num_bytes):
     """The all-reduces that start after run step `step` (0-based), for `num_bytes` the whole

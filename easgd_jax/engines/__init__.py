@@ -22,13 +22,15 @@ OWN_FLAGS = {
   "simulated": tuple(
     f"sim_{name}"
     for name in "compute_ms latency_us bandwidth_gbps service_us jitter stragglers "
-    "straggler_slowdown".split()
+    "straggler_slowdown shared_link node_size intra_node_latency_us "
+    "intra_node_bandwidth_gbps".split()
   ),
 }
 
 
-def check(config):
-  """ConfigError naming the flag, when --engine cannot run this algorithm with these flags."""
+def check(config, kind=None):
+  """ConfigError naming the flag, when --engine cannot run this algorithm (the class `kind`)
+  with these flags."""
   if config.engine not in NAMES:
     raise ConfigError(f"--engine={config.engine} is unknown; choose one of: {', '.join(NAMES)}")
   defaults = type(config)()
@@ -46,6 +48,12 @@ def check(config):
       )
     if config.inject_failure is not None:
       raise ConfigError("--inject_failure applies to --engine=local and ray, not simulated")
+    asynchronous = kind and kind.kind == WORKER_MASTER and kind.schedule == ASYNCHRONOUS
+    if config.sim_shared_link and kind and not asynchronous:
+      raise ConfigError(
+        f"--sim_shared_link queues messages to a master from workers at their own pace; "
+        f"--algorithm={config.algorithm} never has two in flight at once: drop the flag"
+      )
 
 
 def runs(engine, rule):

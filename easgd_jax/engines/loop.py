@@ -7,6 +7,7 @@ A `Stepper` knows how one engine advances the run and where its state lives:
                                                  stay on the device until a snapshot)
   host_losses(pending) -> the same on the host  (a collective, multi-process)
   eval_params(), worker_points(), checkpoint() -> (arrays, record)
+  diagnostics() -> the rule's diagnostics of the state it evaluates, as host floats
   agree(signum) -> the stop every process got   (a collective, multi-process; else signum)
   extra(step) -> the row's engine columns, applied() -> new applied-update entries
   chunk: run steps per `advance` at most; shared: several processes step together
@@ -49,6 +50,9 @@ class Stepper:
     return signum
 
   def extra(self, step):
+    return {}
+
+  def diagnostics(self):
     return {}
 
   def applied(self):
@@ -112,6 +116,7 @@ def run_steps(stepper, plan, start, pending, stopwatch=None):
     )
     if evaluate:
       snapshot.params, snapshot.points = stepper.eval_params(), stepper.worker_points()
+      snapshot.extra.update(stepper.diagnostics())
     if save or stopping:
       snapshot.state = stepper.checkpoint()
     with stopwatch.paused():
@@ -163,6 +168,11 @@ class StepEngine:
 
   def write_outputs(self, workdir):
     self.stepper.write_outputs(workdir)
+
+
+def host_floats(found):
+  """A rule's diagnostics ({name: scalar on a device}) as floats for a row."""
+  return {name: float(value) for name, value in found.items()}
 
 
 def host_values(loss):

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from easgd_jax import checkpoints, devices, partitioning, schedule
 from easgd_jax.engines.local import masters
-from easgd_jax.engines.loop import Stepper, host_values
+from easgd_jax.engines.loop import Stepper, host_floats, host_values
 
 
 class Single(Stepper):
@@ -40,6 +40,9 @@ class Single(Stepper):
 
   def eval_params(self):
     return self.rule.eval_params(self.state)
+
+  def diagnostics(self):
+    return host_floats(self.rule.diagnostics(self.state))
 
   def worker_points(self):
     point = self.rule.worker_point(self.state)
@@ -64,6 +67,9 @@ class Replicas(Stepper):
 
   def eval_params(self):
     return self.rule.eval_params(devices.first_replica(self.state))
+
+  def diagnostics(self):
+    return host_floats(self.rule.diagnostics(devices.first_replica(self.state)))
 
   def worker_points(self):
     found = [self.rule.worker_point(r) for r in devices.local_replicas(self.state)]
@@ -162,6 +168,9 @@ class Mesh(Stepper):
 
   def eval_params(self):
     return self.rule.eval_params(self.state)
+
+  def diagnostics(self):
+    return host_floats(self.rule.diagnostics(self.state))
 
   def worker_points(self):
     return None

@@ -6,16 +6,21 @@ clock's business (clock.py, events.py): a cost model (`Costs`: compute per step,
 and bandwidth, the master's service time, jitter, stragglers) gives every iteration its virtual
 time and, for the asynchronous worker/master family, the order of the master's updates and every
 read's staleness. Rows carry `virtual_time_s` and the communication share, link and master
-utilization up to it; the summary adds the time to the target in virtual seconds.
+utilization, bytes sent and the peak bandwidth needed up to it; the summary adds the time to the
+target in virtual seconds. The bytes are the real payload's: a step-driven rule's declared
+transfers, a worker/master rule's message and reply pytrees (jax.eval_shape of its functions).
 
 Only the order depends on the costs, so a run is a pure function of its config and seed: the
 compute and service times measured here when --sim_compute_ms / --sim_service_us are unset are
 written to config.json at the first launch and reused by every relaunch. The checkpoint holds
 the stacked state and the samplers; the clock is recomputed from the config (its stream does not
-depend on --steps), so a resumed run is bitwise the uninterrupted one.
+depend on --steps), so a resumed run is bitwise the uninterrupted one. For the same reason a
+finished step-driven run can be re-costed on another network without training again (`recost`).
 """
 
 import dataclasses
+import json
+import os
 import statistics
 import time
 
@@ -23,26 +28,30 @@ import jax
 import numpy as np
 import optax
 
-from easgd_jax import core, data, devices
+from easgd_jax import core, data, devices, reporting
 from easgd_jax.algorithms.base import ASYNCHRONOUS, ROUND_ROBIN, STEP_DRIVEN
+from easgd_jax.config import Config
 from easgd_jax.engines.local.threads import worker_seed
 from easgd_jax.engines.loop import StepEngine
 from easgd_jax.engines.simulated import clock, steppers
-from easgd_jax.errors import DataError
+from easgd_jax.errors import ConfigError, DataError
 
-BYTES_PER_GBIT = 1e9 / 8
+BYTES_PER_GBIT = clock.BYTES_PER_GBIT
 SCHEDULE_BYTES_PER_STEP = 400  # the event simulation's peak per iteration (measured: ~370)
 SAFETY = 3  # the scan's carry, its new value and a checkpoint copy of the stacked state
 SCHEDULE, STALENESS_PLOT = steppers.SCHEDULE, steppers.STALENESS_PLOT
+TRANSFERS = steppers.TRANSFERS
 
 
 def create(config, rule, dataset, params_host):
   check_memory(config, rule, params_host, dataset)
-  num_bytes = _bytes(params_host)  # a message: the weights, a gradient or an update
-  args = (config, rule, dataset, params_host, costs(config), num_bytes)
-  if rule.kind == STEP_DRIVEN:
+  if rule.kind == STEP_DRIVEN:  # its transfers are declared for the whole model's bytes
+    args = (config, rule, dataset, params_host, costs(config), _bytes(params_host))
     shards = config.num_devices if rule.data_parallel else None
     return StepEngine(steppers.Replicas(*args, data.sampler(dataset, config, shards)))
+  sample = dataset.take(np.arange(config.batch_size))
+  payload = payload_bytes(rule, params_host, sample)
+  args = (config, rule, dataset, params_host, costs(config), payload)
   if rule.schedule == ROUND_ROBIN:
     samplers = [data.Sampler(dataset, seed=config.seed)]  # Algorithm 1: the host draws
   else:
@@ -62,7 +71,50 @@ def costs(config):
     jitter=config.sim_jitter,
     stragglers=config.sim_stragglers,
     straggler_slowdown=config.sim_straggler_slowdown,
+    node_size=config.sim_node_size,
+    intra_latency_s=config.sim_intra_node_latency_us / 1e6,
+    intra_bandwidth_bytes_s=config.sim_intra_node_bandwidth_gbps * BYTES_PER_GBIT,
+    shared_link=config.sim_shared_link,
   )
+
+
+def payload_bytes(rule, params_host, batch):
+  """(message, reply) bytes of a worker/master rule's exchange, from the pytrees its functions
+  return (shapes only, nothing computed): what its worker sends (worker_message when the
+  exchange opens the step, else worker_step's message) and master_apply's reply."""
+  master = jax.eval_shape(rule.master_init, params_host)
+  worker = jax.eval_shape(rule.worker_init, params_host)
+  if rule.opens_round:
+    message = jax.eval_shape(rule.worker_message, worker)
+  else:
+    view = jax.eval_shape(rule.eval_params, master)
+    message = jax.eval_shape(rule.worker_step, worker, view, batch)[1]
+  who = jax.ShapeDtypeStruct((), np.int32)
+  return _bytes(message), _bytes(jax.eval_shape(rule.master_apply, master, message, who)[1])
+
+
+def recost(workdir, **changes):
+  """A finished step-driven simulated run's metrics rows on another cluster, without training
+  again: `changes` are --sim_* settings (sim_bandwidth_gbps=1.0, sim_node_size=8, ...). The
+  arithmetic does not depend on them, only the clock, which is recomputed from config.json and
+  the transfers the run declared (transfers.npz); the rows' clock columns are replaced.
+  `reporting.summarize(rows, target_accuracy)` then gives the virtual seconds to a target."""
+  given = [name for name in changes if not name.startswith("sim_")]
+  if given:
+    raise ConfigError(f"recost changes the clock only, the --sim_* settings; not --{given[0]}")
+  path = os.path.join(workdir, TRANSFERS)
+  if not os.path.exists(path):
+    raise ConfigError(f"{workdir} holds no {TRANSFERS}: recost takes a finished step-driven run")
+  with open(os.path.join(workdir, reporting.CONFIG)) as f:
+    config = Config(**{**json.load(f), **changes}).validate()
+  with np.load(path) as saved:
+    found = [[] for _ in range(config.steps)]
+    columns = (saved["step"], saved["num_bytes"], saved["overlap_steps"])
+    for s, num_bytes, overlap in zip(*columns, strict=True):
+      found[s].append((float(num_bytes), int(overlap)))
+    replicas = int(saved["replicas"])
+  timing = clock.synchronous(costs(config), replicas, found, config.seed)
+  return [{**row, **timing.at(row["step"])} for row in reporting.read_metrics(workdir)]
 
 
 def measure_costs(config, loss_fn, params_host, sample):

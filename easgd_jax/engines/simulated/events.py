@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from easgd_jax import schedule
-from easgd_jax.engines.simulated.clock import StepTimes, _count
+from easgd_jax.engines.simulated.clock import BYTES_PER_GBIT, StepTimes, _count
 
 
 class Schedule(NamedTuple):
@@ -51,7 +51,8 @@ def parameter_server(costs, num_workers, steps, num_bytes, tau=1, seed=0):
   `num_bytes` (the weights) back; the worker's next round starts when the reply arrives. (For
   a rule whose exchange opens a round instead of closing it the timing is the same.)
   Iterations are given out in the order workers finish their steps, so a fast worker does more
-  of the `steps` than a slow one, as real workers do.
+  of the `steps` than a slow one, as real workers do. Every worker has its own link here
+  (`events` alone reads node_size and shared_link).
   """
   num_workers = _count("num_workers", num_workers, 1)
   tau = _count("tau", tau, 1)
@@ -115,16 +116,29 @@ class Events(NamedTuple):
   staleness: np.ndarray  # [iterations] int64: updates by others since the worker's read; -1 local
   update: np.ndarray  # [iterations] int64: the master's update number; -1 local
   num_workers: int
-  transfer_s: float  # one message, one way
+  transfer_s: float  # one message to the master, alone on its link
   service_s: float  # the master applying one update
   locked: bool  # updates applied one at a time (else they may overlap)
+  reply_s: float  # one reply, alone on its link
+  message_bytes: float
+  reply_bytes: float
+  links: int  # links to the master (each full duplex): G, one per node, or one shared
+  sharers: int  # workers on each of them
 
 
 _COMPUTED, _ARRIVED = 0, 1  # a worker's step finished; its message reached the master
 
 
 def events(
-  costs, num_workers, num_events, num_bytes, tau=1, seed=0, opens_round=False, locked=True
+  costs,
+  num_workers,
+  num_events,
+  num_bytes,
+  tau=1,
+  seed=0,
+  opens_round=False,
+  locked=True,
+  reply_bytes=None,
 ):
   """The first `num_events` iterations of G asynchronous workers around one master that run
   forever, their exchanges closing a round of tau steps or opening it (`opens_round`); `tau`
@@ -132,22 +146,40 @@ def events(
 
   Closing: worker w computes its steps d = 0, 1, ... back to back; after step d with
   (d + 1) % tau == 0 it sends `num_bytes` to the master and starts step d + 1 when the reply
-  (`num_bytes`) arrives. Opening: before a step d with d % tau == 0 (d = 0 at time 0 too) it sends,
-  waits for the reply, then computes d. Either way step d is an exchange iteration, the others
-  local. Each message costs `costs.transfer_s(num_bytes)` on the worker's own full-duplex link.
-  The master applies updates in arrival order: `locked`, one at a time (start = max(arrival,
-  master free)); unlocked, on arrival, overlapping. The reply leaves when
-  the update ends and carries the weights after it. Iterations are ordered by their key time, the
-  master's start for an exchange, the compute's end for a local step, ties in the order the
-  simulation recorded them. Independent of `num_events` but for the length (the prefix property).
+  (`reply_bytes`, by default `num_bytes`) arrives. Opening: before a step d with d % tau == 0
+  (d = 0 at time 0 too) it sends, waits for the reply, then computes d. Either way step d is an
+  exchange iteration, the others local. A message holds its link for `costs.transfer_s` of its
+  bytes, queued first in first out behind those sent before on it: the worker's node's link
+  (node_size 1: its own, never busy when it sends) or with `costs.shared_link` the master's
+  one link; replies queue on the link's other direction. The master applies updates in arrival
+  order: `locked`, one at a time (start = max(arrival, master free)); unlocked, on arrival,
+  overlapping. The reply leaves when the update ends and carries the weights after it.
+  Iterations are ordered by their key time, the master's start for an exchange, the compute's
+  end for a local step, ties in the order the simulation recorded them. Independent of
+  `num_events` but for the length (the prefix property).
   """
   num_workers = _count("num_workers", num_workers, 1)
   num_events = _count("num_events", num_events, 1)
   taus = [_count("tau", t, 1) for t in np.broadcast_to(np.asarray(tau, object), num_workers)]
-  if not (isinstance(num_bytes, numbers.Real) and math.isfinite(num_bytes) and num_bytes >= 0):
-    raise ValueError(f"num_bytes must be a finite number >= 0 (got {num_bytes!r})")
+  reply_bytes = num_bytes if reply_bytes is None else reply_bytes
+  for name, value in (("num_bytes", num_bytes), ("reply_bytes", reply_bytes)):
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+      raise ValueError(f"{name} must be a finite number >= 0 (got {value!r})")
   times = StepTimes(costs, num_workers, seed)
-  transfer, service = costs.transfer_s(num_bytes), costs.service_s
+  transfer, reply = costs.transfer_s(num_bytes), costs.transfer_s(reply_bytes)
+  service = costs.service_s
+  nodes, per_node = costs.nodes(num_workers)
+  links, sharers = (1, num_workers) if costs.shared_link else (nodes, per_node)
+  free = {"up": [0.0] * links, "down": [0.0] * links}  # when each link's queue empties
+
+  def send(way, at, w, seconds):
+    """When a message sent at `at` by (or to) worker w arrives, queued on its link. Messages are
+    sent in time order (heap pops; replies as updates end), so the queue is first in first out."""
+    link = 0 if costs.shared_link else w // per_node
+    arrival = max(at, free[way][link]) + seconds
+    free[way][link] = arrival
+    return arrival
+
   queue, sequence = [], itertools.count()  # (time, sequence, kind, worker, own step): ties by seq
 
   def enqueue(at, kind, worker, own_step):
@@ -155,7 +187,7 @@ def events(
 
   for w in range(num_workers):
     if opens_round:
-      enqueue(transfer, _ARRIVED, w, 0)
+      enqueue(send("up", 0.0, w, transfer), _ARRIVED, w, 0)
     else:
       enqueue(times(w, 0), _COMPUTED, w, 0)
   # Why sorting by key time gives a valid order (all costs > 0):
@@ -195,16 +227,16 @@ def events(
       read[w] = updates + 1  # the reply carries the weights after this update
       updates += 1
       step = d if opens_round else d + 1  # the step the reply lets the worker compute
-      enqueue(end + transfer + times(w, step), _COMPUTED, w, step)
+      enqueue(send("down", end, w, reply) + times(w, step), _COMPUTED, w, step)
       continue
     if not schedule.exchanges(d, taus[w], opens_round):  # a local step: its key is now
       records.append((w, d, now, times(w, d), -1, -1))
       settled += 1
     elif not opens_round:  # a closing exchange: its key is known when the message arrives
-      enqueue(now + transfer, _ARRIVED, w, d)
+      enqueue(send("up", now, w, transfer), _ARRIVED, w, d)
       continue
     if opens_round and schedule.exchanges(d + 1, taus[w], opens_round):
-      enqueue(now + transfer, _ARRIVED, w, d + 1)
+      enqueue(send("up", now, w, transfer), _ARRIVED, w, d + 1)
     else:
       enqueue(now + times(w, d + 1), _COMPUTED, w, d + 1)
   worker, own_step, key, compute, staleness, update = map(np.asarray, zip(*records, strict=True))
@@ -221,6 +253,11 @@ def events(
     transfer_s=float(transfer),
     service_s=float(service),
     locked=bool(locked),
+    reply_s=float(reply),
+    message_bytes=float(num_bytes),
+    reply_bytes=float(reply_bytes),
+    links=links,
+    sharers=sharers,
   )
 
 
@@ -236,10 +273,12 @@ def metrics(events, n):
   """The clock of the first `n` iterations of `events`, as a dict.
 
   `virtual_time_s`: the n-th iteration's key time; `compute_share`: their compute time over
-  G * virtual_time_s, at most 1; `communication_share`: 1 - it; `link_busy_share`: two messages
-  per exchange over G * virtual_time_s; `master_utilization`: the exchanges' service time over
-  virtual_time_s (above 1 when unlocked updates overlap); `mean_staleness` of the exchanges (0.0
-  when none).
+  G * virtual_time_s, at most 1; `communication_share`: 1 - it; `link_busy_share`: a message and
+  a reply per exchange over the links' time; `master_utilization`: the exchanges' service time
+  within virtual_time_s over it (above 1 only when unlocked updates overlap); `bytes_sent`: the
+  messages and replies of those exchanges; `peak_bandwidth_gbps`: the largest message (or reply)
+  over its step's compute time, times the workers sharing a link; `mean_staleness` of the
+  exchanges (0.0 when none).
   """
   n = _first(events, n)
   virtual_time = float(events.time[n - 1])
@@ -247,13 +286,23 @@ def metrics(events, n):
   count = int(exchange.sum())
   workers_time = events.num_workers * virtual_time
   compute_share = min(1.0, float(events.compute_s[:n].sum()) / workers_time)
+  # An exchange's key is when the master starts it: the n-th may be one, its service not done
+  # by virtual_time (counting it whole put a saturated locked master above 1).
+  overhang = np.maximum(events.time[:n][exchange] + events.service_s - virtual_time, 0.0)
+  utilization = (count * events.service_s - math.fsum(overhang)) / virtual_time
+  largest = events.sharers * max(events.message_bytes, events.reply_bytes)
   return {
     "virtual_time_s": virtual_time,
     "compute_share": compute_share,
     "communication_share": 1.0 - compute_share,
     # min: the n-th key is when the master starts an update, so the last replies hang over it
-    "link_busy_share": min(1.0, 2 * count * events.transfer_s / workers_time),
-    "master_utilization": count * events.service_s / virtual_time,
+    "link_busy_share": min(
+      1.0, count * (events.transfer_s + events.reply_s) / (events.links * virtual_time)
+    ),
+    "master_utilization": min(1.0, utilization) if events.locked else utilization,
+    "bytes_sent": count * (events.message_bytes + events.reply_bytes),
+    "peak_bandwidth_gbps": float((largest / events.compute_s[:n][exchange]).max(initial=0.0))
+    / BYTES_PER_GBIT,
     "mean_staleness": float(events.staleness[:n][exchange].mean()) if count else 0.0,
   }
 

@@ -21,13 +21,14 @@ import numpy as np
 
 from easgd_jax import checkpoints, collectives, devices, reporting, schedule
 from easgd_jax.algorithms.base import ROUND_ROBIN
-from easgd_jax.engines.loop import Stepper
+from easgd_jax.engines.loop import Stepper, host_floats
 from easgd_jax.engines.simulated import clock, events
 
 CHUNK = 100  # iterations per dispatch: one lax.scan each
 MAX_LENGTHS = 4  # scan lengths compiled as they come; beyond, chunks are split in binary pieces
 SCHEDULE = "schedule.npz"  # in the workdir: the asynchronous family's event order
 SCHEDULE_COLUMNS = ("worker", "own_step", "exchange", "time", "compute_s", "staleness", "update")
+TRANSFERS = "transfers.npz"  # in the workdir: a step-driven run's transfers (simulated.recost)
 STALENESS_PLOT = "staleness.png"
 
 
@@ -103,7 +104,8 @@ class Fused(Stepper):
     return self.checkpoint_arrays(), {"samplers": [s.state() for s in self.samplers]}
 
   def summary(self):
-    """The whole run's clock: virtual time, shares, the costs used, the message size."""
+    """The whole run's clock: virtual time, shares, the costs used, the message size (the
+    model's, which a step-driven rule's transfers are declared for; a worker's message)."""
     found = {f"sim_{k}": v for k, v in self.extra(self.config.steps).items()}
     found["sim_costs"] = dict(vars(self.costs))
     found["sim_message_bytes"] = self.num_bytes
@@ -130,6 +132,9 @@ class Replicas(Fused):
       return jax.lax.switch(xs["phase"], phases, state, self.batch(xs))
 
     self._scan = jax.jit(lambda state, xs: jax.lax.scan(iteration, state, xs))
+    # The whole run's clock, once: its first n steps are the same whatever the total
+    self.transfers = [rule.transfers(s, num_bytes) for s in range(config.steps)]
+    self.timing = clock.synchronous(costs, self.replicas, self.transfers, config.seed)
 
   def inputs(self, first, count):
     steps = range(first, first + count)
@@ -144,20 +149,33 @@ class Replicas(Fused):
   def eval_params(self):
     return self.rule.eval_params(_pick(self.state, 0))
 
+  def diagnostics(self):
+    return host_floats(self.rule.diagnostics(_pick(self.state, 0)))
+
   def worker_points(self):
     found = [self.rule.worker_point(_pick(self.state, j)) for j in range(self.replicas)]
     return None if found[0] is None else found
 
   def extra(self, step):
-    rule, seed = self.rule, self.config.seed
-    args = (self.costs, self.replicas, step, self.num_bytes, rule.tau, seed, rule.opens_round)
-    return _shares(clock.synchronous(*args))
+    return self.timing.at(step)
+
+  def write_outputs(self, workdir):
+    """The transfers the clock costed, for re-costing the run on another network (recost)."""
+    found = [(s, *transfer) for s, sent in enumerate(self.transfers) for transfer in sent]
+    step, num_bytes, overlap = zip(*found, strict=True) if found else ((), (), ())
+    columns = dict(step=step, num_bytes=num_bytes, overlap_steps=overlap, replicas=self.replicas)
+    arrays = {
+      k: np.asarray(v, np.float64 if k == "num_bytes" else np.int64) for k, v in columns.items()
+    }
+    reporting.save_arrays(os.path.join(workdir, TRANSFERS), arrays)
 
 
 class Workers(Fused):
   def __init__(self, config, rule, dataset, params_host, costs, num_bytes, samplers):
-    """`samplers`: Algorithm 1's one host stream (ROUND_ROBIN), or one per worker."""
-    super().__init__(config, dataset, costs, num_bytes)
+    """`num_bytes`: (a message's, a reply's); `samplers`: Algorithm 1's one host stream
+    (ROUND_ROBIN), or one per worker."""
+    super().__init__(config, dataset, costs, num_bytes[0])
+    self.reply_bytes = num_bytes[1]
     self.rule, self.samplers, count = rule, samplers, self.num_workers
     self.round_robin = rule.schedule == ROUND_ROBIN
     master = rule.master_init(params_host)
@@ -168,7 +186,19 @@ class Workers(Fused):
     workers = [rule.with_period(worker, period) for period in self.periods]
     workers = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *workers)
     self.state = devices.put((master, workers, views), self.device)
-    self.events = None if self.round_robin else self._events(config.steps)
+    args = (costs, count, config.steps, self.num_bytes, rule.tau, config.seed)
+    self.events = self.timing = None
+    if self.round_robin:  # the whole run's clock, once (the prefix property)
+      self.timing = clock.round_robin(*args, rule.opens_round, self.reply_bytes)
+    else:
+      self.events = events.events(
+        *args[:4],
+        self.periods,  # each worker's own tau
+        config.seed,
+        opens_round=rule.opens_round,
+        locked=rule.locked,
+        reply_bytes=self.reply_bytes,
+      )
     self.recorded = self.reached = 0  # steps whose exchanges are in the applied record; done
     self.version, self.reads = 0, [0] * count  # the record's bookkeeping (round robin)
 
@@ -195,11 +225,6 @@ class Workers(Fused):
 
     self._scan = jax.jit(lambda state, xs: jax.lax.scan(iteration, state, xs))
 
-  def _events(self, steps):
-    rule, seed = self.rule, self.config.seed
-    args = (self.costs, self.num_workers, steps, self.num_bytes, self.periods, seed)
-    return events.events(*args, opens_round=rule.opens_round, locked=rule.locked)
-
   def order(self, first, count):
     """(worker, its own step) of iterations first .. first + count - 1."""
     if self.round_robin:
@@ -211,7 +236,7 @@ class Workers(Fused):
     who, own = self.order(first, count)
     if self.round_robin:
       index = np.stack([self.samplers[0].indices(b) for _ in range(count)])
-      exchange = np.asarray(self.rule.sends(own, np.asarray(self.periods)[who]))
+      exchange = np.asarray(self.rule.sends(own))
     else:
       index = np.stack([self.samplers[w].indices(b) for w in who])
       exchange = self.events.exchange[first : first + count]
@@ -248,7 +273,7 @@ class Workers(Fused):
     entries = []
     who, own = self.order(first, last - first)
     for j, d in zip(who.tolist(), own.tolist(), strict=True):
-      if rule.sends(d, self.periods[j]):
+      if rule.sends(d):
         self.version += 1
         entries.append([j, d, self.reads[j], self.version])
         self.reads[j] = self.version
@@ -266,15 +291,13 @@ class Workers(Fused):
 
   def extra(self, step):
     if self.round_robin:
-      rule, seed = self.rule, self.config.seed
-      args = (self.costs, self.num_workers, step, self.num_bytes, rule.tau, seed, rule.opens_round)
-      return _shares(clock.round_robin(*args))
+      return self.timing.at(step)
     found = events.metrics(self.events, step)
     found.pop("mean_staleness", None)
     return found
 
   def summary(self):
-    found = super().summary()
+    found = {**super().summary(), "sim_reply_bytes": self.reply_bytes}
     if self.rule.periods_from_speeds:
       found["exchange_periods"] = list(self.periods)
     if not self.round_robin:
@@ -299,12 +322,3 @@ class Workers(Fused):
       xlabel="staleness (master updates since the worker's read)",
       title=f"{self.config.algorithm}, G = {self.num_workers}, simulated",
     )
-
-
-def _shares(timing):
-  return {
-    "virtual_time_s": timing.makespan,
-    "compute_share": timing.compute_share,
-    "communication_share": timing.communication_share,
-    "link_busy_share": timing.link_busy_share,
-  }
