@@ -38,6 +38,7 @@ BUDGET = {
   "defaults that train: the not-learning warning, the settings in force on the start line": 52,
   "sampling a language model: transformer.generate, reporting.load_params(like=)": 30,
   "the cluster clock: overlap, node and shared links, payload bytes, peak bandwidth, recost": 241,
+  "studies judged by validation loss: target_loss, loss plots, the warm-up share": 101,
 }
 BUDGET_LINES = sum(BUDGET.values())
 

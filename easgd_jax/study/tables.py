@@ -41,7 +41,28 @@ def rows(study, results):
     )
     if study.simulated:  # only then, so the other studies' tables keep their columns
       table[-1].update(_clock_columns(summaries, reached))
+    if study.target_loss is not None:
+      table[-1].update(_loss_columns(summaries, len(results[arm.label])))
   return table
+
+
+def _loss_columns(summaries, seeds):
+  """A text study's columns: the validation loss, what reaching `target_loss` took, and the
+  simulated cluster's bytes and peak bandwidth (None on a real engine)."""
+  reached = [s for s in summaries if s.get("tokens_to_target_loss") is not None]
+  loss, loss_std = _mean_std([s["final"]["test_loss"] for s in summaries])
+  mean = lambda runs, key: _mean_std([s.get(key) for s in runs])[0]  # noqa: E731
+  final = lambda key: _mean_std([s["final"].get(key) for s in summaries])[0]  # noqa: E731
+  return {
+    "final_loss_mean": loss,
+    "final_loss_std": loss_std,
+    "reached_target_loss": f"{len(reached)}/{seeds}",
+    "tokens_to_target_loss": mean(reached, "tokens_to_target_loss"),
+    "seconds_to_target_loss": mean(reached, "wall_time_s_to_target_loss"),
+    "virtual_seconds_to_target_loss": mean(reached, "virtual_time_s_to_target_loss"),
+    "bytes_sent": final("bytes_sent"),
+    "peak_bandwidth_gbps": final("peak_bandwidth_gbps"),
+  }
 
 
 def _staleness_median(summary):
@@ -68,6 +89,8 @@ def _clock_columns(summaries, reached):
 
 
 def markdown(study, table):
+  if study.target_loss is not None:
+    return _loss_markdown(study, table)
   target = f"{study.target_accuracy:.0%}"
   simulated = bool(table) and "communication_share" in table[0]
   clock = f" virtual s to {target} | virtual s in all | communication share |" if simulated else ""
@@ -94,6 +117,32 @@ def markdown(study, table):
         if simulated
         else ""
       )
+    )
+  header = study.header.strip()
+  return (header + "\n\n" if header else "") + "\n".join(lines) + "\n"
+
+
+def _loss_markdown(study, table):
+  target = f"{study.target_loss:g}"
+  lines = [
+    f"| run | final validation loss | reached {target} | tokens to {target} "
+    f"| seconds to {target} | virtual s to {target} | virtual s in all | communication share "
+    "| bytes sent | peak Gbit/s |",
+    "| --- |" + " --- |" * 9,
+  ]
+  for row in table:
+    if row["final_loss_mean"] is None:
+      loss = f"{row['diverged']}/{row['seeds']} diverged"
+    else:
+      loss = f"{row['final_loss_mean']:.4f} ± {row['final_loss_std']:.4f}"
+      loss += f" ({row['diverged']}/{row['seeds']} diverged)" if row["diverged"] else ""
+    lines.append(
+      f"| {row['arm']} | {loss} | {row['reached_target_loss']} "
+      f"| {_fmt(row['tokens_to_target_loss'], ',.0f')} "
+      f"| {_fmt(row['seconds_to_target_loss'], '.1f')} "
+      f"| {_fmt(row.get('virtual_seconds_to_target_loss'), '.4g')} "
+      f"| {_fmt(row.get('virtual_time_s'), '.4g')} | {_fmt(row.get('communication_share'), '.1%')} "
+      f"| {_fmt(row['bytes_sent'], '.3g')} | {_fmt(row['peak_bandwidth_gbps'], '.3g')} |"
     )
   header = study.header.strip()
   return (header + "\n\n" if header else "") + "\n".join(lines) + "\n"
