@@ -64,8 +64,16 @@ class Config:
   weight_decay: float | None = field(None, "adamw: decoupled weight decay.", 1e-4)
   beta2: float | None = field(None, "adamw: the second moment's decay.", 0.999)
   grad_clip: float | None = field(None, "Clip the gradient to this global norm (0: no).", 0.0)
-  outer_learning_rate: float = field(0.7, "diloco: the outer Nesterov SGD's learning rate.")
+  outer_learning_rate: float | None = field(
+    None, "diloco: the outer Nesterov SGD's learning rate (unset: 0.7; async_diloco: 0.35).", 0.7
+  )
   outer_momentum: float = field(0.9, "diloco: the outer momentum.")
+  outer_delay: int | None = field(
+    None, "async_diloco: N, the outer momentum moves every N-th push (unset: --num_devices)."
+  )
+  dynamic_local_steps: bool = field(
+    False, "async_diloco: worker w's inner steps max(1, floor(v_w / max v * tau)), v: speeds."
+  )
   fragments: int | None = field(None, "streaming_diloco: P, layer l in fragment l mod P.", 1)
   overlap_steps: int = field(0, "streaming_diloco: inner steps a fragment's sync overlaps.")
   merge_alpha: float = field(0.0, "streaming_diloco: the local share kept as the global lands.")
@@ -133,6 +141,8 @@ class Config:
       _at_least("batch_size", self.batch_size, 1)
     if self.tau is not None:
       _at_least("tau", self.tau, 1)
+    if self.outer_delay is not None:
+      _at_least("outer_delay", self.outer_delay, 1)
     for name in ("num_layers", "num_heads", "width", "context"):
       _at_least(name, getattr(self, name), 1)
     if self.width % self.num_heads:
@@ -213,7 +223,8 @@ class Config:
         raise ConfigError(f"--{name} must be a finite number >= 0 (got {value})")
     if self.beta2 is not None and not (_is_number(self.beta2) and 0 <= self.beta2 < 1):
       raise ConfigError(f"--beta2 must be in [0, 1) (got {self.beta2})")
-    _positive("outer_learning_rate", self.outer_learning_rate)
+    if self.outer_learning_rate is not None:
+      _positive("outer_learning_rate", self.outer_learning_rate)
     if not (_is_number(self.outer_momentum) and 0 <= self.outer_momentum < 1):
       raise ConfigError(f"--outer_momentum must be in [0, 1) (got {self.outer_momentum})")
 

@@ -57,6 +57,8 @@ BAD_FLAGS = [
   (["--rho=inf"], "--rho"),
   ([f"--heartbeat_timeout_s={HUGE}"], "--heartbeat_timeout_s"),
   (["--steps=abc"], "--steps"),  # absl's own parse errors exited 1 with two lines
+  (["--algorithm=async_diloco", "--outer_delay=0"], "--outer_delay"),
+  (["--algorithm=downpour", "--dynamic_local_steps"], "--dynamic_local_steps applies to"),
   (["--no_such_flag=1"], "no_such_flag"),
   ([*TWO_PROCESSES, "--coordinator_address=127.0.0.1:notaport"], "--coordinator_address"),
   ([*TWO_PROCESSES, "--coordinator_address=garbage"], "--coordinator_address"),

@@ -33,6 +33,7 @@ BUDGET = {
   "the library before the one-rule redesign": 7_679,
   "the language-model workload (transformer, text, TextDataset, Megatron rules, defaults)": 560,
   "StepRule.transfers, the facts the cluster clock costs": 25,
+  "async_diloco (Delayed Nesterov), and exchange periods from measured speeds on every engine": 334,
   "streaming_diloco: fragments, overlap, merge, quantize.py, Rule.diagnostics in the rows": 393,
   "defaults that train: the not-learning warning, the settings in force on the start line": 52,
   "sampling a language model: transformer.generate, reporting.load_params(like=)": 30,

@@ -24,6 +24,7 @@ LOCKED = {
   "async_eamsgd": dict(algorithm="async_easgd", num_devices=3, tau=2, momentum=0.9),
   "downpour": dict(num_devices=3, tau=3),
   "mdownpour": dict(algorithm="downpour", num_devices=3, tau=2, momentum=0.5),
+  "async_diloco": dict(num_devices=3, tau=3, optimizer="adamw", learning_rate=2e-3),
   "easgd": dict(num_devices=3, tau=2),  # round robin: Algorithm 1's center is a master too
 }
 

@@ -200,6 +200,8 @@ def test_an_asynchronous_run_is_its_schedule_replayed(tmp_path, algorithm):
   "changes",
   [
     dict(algorithm="downpour", tau=2, sim_jitter=0.5, sim_stragglers=1, sim_shared_link=True),
+    # each worker's H_w from its clock speed (the straggler's 1 of 4), kept by the checkpoint
+    dict(algorithm="async_diloco", tau=4, sim_stragglers=1, dynamic_local_steps=True),
     dict(algorithm="sync_easgd", tau=2, sim_jitter=0.5, sim_node_size=2),
     dict(algorithm="easgd", tau=2),
   ],

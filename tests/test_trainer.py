@@ -37,6 +37,7 @@ WITH_A_CENTER = {
   "diloco",
   "streaming_diloco",
   "downpour",
+  "async_diloco",
 }
 
 

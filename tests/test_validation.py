@@ -14,6 +14,7 @@ import pytest
 from easgd_jax import algorithms, core
 from easgd_jax.algorithms import (
   SGD,
+  AsyncDiLoCo,
   AsyncEASGD,
   AsyncSGD,
   DiLoCo,
@@ -46,6 +47,7 @@ VALID = {
   DiLoCo: dict(learning_rate=0.001),
   StreamingDiLoCo: dict(learning_rate=0.001),
   Downpour: dict(learning_rate=0.1),
+  AsyncDiLoCo: dict(learning_rate=0.001),
 }
 
 BAD = [
@@ -66,6 +68,8 @@ BAD = [
   ("tau", 0),
   ("tau", -1),
   ("tau", 1.5),
+  ("outer_delay", 0),
+  ("outer_delay", 2.0),
   ("num_workers", 0),
   ("num_workers", 2.0),
   ("num_devices", 0),
@@ -95,6 +99,7 @@ def test_a_bad_hyperparameter_is_a_value_error_naming_it(algorithm, name, value)
 @pytest.mark.parametrize("algorithm", list(VALID), ids=lambda a: a.__name__)
 def test_the_edges_of_the_valid_ranges_are_accepted(algorithm, cpu_devices):
   edges = dict(momentum=0.0, rho=0.0, tau=1, num_workers=1, num_devices=1, data_parallel=1)
+  edges["outer_delay"] = 1
   kwargs = {k: v for k, v in edges.items() if accepts(algorithm, k)}
   algorithm(loss_fn, **{**VALID[algorithm], **kwargs})
   numpy_scalars = {"learning_rate": np.float32(0.1)}  # what a sweep over np.linspace passes

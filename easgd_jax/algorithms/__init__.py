@@ -8,6 +8,7 @@ of algorithms/base.py, one line below, and its tests; every engine then runs it.
 
 import dataclasses
 
+from easgd_jax.algorithms.async_diloco import AsyncDiLoCo
 from easgd_jax.algorithms.async_easgd import AsyncEASGD, HogwildEASGD
 from easgd_jax.algorithms.async_sgd import AsyncSGD
 from easgd_jax.algorithms.base import (
@@ -46,6 +47,7 @@ REGISTRY = {
     AsyncEASGD,
     HogwildEASGD,
     Downpour,
+    AsyncDiLoCo,
   )
 }
 
@@ -84,10 +86,24 @@ def resolve(config):
   if unset.get("warmup_steps", 0) >= span:
     unset["warmup_steps"] = span // 10
   config = dataclasses.replace(config, **unset).validate()
+  _check_own_flags(config, kind)
   _check_optimizer(config, kind)
   _check_parallelism(config, kind)
   _check_streaming(config, kind)
   return config
+
+
+def _check_own_flags(config, kind):
+  """A flag that only some algorithms read, given to another one: refused, naming its users."""
+  defaults = type(config)()
+  for cls in REGISTRY.values():
+    for flag in cls.own_flags:
+      if getattr(config, flag) != getattr(defaults, flag) and flag not in kind.own_flags:
+        users = [name for name, other in REGISTRY.items() if flag in other.own_flags]
+        raise ConfigError(
+          f"--{flag} applies to --algorithm={' or '.join(users)} (got --algorithm="
+          f"{config.algorithm})"
+        )
 
 
 def _check_optimizer(config, kind):

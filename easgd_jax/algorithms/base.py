@@ -13,7 +13,8 @@ Two kinds:
   picks the one run step `step` (0-based) uses. An engine maps them over G replicas: pmap on
   devices, vmap on one device, one replica under jit on a model-parallel mesh.
 - WORKER_MASTER (`WorkerMasterRule`: async_sgd, hogwild, async_easgd, hogwild_easgd, downpour,
-  and round-robin easgd, whose master is Algorithm 1's center): G workers and one master.
+  round-robin easgd, whose master is Algorithm 1's center, and async_diloco): G workers and one
+  master.
 
     worker_init(params) -> worker state          master_init(params) -> master state
     worker_step(worker, view, batch) -> (worker, message, loss)
@@ -27,7 +28,10 @@ Two kinds:
   `locked` (the master applies one message at a time, or unlocked: Hogwild), `additive` (the
   master is its weights and master_apply adds `increment(weights, message)`: an engine may then
   write it in place without a copy), `schedule` (ASYNCHRONOUS: each worker at its own pace;
-  ROUND_ROBIN: Algorithm 1's order, iteration t on worker t mod G).
+  ROUND_ROBIN: Algorithm 1's order, iteration t on worker t mod G), `periods_from_speeds` (each
+  worker's exchange period is its own, `periods(speeds)` of the speeds the engine measures once
+  and keeps in its checkpoints; `with_period` puts it into the worker's state and the engine
+  passes it to `sends`).
 
 `samples_per_step(config)` is what one run step consumes (studies budget in it); a run step is
 one step of every replica, or one worker's iteration.
@@ -64,6 +68,7 @@ class Rule:
   optimizers_why = ""  # why, when it accepts fewer (for the error that refuses one)
   schedules = SCHEDULES  # the learning-rate schedules it accepts
   settings = {}  # its own defaults, on every model
+  own_flags = ()  # the flags only some algorithms read that this one does (others refuse them)
   streams = False  # splits, overlaps and quantizes an outer gradient (config.STREAMING's flags)
 
   @classmethod
@@ -141,10 +146,20 @@ class WorkerMasterRule(Rule):
   locked = True
   additive = False
   tau = 1  # the worker's exchange period, in its own steps
+  periods_from_speeds = False  # each worker's own period, from the speeds an engine measures
 
-  def sends(self, own_step):
-    """Whether a worker exchanges on its own step `own_step` (0-based; an int or traced)."""
-    return schedule.exchanges(own_step, self.tau, self.opens_round)
+  def sends(self, own_step, period=None):
+    """Whether a worker exchanges on its own step `own_step` (0-based; an int or traced), every
+    `period` own steps (its entry of `periods`; tau when not given)."""
+    return schedule.exchanges(own_step, self.tau if period is None else period, self.opens_round)
+
+  def periods(self, speeds):
+    """Each worker's exchange period, given every worker's speed (steps per second): tau."""
+    return [self.tau] * len(speeds)
+
+  def with_period(self, worker, period):
+    """A worker state that exchanges every `period` own steps (the same, when that is tau)."""
+    return worker
 
   def worker_message(self, worker):
     """What a worker sends when an exchange opens its step (the `opens_round` form)."""

@@ -16,8 +16,15 @@ stop. Engines ask it and take their snapshots where it says.
 
 import contextlib
 import dataclasses
+import statistics
 import time
 from typing import Any, NamedTuple, Protocol
+
+import jax
+
+# A worker's speed, when a rule's exchange periods come from speeds: the median of at least this
+# many timed steps, and as many more as fit in this many seconds (a tiny model's step is noise).
+SPEED_REPEATS, SPEED_SECONDS = 5, 0.5
 
 
 @dataclasses.dataclass
@@ -163,3 +170,23 @@ class Applied(NamedTuple):
 
   def entry(self):
     return [self.worker, self.worker_step, self.read_at, self.applied_as]
+
+
+def speed(step, repeats=SPEED_REPEATS, seconds=SPEED_SECONDS):
+  """Steps per second of `step()` (a worker's step, its result dropped): one call to compile,
+  then the median time of `repeats` or more calls, each waited for, over `seconds` at least."""
+  jax.block_until_ready(step())
+  times, begin = [], time.perf_counter()
+  while len(times) < repeats or time.perf_counter() - begin < seconds:
+    start = time.perf_counter()
+    jax.block_until_ready(step())
+    times.append(time.perf_counter() - start)
+  return 1 / statistics.median(times)
+
+
+def peek(sampler, batch_size):
+  """The sampler's next batch, the sampler left where it was."""
+  position = sampler.state()
+  batch = sampler.next(batch_size)
+  sampler.set_state(position)
+  return batch

@@ -16,6 +16,7 @@ workers' iterations (which the threads and Algorithm 1's host scheduler both run
 """
 
 import collections
+import concurrent.futures
 import threading
 import time
 
@@ -25,7 +26,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from easgd_jax import devices
-from easgd_jax.engines.base import Applied
+from easgd_jax.engines.base import Applied, speed
 
 ALIGNMENT = 64  # bytes; XLA:CPU copies a less aligned NumPy argument instead of using it in place
 RECENT = 100_000  # applied updates kept in memory (with their timings) for tests and notebooks
@@ -199,6 +200,7 @@ class Workers:
     self.shared = isinstance(master, SharedMaster)
     self.states = [devices.put(worker_host, d) for d in worker_devices]
     self.own = [0] * len(worker_devices)  # each worker's own steps so far
+    self.periods = [int(self.rule.tau)] * len(worker_devices)  # each one's exchange period
     self.reads = [0] * len(worker_devices)  # the master version each last received
     self.fresh_views()
     if fused and self.rule.opens_round and not self.shared:
@@ -222,6 +224,27 @@ class Workers:
     ]
     return None if found[0] is None else found
 
+  def speeds(self, batches):
+    """Each worker's steps per second (engines/base.speed) on its own device and `batches[j]`,
+    every worker timed at once, so that they share the host as they will in the run. The
+    states stay as they were: the rule is pure, the results are dropped."""
+
+    def timed(j):
+      batch = devices.put(batches[j], self.devices[j])
+      if self.shared and not self.rule.opens_round:  # the step that reads W where it lies
+        flat = self.master.buffer.flat
+        return speed(lambda: self.master.silent_steps[j](self.states[j], flat, batch))
+      return speed(lambda: self.compiled.worker_step(self.states[j], self.views[j], batch))
+
+    with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
+      return list(pool.map(timed, range(len(self.devices))))
+
+  def set_periods(self, periods):
+    """Each worker's exchange period, here (for `sends`) and in its state (the rule's)."""
+    self.periods = [int(p) for p in periods]
+    pairs = zip(self.states, self.periods, self.devices, strict=True)
+    self.states = [devices.put(self.rule.with_period(s, p), d) for s, p, d in pairs]
+
   def _exchange_and_step(self, master, worker, batch):
     rule = self.rule
     master, reply = rule.master_apply(master, rule.worker_message(worker), 0)
@@ -241,7 +264,7 @@ class Workers:
   def iterate(self, j, batch):
     """Worker j's next iteration: (its loss, the staleness of its update or None)."""
     rule, own, worker = self.rule, self.own[j], self.states[j]
-    exchange, staleness = rule.sends(own), None
+    exchange, staleness = rule.sends(own, self.periods[j]), None
     self.own[j] += 1
     if self.shared:
       return self._unlocked(j, worker, own, exchange, batch)

@@ -22,6 +22,9 @@ The main thread (the `run` generator) does everything else, so the workers never
   worker, every sampler and the counters are taken from that one instant.
 - A stop signal stops the ticket counter; each worker finishes the iteration it is in, and the
   final snapshot carries the whole state.
+- Exchange periods from speeds (a rule's `periods_from_speeds`): before the first launch's first
+  step every worker's step is timed at once, each on its device (masters.Workers.speeds); the
+  periods the rule picks from those speeds go into every checkpoint, so a resume keeps them.
 - A worker that raises is logged and named in the summary; the others take over its share
   (--fail_fast stops the run instead). On resume each worker's view is the master's weights as
   restored: a fresh read.
@@ -36,7 +39,7 @@ import numpy as np
 from absl import logging
 
 from easgd_jax import checkpoints, data, devices
-from easgd_jax.engines.base import Progress, Snapshot, Stopwatch, WorkerLost
+from easgd_jax.engines.base import Progress, Snapshot, Stopwatch, WorkerLost, peek
 from easgd_jax.engines.local import masters
 from easgd_jax.errors import InjectedFailure, WorkerFailure
 
@@ -73,6 +76,7 @@ class ThreadEngine:
     self.done, self.evaluations_skipped, self.failures = 0, 0, []
     self.pending = []  # losses restored from a checkpoint, for the next row
     self.stopwatch, self.final = None, None
+    self.periods_chosen = not rule.periods_from_speeds  # else measured at the first launch
 
   @property
   def state(self):
@@ -103,6 +107,8 @@ class ThreadEngine:
       sampler.set_state(position)
     self.histogram = collections.Counter({int(s): c for s, c in record["staleness"].items()})
     self.evaluations_skipped = record["evaluations_skipped"]
+    if "periods" in record:  # the states hold them too; a resume keeps the first launch's
+      self.workers.periods, self.periods_chosen = list(record["periods"]), True
     self.pending = [(s, np.asarray(v, np.float64).reshape(-1), None) for s, v in record["losses"]]
     self.workers.fresh_views()
     logging.info("asynchronous: the continuation is not bitwise the uninterrupted run")
@@ -116,14 +122,30 @@ class ThreadEngine:
       "samplers": [sampler.state() for sampler in self.samplers],
       "staleness": {str(s): c for s, c in sorted(self.histogram.items())},
       "evaluations_skipped": self.evaluations_skipped,
+      "periods": list(self.workers.periods),
     }
     return self.checkpoint_arrays(), record
+
+  def _choose_periods(self):
+    """Each worker's exchange period from its speed, measured once before its first step
+    (masters.Workers.speeds) on its next batch, which it still draws afterwards."""
+    batches = [peek(sampler, self.config.batch_size) for sampler in self.samplers]
+    speeds = self.workers.speeds(batches)
+    self.workers.set_periods(self.rule.periods(speeds))
+    self.periods_chosen = True
+    logging.info(
+      "worker speeds %s steps/s: exchange periods %s",
+      [round(v, 1) for v in speeds],
+      self.workers.periods,
+    )
 
   # --- the run --------------------------------------------------------------------------------
 
   def run(self, plan):
     if self.done >= plan.steps:
       return
+    if not self.periods_chosen:
+      self._choose_periods()
     run = _Run(self, plan)
     try:
       yield from run.main()
@@ -140,11 +162,14 @@ class ThreadEngine:
     return self.final if self.final is not None else self.master.snapshot()
 
   def summary(self):
-    return {
+    found = {
       "staleness": staleness_summary(self.histogram),
       "worker_steps": list(self.workers.own),
       "evaluations_skipped": self.evaluations_skipped,
     }
+    if self.rule.periods_from_speeds:
+      found["exchange_periods"] = list(self.workers.periods)
+    return found
 
   def write_outputs(self, workdir):
     pass

@@ -22,7 +22,7 @@ import numpy as np
 import ray
 
 from easgd_jax import data, devices
-from easgd_jax.engines.base import Applied
+from easgd_jax.engines.base import Applied, peek, speed
 from easgd_jax.engines.local.masters import SharedBuffer
 
 SERVER_CPUS = 0.25  # what each actor asks Ray for: several fit on a small node
@@ -122,8 +122,8 @@ class Worker:
   def __init__(
     self, config, rule, j, server, state, sampler_state, seed, template=None, restarted=False
   ):
-    """`state`: (worker state, last reply or None, its version, own steps) on the host;
-    `restarted`: a new actor in a dead one's place (an injected failure fires once per run)."""
+    """`state`: (worker state, last reply or None, its version, own steps, exchange period) on
+    the host; `restarted`: a new actor in a dead one's place (an injected failure fires once)."""
     self.config, self.rule, self.j, self.server = config, rule, j, server
     dataset = data.load(config)  # on this node
     self.dataset = dataset
@@ -131,8 +131,8 @@ class Worker:
     if sampler_state is not None:
       self.sampler.set_state(sampler_state)
     self.device = jax.local_devices()[0]
-    worker, view, self.read_at, self.step = state
-    self.worker = devices.put(worker, self.device)
+    worker, view, self.read_at, self.step, self.period = state
+    self.worker = devices.put(rule.with_period(worker, self.period), self.device)
     self.view = None if view is None else devices.put(view, self.device)
     self.failure = None if restarted else config.failure_point
     self.pipeline = config.ray_pipeline
@@ -167,7 +167,7 @@ class Worker:
   def iterate(self):
     """One iteration against the server; returns (loss, staleness or None)."""
     batch, own, rule = self._batch(), self.step, self.rule
-    exchange, staleness = rule.sends(own), None
+    exchange, staleness = rule.sends(own, self.period), None
     if shared(rule):
       loss, staleness = self._unlocked_iteration(own, exchange, batch)
     elif rule.opens_round:
@@ -184,6 +184,20 @@ class Worker:
         staleness = self._send(call, needs_reply=False)
     self.step += 1
     return float(loss), staleness
+
+  def speed(self):
+    """Steps per second of this worker's step (engines/base.speed) on its next batch, which it
+    still draws afterwards; the results are dropped (the rule is pure)."""
+    batch = devices.put(peek(self.sampler, self.config.batch_size), self.device)
+    if shared(self.rule) and not self.rule.opens_round:
+      flat = self._read()[0]
+      return speed(lambda: self._silent(self.worker, flat, batch))
+    return speed(lambda: self._step(self.worker, self.view, batch))
+
+  def set_period(self, period):
+    """Exchange every `period` own steps from now on (the rule's fact, in the state too)."""
+    self.period = period
+    self.worker = devices.put(self.rule.with_period(self.worker, period), self.device)
 
   def _send(self, call, needs_reply):
     """Wait for the answer to `call`, or with --ray_pipeline keep it in flight and take the

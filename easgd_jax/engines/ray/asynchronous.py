@@ -69,6 +69,7 @@ class AsyncEngine:
     self.done, self.pending, self.stopwatch = 0, [], None
     self.server, self.actors, self.alive = None, [], set()
     self.final = None
+    self.periods = None if rule.periods_from_speeds else [int(rule.tau)] * count  # else measured
 
   state = property(lambda self: self.master_host)
 
@@ -88,6 +89,7 @@ class AsyncEngine:
     self.reads, self.samplers = list(record["reads"]), list(record["samplers"])
     self.histogram = collections.Counter({int(s): c for s, c in record["staleness"].items()})
     self.pending = [(s, np.asarray(v, np.float64).reshape(-1), None) for s, v in record["losses"]]
+    self.periods = record.get("periods", self.periods)
 
   # --- actors ---------------------------------------------------------------------------------
 
@@ -106,6 +108,11 @@ class AsyncEngine:
     for j, place in enumerate(places):
       logging.info("ray: worker %d on %s", j, place)
     self.alive = set(self.slots)
+    if self.periods is None:  # the rule's periods from its workers' speeds, once, all at once
+      speeds = ray.get([actor.speed.remote() for actor in self.actors])
+      self.periods = [int(p) for p in self.rule.periods(speeds)]
+      ray.get([a.set_period.remote(p) for a, p in zip(self.actors, self.periods, strict=True)])
+      logging.info("ray: worker speeds %s steps/s: periods %s", np.round(speeds, 1), self.periods)
 
   @property
   def slots(self):
@@ -118,7 +125,8 @@ class AsyncEngine:
     return self.rule.eval_params(self.master_host)
 
   def _worker(self, j, worker, sampler_state, stream=None):
-    state = (worker, self._view(), self.reads[j], self.own[j])
+    period = self.rule.tau if self.periods is None else self.periods[j]
+    state = (worker, self._view(), self.reads[j], self.own[j], period)
     seed = stream or worker_seed(self.config.seed, j)
     template = self.master_host if actors.shared(self.rule) else None
     return actors.worker_options(self.config).remote(
@@ -330,7 +338,8 @@ class AsyncEngine:
     for j, (worker, sampler, own, read_at) in saved.items():
       self.workers[j], self.samplers[j], self.own[j], self.reads[j] = worker, sampler, own, read_at
     for j in set(self.slots) - self.alive:  # a dead worker's slot: a fresh worker
-      self.workers[j] = self.rule.worker_init(self.rule.eval_params(self.master_host))
+      fresh = self.rule.worker_init(self.rule.eval_params(self.master_host))
+      self.workers[j] = self.rule.with_period(fresh, self.periods[j])
     arrays = checkpoints.to_host({"master": self.master_host, "workers": self.workers})
     record = {
       "version": self.version,
@@ -340,6 +349,7 @@ class AsyncEngine:
       "samplers": list(self.samplers),
       "staleness": {str(s): c for s, c in sorted(self.histogram.items())},
       "evaluations_skipped": 0,
+      "periods": self.periods,
     }
     snapshot.state = (arrays, record)
 
@@ -350,11 +360,14 @@ class AsyncEngine:
     return self.final if self.final is not None else self.rule.eval_params(self.master_host)
 
   def summary(self):
-    return {
+    found = {
       "staleness": staleness_summary(self.histogram),
       "worker_steps": list(self.worker_steps),
       "evaluations_skipped": 0,
     }
+    if self.rule.periods_from_speeds:
+      found["exchange_periods"] = self.periods
+    return found
 
   def write_outputs(self, workdir):
     pass

@@ -85,7 +85,7 @@ class RoundRobinActors(Stepper):
     if fresh:  # a new worker in its place, from the master's weights
       worker = self.rule.worker_init(actors.host(self.eval_params()))
       self.own[j] = 0
-    state = (actors.host(worker), None, self.reads[j], self.own[j])
+    state = (actors.host(worker), None, self.reads[j], self.own[j], self.rule.tau)
     return actors.worker_options(self.config).remote(
       self.config, self.rule, j, None, state, None, self.config.seed, restarted=fresh
     )

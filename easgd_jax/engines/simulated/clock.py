@@ -98,6 +98,12 @@ class Costs:
     """One message of `num_bytes` between nodes: its latency, then its bytes at the bandwidth."""
     return self.latency_s + num_bytes / self.bandwidth_bytes_s
 
+  def mean_step_s(self, num_workers):
+    """[worker] the mean compute seconds of each worker's step (the jitter's factor has mean 1):
+    its speed is 1 / this."""
+    slowed = np.arange(num_workers) >= num_workers - self.stragglers
+    return self.compute_s * np.where(slowed, self.straggler_slowdown, 1.0)
+
   def nodes(self, num_workers):
     """(nodes, workers per node) of `num_workers`: nodes of node_size, or one of them all."""
     per_node = min(self.node_size, num_workers)

@@ -141,7 +141,8 @@ def events(
   reply_bytes=None,
 ):
   """The first `num_events` iterations of G asynchronous workers around one master that run
-  forever, their exchanges closing a round of tau steps or opening it (`opens_round`).
+  forever, their exchanges closing a round of tau steps or opening it (`opens_round`); `tau`
+  may be a list, each worker's own.
 
   Closing: worker w computes its steps d = 0, 1, ... back to back; after step d with
   (d + 1) % tau == 0 it sends `num_bytes` to the master and starts step d + 1 when the reply
@@ -159,7 +160,7 @@ def events(
   """
   num_workers = _count("num_workers", num_workers, 1)
   num_events = _count("num_events", num_events, 1)
-  tau = _count("tau", tau, 1)
+  taus = [_count("tau", t, 1) for t in np.broadcast_to(np.asarray(tau, object), num_workers)]
   reply_bytes = num_bytes if reply_bytes is None else reply_bytes
   for name, value in (("num_bytes", num_bytes), ("reply_bytes", reply_bytes)):
     if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
@@ -228,13 +229,13 @@ def events(
       step = d if opens_round else d + 1  # the step the reply lets the worker compute
       enqueue(send("down", end, w, reply) + times(w, step), _COMPUTED, w, step)
       continue
-    if not schedule.exchanges(d, tau, opens_round):  # a local step: its key is now
+    if not schedule.exchanges(d, taus[w], opens_round):  # a local step: its key is now
       records.append((w, d, now, times(w, d), -1, -1))
       settled += 1
     elif not opens_round:  # a closing exchange: its key is known when the message arrives
       enqueue(send("up", now, w, transfer), _ARRIVED, w, d)
       continue
-    if opens_round and schedule.exchanges(d + 1, tau, opens_round):
+    if opens_round and schedule.exchanges(d + 1, taus[w], opens_round):
       enqueue(send("up", now, w, transfer), _ARRIVED, w, d + 1)
     else:
       enqueue(now + times(w, d + 1), _COMPUTED, w, d + 1)

@@ -183,7 +183,11 @@ class Workers(Fused):
     self.round_robin = rule.schedule == ROUND_ROBIN
     master = rule.master_init(params_host)
     views = () if rule.opens_round else _stack(rule.eval_params(master), count)
-    workers = _stack(rule.worker_init(params_host), count)
+    # Each worker's exchange period from its clock speed, stragglers slower (a rule's own fact).
+    self.periods = [int(p) for p in rule.periods(list(1 / costs.mean_step_s(count)))]
+    worker = rule.worker_init(params_host)
+    workers = [rule.with_period(worker, period) for period in self.periods]
+    workers = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *workers)
     self.state = devices.put((master, workers, views), self.device)
     args = (costs, count, config.steps, self.num_bytes, rule.tau, config.seed)
     self.events = self.timing = None
@@ -191,7 +195,12 @@ class Workers(Fused):
       self.timing = clock.round_robin(*args, rule.opens_round, self.reply_bytes)
     else:
       self.events = events.events(
-        *args, opens_round=rule.opens_round, locked=rule.locked, reply_bytes=self.reply_bytes
+        *args[:4],
+        self.periods,  # each worker's own tau
+        config.seed,
+        opens_round=rule.opens_round,
+        locked=rule.locked,
+        reply_bytes=self.reply_bytes,
       )
     self.recorded = self.reached = 0  # steps whose exchanges are in the applied record; done
     self.version, self.reads = 0, [0] * count  # the record's bookkeeping (round robin)
@@ -275,7 +284,8 @@ class Workers(Fused):
 
   def checkpoint(self):
     arrays, record = super().checkpoint()
-    return arrays, {**record, "version": self.version, "reads": list(self.reads)}
+    versions = {"version": self.version, "reads": list(self.reads)}
+    return arrays, {**record, **versions, "periods": list(self.periods)}
 
   def restore(self, arrays, record):
     super().restore(arrays, record)
@@ -291,6 +301,8 @@ class Workers(Fused):
 
   def summary(self):
     found = {**super().summary(), "sim_reply_bytes": self.reply_bytes}
+    if self.rule.periods_from_speeds:
+      found["exchange_periods"] = list(self.periods)
     if not self.round_robin:
       values, counts = events.staleness_histogram(self.events, self.config.steps)
       found["sim_staleness_histogram"] = {
