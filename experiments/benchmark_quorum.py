@@ -1,7 +1,7 @@
 """Benchmark: the step-driven outer loops on Ray (replica actors, a reducer, a quorum per round).
 
-  python experiments/benchmark_quorum.py              # about 10 minutes on an idle 2-core machine
-  python experiments/benchmark_quorum.py --steps=200 --no_settle   # a quick look (figures noisy)
+  python experiments/benchmark_quorum.py              # the three tables (waits for an idle machine)
+  python experiments/benchmark_quorum.py --steps=60 --recovery_steps=600 --no_settle  # a look
 
 Three tables, every run on one embedded Ray on this machine, built and driven as every run is
 (experiments/measure.py):
@@ -99,6 +99,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=500, help="run steps per run")
   parser.add_argument("--taus", default="1,10,50", help="comma-separated H")
+  parser.add_argument(
+    "--recovery_steps", type=int, default=5000, help="run steps of (2, 3): time for a rejoin"
+  )
   parser.add_argument("--models", default="mlp,lenet", help="comma-separated models")
   parser.add_argument("--no_settle", action="store_true", help="no idle wait before each run")
   args = parser.parse_args()
@@ -109,7 +112,7 @@ def main():
   )
   ray_cluster.connect(Config(engine="ray"))  # one embedded Ray for every run
   overhead(args.steps, [int(t) for t in args.taus.split(",")])
-  recovery(args.steps, args.models.split(","))
+  recovery(args.recovery_steps, args.models.split(","))
 
 
 if __name__ == "__main__":

@@ -144,13 +144,13 @@ class QuorumEngine:
   def _loop(self, plan):
     step, losses = self.done, list(self.pending)
     self.stopwatch = watch = Stopwatch(step)
+    watch.warm(step)  # the actors compiled their phases as they started: no step compiles
     while True:
       stop = plan.stopping
       if step < plan.steps and stop is None and self.failing is None:
         target = self._target(step, plan)
         losses += self._stretch(step, target)
         step = watch.reached = target
-        watch.warm(step)
         yield Progress(step)
         self._join(step)
         yield from self._events()
