@@ -279,3 +279,14 @@ def test_a_text_study_reports_loss_tokens_and_bytes_to_its_target_loss(tmp_path,
   assert text.count(" (n = 1) |") == 2 and "±" not in text  # no spread from one seed
   assert (tmp_path / study.LOSS_TOKENS_PLOT).exists()
   assert (tmp_path / study.LOSS_VIRTUAL_TIME_PLOT).exists()
+
+
+@pytest.mark.parametrize("name", ["compare_lm", "study_streaming"])
+def test_the_language_model_studies_are_valid_and_give_every_arm_the_same_tokens(name):
+  lm = experiment(name).make_study(Config(dataset="shakespeare", model="transformer"))
+  configs = [lm.config(arm, 0) for arm in lm.arms]  # each validated as its run would be
+  tokens = {
+    c.steps * REGISTRY[c.algorithm].samples_per_step(c) * c.context for c in configs
+  }  # fmt: skip
+  assert tokens == {lm.samples * 64}
+  assert all(c.warmup_steps == c.steps // 10 for c in configs)
