@@ -79,12 +79,14 @@ def main():
   parser.add_argument("--old", required=True, help="a checkout of the older commit")
   parser.add_argument("--new", default=".", help="a checkout of the newer commit")
   parser.add_argument("--repeats", type=int, default=2, help="pairs per cell")
-  parser.add_argument("--only", default="", help="cells whose name contains this")
+  parser.add_argument(
+    "--only", default="", help="comma-separated: cells whose name contains one of these"
+  )
   parser.add_argument("--idle", type=float, default=0.5, help="load average to wait for")
   args = parser.parse_args()
   print(f"{'cell':<36}{'old samples/s':>15}{'new samples/s':>15}{'new/old':>9}  load averages")
   for name, flags in cells().items():
-    if args.only not in name:
+    if not any(part in name for part in args.only.split(",")):
       continue
     rates, loads = {"old": [], "new": []}, [measure.settle(quiet=args.idle)]
     for repeat in range(args.repeats):

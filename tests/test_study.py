@@ -245,9 +245,41 @@ def test_simulated_arms_need_one_device_and_add_the_clock_columns():
   three = [({**summary, "final": {"test_accuracy": a}}, []) for a in (0.90, 0.92, 0.94)]
   spread = study.rows(local, {"sgd": three})
   assert "| sgd | 0.9200 ± 0.0200 (n = 3) |" in study.markdown(local, spread)
+  lm = dataclasses.replace(local, target_loss=2.0)  # and a text study's validation loss
+  one = [({**summary, "final": {"test_accuracy": 0.5, "test_loss": 2.5}}, [])]
+  assert "| sgd | 2.5000 (n = 1) |" in study.markdown(lm, study.rows(lm, {"sgd": one}))
 
 
-@pytest.mark.parametrize("name", ["study_communication", "sweep_tau_mnist5k"])
+@pytest.mark.parametrize(
+  "name", ["study_communication", "sweep_tau_mnist5k", "study_streaming", "compare_lm"]
+)
 def test_the_simulated_studies_run_three_seeds_at_least(name):
   """A simulated run is fast and deterministic: its studies report a spread over seeds."""
   assert len(experiment(name).make_study(Config()).seeds) >= 3
+
+
+@pytest.mark.slow
+def test_a_text_study_reports_loss_tokens_and_bytes_to_its_target_loss(tmp_path, cpu_devices):
+  """A study judged by validation loss: its table and plots carry the loss, the tokens and
+  virtual seconds to the target loss and the cluster's bytes; every run warms up for the same
+  share of its own steps."""
+  compare_lm = experiment("compare_lm")
+  base = Config(dataset="shakespeare", model="transformer", num_layers=1, width=16, context=8)
+  lm = compare_lm.make_study(base)
+  arms = tuple(a for a in lm.arms if a.label.startswith("sync_sgd") and "simulated" in a.label)
+  lm = dataclasses.replace(lm, arms=arms, seeds=(0,), samples=1920, eval_samples=480)
+  configs = [lm.config(arm, 0) for arm in lm.arms]  # G = 8 and 16: 20 and 10 steps
+  assert [c.steps for c in configs] == [20, 10] and [c.warmup_steps for c in configs] == [2, 1]
+  lm = dataclasses.replace(lm, target_loss=4.3)  # reached by G = 8, not by G = 16
+  table = study.run(lm, str(tmp_path))
+  for arm, row in zip(lm.arms, table, strict=True):
+    rows = study.load(lm, str(tmp_path))[arm.label][0][1]
+    reached = next((r for r in rows if r["test_loss"] <= 4.3), None)
+    assert row["final_loss_mean"] == rows[-1]["test_loss"] and row["bytes_sent"] > 0
+    assert row["tokens_to_target_loss"] == (reached and reached["tokens"])
+    assert row["virtual_seconds_to_target_loss"] == (reached and reached["virtual_time_s"])
+  assert [row["reached_target_loss"] for row in table] == ["1/1", "0/1"]
+  text = (tmp_path / "results.md").read_text()
+  assert "| final validation loss | reached 4.3 | tokens to 4.3 |" in text
+  assert (tmp_path / study.LOSS_TOKENS_PLOT).exists()
+  assert (tmp_path / study.LOSS_VIRTUAL_TIME_PLOT).exists()

@@ -14,6 +14,8 @@ from easgd_jax.errors import ConfigError
 from easgd_jax.study.plots import curves, plot_curves, plot_sweep
 from easgd_jax.study.runs import (
   DIVERGED,
+  LOSS_TOKENS_PLOT,
+  LOSS_VIRTUAL_TIME_PLOT,
   SAMPLES_PLOT,
   SWEEP_PLOT,
   TIME_PLOT,
@@ -28,18 +30,24 @@ from easgd_jax.study.runs import (
 from easgd_jax.study.tables import markdown, rows, to_csv
 
 
-def main(make_study, finish=None):
+def main(make_study, finish=None, dataset="digits", model=None):
   """The absl entry point every experiments/*.py study file calls; `finish(study, workdir,
-  table)`, if given, runs after the study's own report (a study's extra tables and plots)."""
+  table)`, if given, runs after the study's own report (a study's extra tables and plots);
+  `dataset` and `model` are the defaults of --dataset and --model."""
   from absl import flags
 
   flags.DEFINE_string("workdir", None, "Folder for the study (each run in runs/ARM/seed_S).")
-  flags.DEFINE_string("dataset", "digits", "digits, mnist5k (offline), mnist, cifar10, synthetic.")
+  flags.DEFINE_string(
+    "dataset", dataset, "digits, mnist5k (offline), mnist, cifar10, shakespeare, synthetic."
+  )
   flags.DEFINE_string("data_dir", None, "tensorflow-datasets folder for mnist/cifar10.")
-  flags.DEFINE_string("model", None, "mlp, lenet or cifar_cnn (default lenet; cifar10: cifar_cnn).")
+  flags.DEFINE_string(
+    "model", model, "mlp, lenet, cifar_cnn or transformer (default lenet; cifar10: cifar_cnn)."
+  )
   flags.DEFINE_list("seeds", None, "Seeds, e.g. 0,1,2 (default: the study's); one run each.")
   flags.DEFINE_integer("samples", None, "Budget: training samples per run (default: the study's).")
   flags.DEFINE_float("target_accuracy", None, "Accuracy whose time/samples the table reports.")
+  flags.DEFINE_float("target_loss", None, "A text study's: validation loss the table times.")
   flags.mark_flag_as_required("workdir")
   FLAGS = flags.FLAGS
 
@@ -62,6 +70,10 @@ def main(make_study, finish=None):
       changes["samples"] = FLAGS.samples
     if FLAGS.target_accuracy is not None:
       changes["target_accuracy"] = FLAGS.target_accuracy
+    if FLAGS.target_loss is not None:
+      if study.target_loss is None:
+        raise ConfigError("--target_loss is for a text study (one judged by validation loss)")
+      changes["target_loss"] = FLAGS.target_loss
     study = dataclasses.replace(study, **changes)
     for arm in study.arms:  # every run's settings are checked before the first one starts
       for seed in study.seeds:

@@ -1,41 +1,46 @@
-"""A study's plots: accuracy curves (mean over seeds, band from worst to best seed), sweeps."""
+"""A study's plots: accuracy or loss curves (mean over seeds, band from worst to best seed),
+sweeps."""
 
 import numpy as np
 
 from easgd_jax import reporting
 
 
-def curves(study, results, x_key):
-  """{arm: (x, mean accuracy, min, max)} over seeds, on the evaluation points all seeds share."""
+def curves(study, results, x_key, y_key="test_accuracy"):
+  """{arm: (x, mean y, min, max)} over seeds, on the evaluation points all seeds share."""
   out = {}
   for arm in study.arms:
     histories = [run[1] for run in results[arm.label] if run is not None]
     if not histories or any(x_key not in h[-1] for h in histories):
       continue  # every seed diverged (the table says so), or no such clock (a real engine's run)
     length = min(len(h) for h in histories)
-    accuracy = np.array([[r["test_accuracy"] for r in h[:length]] for h in histories])
+    accuracy = np.array([[r[y_key] for r in h[:length]] for h in histories])
     x = np.array([[r[x_key] for r in h[:length]] for h in histories]).mean(axis=0)
     out[arm.label] = (x, accuracy.mean(axis=0), accuracy.min(axis=0), accuracy.max(axis=0))
   return out
 
 
-def plot_curves(study, results, x_key, xlabel, path):
-  """Test accuracy against `x_key`, one curve (mean, band over seeds) per arm; returns labels."""
+def plot_curves(study, results, x_key, xlabel, path, y_key="test_accuracy", ylabel="test accuracy"):
+  """`y_key` against `x_key`, one curve (mean, band over seeds) per arm; returns the labels."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, axis = plt.subplots(figsize=(8, 5))
-  for index, (label, (x, mean, low, high)) in enumerate(curves(study, results, x_key).items()):
+  lines = curves(study, results, x_key, y_key).items()
+  for index, (label, (x, mean, low, high)) in enumerate(lines):
     # Ten colours, then the same ten dashed: no two curves of a 12-arm study look alike.
     style = ("-", "--", "-.")[index // 10 % 3]
     (line,) = axis.plot(x, mean, label=label, color=f"C{index % 10}", linestyle=style)
     axis.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
-  axis.axhline(study.target_accuracy, color="grey", linestyle=":", linewidth=1)
+  target = study.target_accuracy if y_key == "test_accuracy" else study.target_loss
+  if target is not None:
+    axis.axhline(target, color="grey", linestyle=":", linewidth=1)
   axis.set_xlabel(xlabel)
-  axis.set_ylabel("test accuracy")
-  axis.set_ylim(max(0.0, axis.get_ylim()[0]), 1.0)
+  axis.set_ylabel(ylabel)
+  if y_key == "test_accuracy":
+    axis.set_ylim(max(0.0, axis.get_ylim()[0]), 1.0)
   axis.grid(alpha=0.3)
   axis.legend(fontsize=8)
   axis.set_title(

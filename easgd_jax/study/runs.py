@@ -21,6 +21,10 @@ refuses one, and so is a workdir that holds a single run. At the end the study w
                              target and the communication share (simulated.py)
   sweep.png                  for a sweep: final accuracy and samples to target against the
                              swept value, one line per family
+
+A text study (`target_loss` set) reports validation loss instead: the table gives the final loss,
+tokens and seconds (virtual seconds) to the target loss, bytes sent and the peak bandwidth, and
+the plots are loss_vs_tokens.png and loss_vs_virtual_time.png.
 """
 
 import dataclasses
@@ -60,6 +64,10 @@ class Study:
   samples: int = 64_000  # the budget: training samples per run
   eval_samples: int = 3_200  # samples between evaluations
   target_accuracy: float = 0.95
+  # A text workload is judged by validation loss: the table reports the loss, tokens and
+  # (virtual) seconds to this loss, bytes and peak bandwidth, and the plots show the loss.
+  target_loss: float | None = None
+  warmup_fraction: float | None = None  # each run's warm-up: this share of its own steps
   sweep_name: str | None = None  # x-axis label of sweep.png; None: not a sweep
   header: str = ""  # results.md: this text (the study's settings, say) above the table
 
@@ -73,8 +81,11 @@ class Study:
       config,
       steps=steps,
       eval_every=max(1, min(steps, self.eval_samples // per_step)),
-      target_accuracy=self.target_accuracy,
+      target_accuracy=None if self.target_loss else self.target_accuracy,
+      target_loss=self.target_loss,
     )
+    if self.warmup_fraction is not None:  # the same share of a short run as of a long one
+      config = dataclasses.replace(config, warmup_steps=int(self.warmup_fraction * steps))
     return train.validate(config)
 
   def devices_needed(self):
@@ -172,6 +183,33 @@ def report(study, workdir):
   table = tables.rows(study, results)
   reporting.write_text(os.path.join(workdir, "results.md"), tables.markdown(study, table))
   reporting.write_text(os.path.join(workdir, "results.csv"), tables.to_csv(table))
+  if study.target_loss is not None:
+    _plot_losses(study, results, workdir)
+  else:
+    _plot_accuracies(study, results, workdir)
+  if study.sweep_name:
+    plots.plot_sweep(study, table, os.path.join(workdir, SWEEP_PLOT))
+  logging.info("%s: results in %s\n%s", study.name, workdir, tables.markdown(study, table))
+  return table
+
+
+def _plot_losses(study, results, workdir):
+  loss = {"y_key": "test_loss", "ylabel": "validation loss (nats per character)"}
+  plots.plot_curves(
+    study, results, "tokens", "training tokens", os.path.join(workdir, LOSS_TOKENS_PLOT), **loss
+  )
+  if study.simulated:
+    plots.plot_curves(
+      study,
+      results,
+      "virtual_time_s",
+      "virtual time on the simulated cluster (s)",
+      os.path.join(workdir, LOSS_VIRTUAL_TIME_PLOT),
+      **loss,
+    )
+
+
+def _plot_accuracies(study, results, workdir):
   plots.plot_curves(
     study, results, "samples", "training samples", os.path.join(workdir, SAMPLES_PLOT)
   )
@@ -190,11 +228,8 @@ def report(study, workdir):
       "virtual time on the simulated cluster (s)",
       os.path.join(workdir, VIRTUAL_TIME_PLOT),
     )
-  if study.sweep_name:
-    plots.plot_sweep(study, table, os.path.join(workdir, SWEEP_PLOT))
-  logging.info("%s: results in %s\n%s", study.name, workdir, tables.markdown(study, table))
-  return table
 
 
 SAMPLES_PLOT, TIME_PLOT, SWEEP_PLOT = "accuracy_vs_samples.png", "accuracy_vs_time.png", "sweep.png"
 VIRTUAL_TIME_PLOT = "accuracy_vs_virtual_time.png"  # simulated studies
+LOSS_TOKENS_PLOT, LOSS_VIRTUAL_TIME_PLOT = "loss_vs_tokens.png", "loss_vs_virtual_time.png"  # text

@@ -14,6 +14,18 @@ def _mean_std(values):
   return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
+def _mean_text(row, name):
+  """`mean ± std (n = N)` of `row`'s `name`: the mean alone for one run, never a spread."""
+  diverged = f"{row['diverged']}/{row['seeds']} diverged"
+  if row[f"{name}_mean"] is None:
+    return diverged
+  std = row[f"{name}_std"]
+  spread = f" ± {std:.4f}" if std is not None else ""
+  return f"{row[f'{name}_mean']:.4f}{spread} (n = {row['n']}" + (
+    f", {diverged})" if row["diverged"] else ")"
+  )
+
+
 def rows(study, results):
   """One row per arm: the table's numbers (means over seeds; None where a seed never got there)."""
   table = []
@@ -43,7 +55,28 @@ def rows(study, results):
     )
     if study.simulated:  # only then, so the other studies' tables keep their columns
       table[-1].update(_clock_columns(summaries, reached))
+    if study.target_loss is not None:
+      table[-1].update(_loss_columns(summaries, len(results[arm.label])))
   return table
+
+
+def _loss_columns(summaries, seeds):
+  """A text study's columns: the validation loss, what reaching `target_loss` took, and the
+  simulated cluster's bytes and peak bandwidth (None on a real engine)."""
+  reached = [s for s in summaries if s.get("tokens_to_target_loss") is not None]
+  loss, loss_std = _mean_std([s["final"]["test_loss"] for s in summaries])
+  mean = lambda runs, key: _mean_std([s.get(key) for s in runs])[0]  # noqa: E731
+  final = lambda key: _mean_std([s["final"].get(key) for s in summaries])[0]  # noqa: E731
+  return {
+    "final_loss_mean": loss,
+    "final_loss_std": loss_std,
+    "reached_target_loss": f"{len(reached)}/{seeds}",
+    "tokens_to_target_loss": mean(reached, "tokens_to_target_loss"),
+    "seconds_to_target_loss": mean(reached, "wall_time_s_to_target_loss"),
+    "virtual_seconds_to_target_loss": mean(reached, "virtual_time_s_to_target_loss"),
+    "bytes_sent": final("bytes_sent"),
+    "peak_bandwidth_gbps": final("peak_bandwidth_gbps"),
+  }
 
 
 def _staleness_median(summary):
@@ -70,6 +103,8 @@ def _clock_columns(summaries, reached):
 
 
 def markdown(study, table):
+  if study.target_loss is not None:
+    return _loss_markdown(study, table)
   target = f"{study.target_accuracy:.0%}"
   simulated = bool(table) and "communication_share" in table[0]
   clock = f" virtual s to {target} | virtual s in all | communication share |" if simulated else ""
@@ -79,14 +114,7 @@ def markdown(study, table):
     "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * (3 if simulated else 0),
   ]
   for row in table:
-    diverged = f"{row['diverged']}/{row['seeds']} diverged"
-    if row["final_accuracy_mean"] is None:
-      accuracy = diverged
-    else:
-      accuracy = f"{row['final_accuracy_mean']:.4f}"
-      if row["final_accuracy_std"] is not None:  # a spread needs two runs at least
-        accuracy += f" ± {row['final_accuracy_std']:.4f}"
-      accuracy += f" (n = {row['n']}" + (f", {diverged})" if row["diverged"] else ")")
+    accuracy = _mean_text(row, "final_accuracy")
     lines.append(
       f"| {row['arm']} | {accuracy} "
       f"| {row['reached_target']} | {_fmt(row['steps_to_target'], '.0f')} "
@@ -98,6 +126,28 @@ def markdown(study, table):
         if simulated
         else ""
       )
+    )
+  header = study.header.strip()
+  return (header + "\n\n" if header else "") + "\n".join(lines) + "\n"
+
+
+def _loss_markdown(study, table):
+  target = f"{study.target_loss:g}"
+  lines = [
+    f"| run | final validation loss | reached {target} | tokens to {target} "
+    f"| seconds to {target} | virtual s to {target} | virtual s in all | communication share "
+    "| bytes sent | peak Gbit/s |",
+    "| --- |" + " --- |" * 9,
+  ]
+  for row in table:
+    loss = _mean_text(row, "final_loss")
+    lines.append(
+      f"| {row['arm']} | {loss} | {row['reached_target_loss']} "
+      f"| {_fmt(row['tokens_to_target_loss'], ',.0f')} "
+      f"| {_fmt(row['seconds_to_target_loss'], '.1f')} "
+      f"| {_fmt(row.get('virtual_seconds_to_target_loss'), '.4g')} "
+      f"| {_fmt(row.get('virtual_time_s'), '.4g')} | {_fmt(row.get('communication_share'), '.1%')} "
+      f"| {_fmt(row['bytes_sent'], '.3g')} | {_fmt(row['peak_bandwidth_gbps'], '.3g')} |"
     )
   header = study.header.strip()
   return (header + "\n\n" if header else "") + "\n".join(lines) + "\n"
