@@ -245,9 +245,14 @@ def test_simulated_arms_need_one_device_and_add_the_clock_columns():
   three = [({**summary, "final": {"test_accuracy": a}}, []) for a in (0.90, 0.92, 0.94)]
   spread = study.rows(local, {"sgd": three})
   assert "| sgd | 0.9200 ± 0.0200 (n = 3) |" in study.markdown(local, spread)
+  lm = dataclasses.replace(local, target_loss=2.0)  # and a text study's validation loss
+  one = [({**summary, "final": {"test_accuracy": 0.5, "test_loss": 2.5}}, [])]
+  assert "| sgd | 2.5000 (n = 1) |" in study.markdown(lm, study.rows(lm, {"sgd": one}))
 
 
-@pytest.mark.parametrize("name", ["study_communication", "sweep_tau_mnist5k"])
+@pytest.mark.parametrize(
+  "name", ["study_communication", "sweep_tau_mnist5k", "study_streaming", "compare_lm"]
+)
 def test_the_simulated_studies_run_three_seeds_at_least(name):
   """A simulated run is fast and deterministic: its studies report a spread over seeds."""
   assert len(experiment(name).make_study(Config()).seeds) >= 3

@@ -233,6 +233,21 @@ def test_resume_refuses_every_change_but_the_allowlist(tmp_path, cpu_devices, ch
   assert summary["steps"] == 60
 
 
+@pytest.mark.parametrize("taken", [checkpoints.FOLDER, reporting.CONFIG])
+def test_a_name_the_run_needs_taken_by_the_wrong_kind_is_one_line_and_changes_nothing(
+  tmp_path, taken
+):
+  """`checkpoints` a file (a 72-line traceback at the first save), `config.json` a folder:
+  ConfigError naming it before anything is written (the lock aside: taken to read)."""
+  path = tmp_path / taken
+  path.mkdir() if taken == reporting.CONFIG else path.write_text("notes\n")
+  before = files_of(tmp_path)
+  with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))} .*use another --workdir$"):
+    train.train_and_evaluate(Config(algorithm="sgd", **SMALL), str(tmp_path))
+  assert files_of(tmp_path).keys() - {workdir.Lock.NAME} == before.keys() - {workdir.Lock.NAME}
+  assert files_of(tmp_path)[taken] == before[taken]
+
+
 def test_without_config_json_the_checkpoints_own_config_rules_the_resume(tmp_path, cpu_devices):
   """config.json deleted: each checkpoint's record carries the run's config, and a relaunch
   with other flags is refused as against config.json (nothing resumed or set aside silently)."""

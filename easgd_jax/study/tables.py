@@ -14,6 +14,18 @@ def _mean_std(values):
   return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
+def _mean_text(row, name):
+  """`mean ± std (n = N)` of `row`'s `name`: the mean alone for one run, never a spread."""
+  diverged = f"{row['diverged']}/{row['seeds']} diverged"
+  if row[f"{name}_mean"] is None:
+    return diverged
+  std = row[f"{name}_std"]
+  spread = f" ± {std:.4f}" if std is not None else ""
+  return f"{row[f'{name}_mean']:.4f}{spread} (n = {row['n']}" + (
+    f", {diverged})" if row["diverged"] else ")"
+  )
+
+
 def rows(study, results):
   """One row per arm: the table's numbers (means over seeds; None where a seed never got there)."""
   table = []
@@ -102,14 +114,7 @@ def markdown(study, table):
     "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * (3 if simulated else 0),
   ]
   for row in table:
-    diverged = f"{row['diverged']}/{row['seeds']} diverged"
-    if row["final_accuracy_mean"] is None:
-      accuracy = diverged
-    else:
-      accuracy = f"{row['final_accuracy_mean']:.4f}"
-      if row["final_accuracy_std"] is not None:  # a spread needs two runs at least
-        accuracy += f" ± {row['final_accuracy_std']:.4f}"
-      accuracy += f" (n = {row['n']}" + (f", {diverged})" if row["diverged"] else ")")
+    accuracy = _mean_text(row, "final_accuracy")
     lines.append(
       f"| {row['arm']} | {accuracy} "
       f"| {row['reached_target']} | {_fmt(row['steps_to_target'], '.0f')} "
@@ -135,14 +140,7 @@ def _loss_markdown(study, table):
     "| --- |" + " --- |" * 9,
   ]
   for row in table:
-    if row["final_loss_mean"] is None:
-      loss = f"{row['diverged']}/{row['seeds']} diverged"
-    else:
-      loss = f"{row['final_loss_mean']:.4f}"
-      if row["final_loss_std"] is not None:  # a spread needs two runs at least
-        loss += f" ± {row['final_loss_std']:.4f}"
-      diverged = f", {row['diverged']}/{row['seeds']} diverged" if row["diverged"] else ""
-      loss += f" (n = {row['n']}{diverged})"
+    loss = _mean_text(row, "final_loss")
     lines.append(
       f"| {row['arm']} | {loss} | {row['reached_target_loss']} "
       f"| {_fmt(row['tokens_to_target_loss'], ',.0f')} "
