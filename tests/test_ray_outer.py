@@ -213,12 +213,12 @@ def test_a_node_that_leaves_takes_its_worker_which_rejoins_when_a_node_comes_bac
       cluster.connect(Config(engine="ray", ray_address=ray_cluster.address))
       ballast = _fill_free_cpus(ray)
       ray_cluster.remove_node(node, allow_graceful=False)
-      _wait_for(p, rf"ray: worker {on_it[0]} died at run step \d+", lines, timeout=180)
+      _wait_for(p, rf"ray: worker {on_it[0]} died at run step \d+", lines, timeout=300)
       _wait_for(p, rf"ray: worker {on_it[0]} restarted", lines)
       _wait_for_step(p, int(re.findall(r"progress: step (\d+)", "".join(lines))[-1]) + 50, lines)
       assert f"worker {on_it[0]} joined" not in "".join(lines)  # nowhere to start yet
       back = ray_cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
-      _wait_for(p, rf"ray: worker {on_it[0]} joined at run step \d+", lines, timeout=180)
+      _wait_for(p, rf"ray: worker {on_it[0]} joined at run step \d+", lines, timeout=300)
       p.send_signal(signal.SIGTERM)
       lines += p.stderr.readlines()
       assert p.wait(timeout=60) == 143, "".join(lines)[-3000:]
