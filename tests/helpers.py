@@ -416,3 +416,19 @@ def golden_check(name, found):
     f"{name}: the final weights moved (first values {found['params_head']} against "
     f"{expected['params_head']}); a refactor that changes them is a bug until a note says why"
   )
+
+
+# A transformer small enough for a test on any engine: one block, 2 heads of 8, a 20,000-character
+# slice of the corpus, 12 steps of 2 workers.
+TINY_LM = dict(
+  dataset="shakespeare",
+  model="transformer",
+  num_layers=1,
+  num_heads=2,
+  width=16,
+  context=8,
+  max_chars=20_000,
+  num_devices=2,
+  steps=12,
+  eval_every=12,
+)

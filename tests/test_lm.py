@@ -19,23 +19,9 @@ from easgd_jax import algorithms, core, data, partitioning, reporting, train, tr
 from easgd_jax.config import Config
 from easgd_jax.engines.local import steps
 
-from helpers import REPO, child_env, run_at_once, run_process
+from helpers import REPO, TINY_LM, child_env, run_at_once, run_process
 
-TINY = dict(
-  dataset="shakespeare",
-  model="transformer",
-  num_layers=1,
-  num_heads=2,
-  width=16,
-  context=8,
-  max_chars=20_000,
-  num_devices=2,
-  steps=12,
-  eval_every=12,
-  progress_every_s=0,
-  sim_compute_ms=1.0,
-  sim_service_us=20.0,
-)
+TINY = dict(TINY_LM, progress_every_s=0, sim_compute_ms=1.0, sim_service_us=20.0)
 # Steps where 12 would end before any exchange: async_diloco's 2 workers push after their own
 # H = 10 inner steps, 20 of the run's (12 are 6 each: nothing pushed, the global weights unmoved).
 STEPS = {"async_diloco": 24}

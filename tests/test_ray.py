@@ -519,18 +519,9 @@ def test_the_transformer_runs_on_ray(ray_cluster, tmp_path):
     summary, _ = ray_run(
       ray_cluster,
       tmp_path / algorithm,
+      **helpers.TINY_LM,
       algorithm=algorithm,
-      dataset="shakespeare",
-      model="transformer",
-      num_layers=1,
-      num_heads=2,
-      width=16,
-      context=8,
-      max_chars=20_000,
-      num_devices=2,
       batch_size=None,
       learning_rate=None,
-      steps=12,
-      eval_every=12,
     )
     assert summary["final"]["step"] == 12 and summary["final"]["test_loss"] < 5.0
