@@ -96,7 +96,7 @@ class Config:
   checkpoint_every: int = field(500, "Iterations between checkpoints (0: at the end only).")
   keep_checkpoints: int = field(3, "How many of the newest checkpoints are kept.")
   inject_nan: int | None = field(None, "Fault injection: this iteration's batch is all NaN.")
-  model_parallel: int = field(1, "M: every layer split across M devices (sgd, sync_sgd).")
+  model_parallel: int = field(1, "M: every layer split across M devices (sgd, sync_sgd, meshes).")
   devices_per_worker: int = field(1, "D: workers of D devices, data parallel inside (G = N / D).")
   fail_fast: bool = field(False, "Stop when a worker fails (default: go on with the rest).")
   inject_failure: str | None = field(None, "WORKER:STEP: that worker fails at its own step.")
@@ -266,6 +266,11 @@ class Config:
         f"--devices_per_worker={self.devices_per_worker} must divide --num_devices="
         f"{self.num_devices} (G = num_devices / devices_per_worker workers)"
       )
+    if self.devices_per_worker > 1 and self.devices_per_worker % self.model_parallel:
+      raise ConfigError(
+        f"--model_parallel={self.model_parallel} must divide --devices_per_worker="
+        f"{self.devices_per_worker} (each worker is a data x model mesh of its devices)"
+      )
     _at_least("min_workers", self.min_workers, 1)
     if self.min_workers > self.num_workers:
       raise ConfigError(
@@ -326,6 +331,11 @@ class Config:
   def num_workers(self) -> int:
     """G: the workers, each of --devices_per_worker devices."""
     return self.num_devices // self.devices_per_worker
+
+  @property
+  def shards_per_worker(self) -> int:
+    """A worker's data shards: its D devices over the M of each model-parallel group."""
+    return self.devices_per_worker // self.model_parallel
 
   @property
   def local_devices(self) -> int:

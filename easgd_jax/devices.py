@@ -13,6 +13,7 @@ ConfigError.
 """
 
 import logging as std_logging
+import math
 import os
 
 import jax
@@ -106,18 +107,19 @@ def device_of(tree):
   return found.pop()
 
 
-def mesh(data, model, axis_names):
-  """The first data * model devices as a (data, model) mesh, for model parallelism."""
+def mesh(shape, axis_names):
+  """The first prod(shape) devices as a mesh of that shape: (data, model) for model parallelism,
+  (workers, data, model) for workers that are data x model meshes."""
   from jax.sharding import Mesh
 
-  available = jax.devices()
-  if data * model > len(available):
+  available, needed = jax.devices(), math.prod(shape)
+  if needed > len(available):
     raise ConfigError(
-      f"a ({data} data x {model} model) mesh needs {data * model} devices but only "
-      f"{len(available)} {available[0].platform} devices are visible; lower --model_parallel or "
-      f"--num_devices"
+      f"a {' x '.join(f'{n} {a}' for n, a in zip(shape, axis_names, strict=True))} mesh needs "
+      f"{needed} devices but only {len(available)} {available[0].platform} devices are visible; "
+      f"lower --model_parallel or --num_devices"
     )
-  return Mesh(np.array(available[: data * model]).reshape(data, model), axis_names)
+  return Mesh(np.array(available[:needed]).reshape(shape), axis_names)
 
 
 def initialize_processes(config):

@@ -100,11 +100,28 @@ def check_divisible(params, model_parallel):
         )
 
 
-def shardings(params, mesh):
-  """NamedSharding of every parameter on `mesh` (replicated over its data axis)."""
+def shardings(params, mesh, stacked=None):
+  """NamedSharding of every parameter on `mesh` (replicated over its data axis); with `stacked`
+  (a mesh axis), of a leading axis of copies split over that axis (workers that are meshes)."""
+  lead = () if stacked is None else (stacked,)
   return jax.tree.map(
-    lambda spec: NamedSharding(mesh, spec), specs(params), is_leaf=lambda x: isinstance(x, P)
+    lambda spec: NamedSharding(mesh, P(*lead, *spec)),
+    specs(params),
+    is_leaf=lambda x: isinstance(x, P),
   )
+
+
+def state_shardings(init, params, placed, fallback):
+  """Where init(params)'s leaves go when the parameters are `placed` (a pytree of shardings, the
+  params possibly host arrays): the state follows W's layout (XLA's choice for each leaf), its
+  other leaves (step counts) `fallback`."""
+  structs = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, placed
+  )
+  found = jax.jit(init).lower(structs).compile().output_shardings
+  mesh = fallback.mesh
+  on_mesh = lambda s: isinstance(s, NamedSharding) and s.mesh == mesh  # noqa: E731
+  return jax.tree.map(lambda s: s if on_mesh(s) else fallback, found)
 
 
 def batch_sharding(mesh):

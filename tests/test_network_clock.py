@@ -101,6 +101,44 @@ def test_an_all_reduce_is_hierarchical_inside_nodes_and_a_ring_across_them():
     costs(node_size=3).all_reduce_s(B, workers)
 
 
+def test_a_worker_of_several_devices_all_reduces_each_gradient_on_its_nodes_links():
+  B, fast = 8e6, dict(intra_latency_s=1e-6, intra_bandwidth_bytes_s=1e11)
+  inside = 2 * 3 * (1e-6 + B / 4 / 1e11)  # a ring among the worker's 4 devices, every step
+  across = 2 * 1 * (1e-4 + B / 2 / 1e9)  # then the outer ring of the G = 2 workers
+  inner_s = costs(**fast).intra_all_reduce_s(B, 4)
+  assert inner_s == pytest.approx(inside, rel=1e-12)
+  timing = synchronous(costs(**fast), 2, [(Transfer(B),), (), ()], inner_s=inner_s)
+  steps = [C + inside + across, C + inside, C + inside]
+  assert timing.step_end == pytest.approx(np.cumsum(steps), rel=1e-12)
+  clock = timing.at(3)
+  assert clock["compute_share"] == pytest.approx(3 * C / sum(steps), rel=1e-12)
+  assert clock["bytes_sent"] == pytest.approx(2 * B)  # the outer ring's only: off the node
+  assert costs(**fast).intra_all_reduce_s(B, 1) == 0.0  # a worker of one device: nothing
+
+
+def test_the_simulated_engine_costs_a_mesh_workers_inner_all_reduce(tmp_path):
+  from easgd_jax import reporting, train
+
+  fields = dict(dataset="digits", model="mlp", algorithm="local_sgd", tau=4, steps=8)
+  fields.update(num_devices=4, engine="simulated", sim_compute_ms=1.0, sim_service_us=1.0)
+  fields.update(eval_every=8, checkpoint_every=0, batch_size=8)
+  fields.update(sim_latency_us=100.0, sim_bandwidth_gbps=8.0)  # 1 GB/s between nodes
+  fields.update(sim_intra_node_latency_us=2.0, sim_intra_node_bandwidth_gbps=2400.0)
+  flat = train.train_and_evaluate(Config(**fields), str(tmp_path / "flat"))
+  meshes = train.train_and_evaluate(Config(**fields, devices_per_worker=2), str(tmp_path / "m"))
+  # G = 2 workers of 2 devices against 4 of 1: the outer all-reduces differ (2 workers, not 4),
+  # and every step adds the ring of 2 on the node's links (2 us, 300 GB/s).
+  num_bytes = meshes["sim_message_bytes"]
+  inner = 2 * 1 * (2e-6 + num_bytes / 2 / 300e9)
+  assert meshes["sim_inner_all_reduce_s"] == pytest.approx(inner, rel=1e-9)
+  assert flat["sim_inner_all_reduce_s"] == 0.0
+  outer = lambda g: 2 * (g - 1) * (1e-4 + num_bytes / g / 1e9)  # noqa: E731
+  rows = {name: reporting.read_metrics(str(tmp_path / name))[-1] for name in ("flat", "m")}
+  two_rounds = lambda g, inner_s: 8 * (1e-3 + inner_s) + 2 * outer(g)  # noqa: E731
+  assert rows["flat"]["virtual_time_s"] == pytest.approx(two_rounds(4, 0.0), rel=1e-9)
+  assert rows["m"]["virtual_time_s"] == pytest.approx(two_rounds(2, inner), rel=1e-9)
+
+
 def test_parameter_server_messages_queue_on_a_shared_link_or_their_nodes():
   B, s = 1e6, 1e-4
   t = 1e-4 + B / 1e9  # 1.1 ms each way, longer than the master's 0.1 ms

@@ -35,6 +35,13 @@ EQUAL_RUNS = {
   # G = 2 workers of D = 2 devices: on Ray a mesh each (the batch split over it, GSPMD's
   # all-reduce inside), locally a pmean over the worker's devices; the outer mean at the reducer.
   "diloco, workers of 2 devices": (dict(DILOCO, num_devices=4, devices_per_worker=2, tau=2), 10),
+  # G = 2 workers that are (1 data x 2 model) meshes: each layer split over a worker's devices
+  # (SGD inside: the split's partial sums round apart, and AdamW's 1 / sqrt(v) would amplify it).
+  "diloco, workers of 2 model-parallel devices": (
+    dict(DILOCO, optimizer="sgd", learning_rate=0.1, num_devices=4, devices_per_worker=2)
+    | dict(model_parallel=2, tau=2),
+    10,
+  ),
   # Three phases (local steps, fragment 0's sync, fragment 1's), one reduction each, overlapped.
   "streaming_diloco": (
     dict(algorithm="streaming_diloco", num_devices=2, tau=4, fragments=2, overlap_steps=1),

@@ -143,18 +143,18 @@ def _check_parallelism(config, kind):
         f"--devices_per_worker={config.devices_per_worker} makes each replica of "
         f"{', '.join(supported)} a mesh (got --algorithm={config.algorithm}); use 1"
       )
-    if config.model_parallel > 1 or config.num_processes > 1:
+    if config.num_processes > 1:
       raise ConfigError(
-        "--devices_per_worker > 1 runs in one process (or on --engine=ray) without "
-        "--model_parallel; use --num_processes=1 and --model_parallel=1"
+        "--devices_per_worker > 1 runs in one process (or on --engine=ray); use --num_processes=1"
       )
   if config.model_parallel == 1:
     return
-  if not kind.model_parallel:
+  if not (kind.model_parallel or config.devices_per_worker > 1):
     supported = [name for name, cls in REGISTRY.items() if cls.model_parallel]
     raise ConfigError(
       f"--model_parallel={config.model_parallel} supports --algorithm="
-      f"{' or '.join(supported)} (got {config.algorithm}); use --model_parallel=1"
+      f"{' or '.join(supported)} (got {config.algorithm}), or any rule whose workers are meshes "
+      f"(--devices_per_worker a multiple of it); use --model_parallel=1"
     )
   if kind.data_parallel and config.num_devices % config.model_parallel:
     raise ConfigError(

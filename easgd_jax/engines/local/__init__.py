@@ -2,7 +2,8 @@
 
 Read off the algorithm's facts: a step-driven rule runs on the host scheduler (steps.py) on one
 device, one replica per device (pmap; several processes with --num_processes; a worker of
---devices_per_worker devices has its replica on each) or a model-parallel mesh; a worker/master
+--devices_per_worker devices has its replica on each), a model-parallel mesh, or workers that
+are data x model meshes (--devices_per_worker with --model_parallel); a worker/master
 rule in Algorithm 1's order on the same scheduler; an asynchronous worker/master rule as one
 thread per worker (threads.py).
 """
@@ -31,6 +32,9 @@ def mesh_shape(config, rule):
 
 
 def _placed(config, rule, dataset, params_host):
+  if config.model_parallel > 1 and config.devices_per_worker > 1:
+    sampler = data.sampler(dataset, config, config.num_devices // config.model_parallel)
+    return steps.WorkerMeshes(config, rule, sampler, params_host)
   if config.model_parallel > 1:
     shape = mesh_shape(config, rule)
     sampler = data.sampler(dataset, config, shape[0] if rule.data_parallel else None)

@@ -9,6 +9,8 @@ Where the state lives, read off the algorithm's facts:
   checkpoint arrays are collectives every process reaches at the same steps).
 - `Mesh`: --model_parallel=M, one replica on a (data, model) mesh, each parameter placed by
   easgd_jax/partitioning.py and the phase compiled for it (GSPMD).
+- `WorkerMeshes`: --devices_per_worker=D with --model_parallel=M, G workers that are each such
+  a (D / M, M) mesh, the phases vmapped over the workers.
 - `RoundRobin`: a worker/master rule in Algorithm 1's order: iteration t on worker t mod G,
   each worker's state on its own device and the master's on device 0, every transfer enqueued
   without waiting (the host never blocks between points).
@@ -17,8 +19,10 @@ Where the state lives, read off the algorithm's facts:
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from easgd_jax import checkpoints, devices, partitioning, schedule
+from easgd_jax import checkpoints, collectives, devices, partitioning, schedule
 from easgd_jax.engines.local import masters
 from easgd_jax.engines.loop import Stepper, host_floats, host_values
 
@@ -145,17 +149,15 @@ class Mesh(Stepper):
     self.rule = rule
     self._stacked = rule.data_parallel  # its sampler then stacks one batch per data shard
     data, model = mesh_shape
-    self.mesh = devices.mesh(data, model, (partitioning.DATA, partitioning.MODEL))
+    self.mesh = devices.mesh((data, model), (partitioning.DATA, partitioning.MODEL))
     self.devices = list(self.mesh.devices.flat)
     self.max_in_flight = devices.max_in_flight(self.devices)
     self.eval_placement = partitioning.replicated(self.mesh)  # test set: whole on every device
     self._batch_sharding = partitioning.batch_sharding(self.mesh)
     partitioning.check_divisible(params_host, model)
-    params = devices.put(params_host, partitioning.shardings(params_host, self.mesh))
-    # The state follows W's layout; its other leaves (step counts) sit on the whole mesh.
-    found = jax.jit(rule.init).lower(params).compile().output_shardings
-    on_mesh = lambda s: isinstance(s, jax.sharding.NamedSharding) and s.mesh == self.mesh  # noqa: E731
-    shardings = jax.tree.map(lambda s: s if on_mesh(s) else self.eval_placement, found)
+    placed = partitioning.shardings(params_host, self.mesh)
+    shardings = partitioning.state_shardings(rule.init, params_host, placed, self.eval_placement)
+    params = devices.put(params_host, placed)
     self.state = jax.jit(rule.init, out_shardings=shardings)(params)
     self._phases = [
       jax.jit(fn, out_shardings=(shardings, self.eval_placement)) for fn in rule.phases
@@ -177,6 +179,58 @@ class Mesh(Stepper):
 
   def worker_points(self):
     return None
+
+
+class WorkerMeshes(Stepper):
+  """--devices_per_worker=D with --model_parallel=M: G workers, each a (D / M data x M model)
+  mesh of its own devices, on one (workers, data, model) mesh. The rule's phases are vmapped
+  over the workers, so its replica reductions run across them (collectives.py); each worker's
+  replica is placed on its devices by partitioning.py and its batch split over its data axis,
+  XLA (GSPMD) inserting the model-parallel collectives and the all-reduce across workers."""
+
+  def __init__(self, config, rule, sampler, params_host):
+    super().__init__(config, sampler)
+    self.rule, self.num_workers = rule, config.num_workers
+    shape = (self.num_workers, config.shards_per_worker, config.model_parallel)
+    names = (collectives.AXIS, partitioning.DATA, partitioning.MODEL)
+    self.mesh = devices.mesh(shape, names)
+    self.devices = list(self.mesh.devices.flat)
+    self.max_in_flight = devices.max_in_flight(self.devices)
+    self.eval_placement = partitioning.replicated(self.mesh)  # test set: whole on every device
+    self._batch_sharding = NamedSharding(self.mesh, P(collectives.AXIS, partitioning.DATA))
+    per_worker = NamedSharding(self.mesh, P(collectives.AXIS))
+    partitioning.check_divisible(params_host, config.model_parallel)
+    stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * self.num_workers), params_host)
+    placed = partitioning.shardings(params_host, self.mesh, collectives.AXIS)
+    init = jax.vmap(rule.init)
+    shardings = partitioning.state_shardings(init, stacked, placed, per_worker)
+    self.state = jax.jit(init, out_shardings=shardings)(devices.put(stacked, placed))
+    self._phases = [
+      jax.jit(jax.vmap(fn, axis_name=collectives.AXIS), out_shardings=(shardings, per_worker))
+      for fn in rule.phases
+    ]
+    self._worker = jax.jit(_pick, static_argnums=1, out_shardings=self.eval_placement)
+
+  def step(self, t, batch_host):
+    """batch_host: [G * D / M, b, ...], one batch per data shard, worker-major."""
+    batch_host = jax.tree.map(lambda x: x.reshape(self.num_workers, -1, *x.shape[2:]), batch_host)
+    batch = devices.put(batch_host, self._batch_sharding)
+    self.state, loss = self._phases[self.rule.phase(t)](self.state, batch)
+    return loss, None
+
+  def eval_params(self):
+    return self.rule.eval_params(self._worker(self.state, 0))
+
+  def diagnostics(self):
+    return host_floats(self.rule.diagnostics(self._worker(self.state, 0)))
+
+  def worker_points(self):
+    found = [self.rule.worker_point(self._worker(self.state, j)) for j in range(self.num_workers)]
+    return None if found[0] is None else found
+
+
+def _pick(tree, j):
+  return jax.tree.map(lambda x: x[j], tree)
 
 
 class RoundRobin(Stepper):

@@ -55,8 +55,14 @@ class QuorumEngine:
   def __init__(self, config, rule, dataset, params_host):
     self.config, self.rule = config, rule
     self.workers, self.per_worker = config.num_workers, config.devices_per_worker
+    self.shards = config.shards_per_worker  # a worker's data shards, one stream each
+    # Its copies in the stacked state, as the local engine holds them: one per device, or one
+    # per worker that is a data x model mesh (steps.WorkerMeshes).
+    self.copies = 1 if config.model_parallel > 1 else self.per_worker
     self.states = [rule.init(params_host)] * self.workers  # on the host, as of the last gather
-    self.streams = data.sampler(dataset, config, config.num_devices).state()  # one per shard
+    self.streams = data.sampler(
+      dataset, config, config.num_devices // config.model_parallel
+    ).state()
     self.done, self.pending, self.stopwatch, self.final = 0, [], None, None
     self.restarts, self.generation = [0] * self.workers, [0] * self.workers
     self.reducer, self.actors, self.members = None, [None] * self.workers, set()
@@ -68,7 +74,7 @@ class QuorumEngine:
   @property
   def state(self):
     """The replicas' states stacked as the local engine stacks them, one per device."""
-    per = self.per_worker
+    per = self.copies
     return jax.tree.map(
       lambda *xs: np.stack([np.asarray(x) for x in xs for _ in range(per)]), *self.states
     )
@@ -82,7 +88,7 @@ class QuorumEngine:
   def restore(self, arrays, record):
     stacked = checkpoints.like(self.state, arrays)
     self.states = [
-      jax.tree.map(lambda x, j=j: x[j * self.per_worker], stacked) for j in range(self.workers)
+      jax.tree.map(lambda x, j=j: x[j * self.copies], stacked) for j in range(self.workers)
     ]
     self.streams, self.done = list(record["samplers"]), record["step"]
     self.pending = [(s, np.asarray(v, np.float32), None) for s, v in record["losses"]]
@@ -90,7 +96,7 @@ class QuorumEngine:
   # --- actors ---------------------------------------------------------------------------------
 
   def _replica(self, j, generation, restarted=False):
-    streams = self.streams[j * self.per_worker : (j + 1) * self.per_worker]
+    streams = self.streams[j * self.shards : (j + 1) * self.shards]
     args = (self.config, self.rule, j, self.reducer, self.states[j], streams, generation)
     options = dict(num_cpus=actors.WORKER_CPUS, num_gpus=self.config.ray_worker_gpus)
     return replicas.Replica.options(**options, scheduling_strategy="SPREAD").remote(
@@ -359,7 +365,7 @@ class QuorumEngine:
         state, streams = saved.get(j, (donor, None))
         self.states[j] = state
         if streams is not None:
-          self.streams[j * self.per_worker : (j + 1) * self.per_worker] = streams
+          self.streams[j * self.shards : (j + 1) * self.shards] = streams
     return checkpoints.to_host(self.state), {"samplers": list(self.streams)}
 
   # --- the end --------------------------------------------------------------------------------

@@ -1,14 +1,15 @@
 """The Ray engine's actors for a step-driven rule: a reducer, and one replica actor per worker.
 
 `Replica` is worker j: the rule's replica state on its own devices (one, or a mesh of
---devices_per_worker over which its batch is split, XLA then averaging the gradient over them),
-the dataset loaded on its own node, and the seeded streams of its data shards jD .. jD + D - 1
-(the local engine's). It runs run steps with the rule's phases, each one jitted call, whole.
-Their reductions across replicas (collectives.replica_mean / replica_sum) are traced `deferred`:
-a host call (io_callback) that pushes the reduction's input to the reducer, keyed by the run
-step, waits for the result, and hands it back to the phase, which goes on from there. So no rule
-is split or changed for Ray, a phase may reduce any number of times, and any number of phases
-works. The phases are compiled when the actor starts, so a round never waits for a compiler.
+--devices_per_worker D over which its batch is split, XLA then averaging the gradient over them;
+with --model_parallel=M a (D / M data x M model) mesh, each layer split as partitioning.py says),
+the dataset loaded on its own node, and the seeded streams of its S = D / M data shards
+jS .. jS + S - 1 (the local engine's). It runs run steps with the rule's phases, each one jitted
+call, whole. Their reductions across replicas (collectives.replica_mean / replica_sum) are traced
+`deferred`: a host call (io_callback) that pushes the reduction's input to the reducer, keyed by
+the run step, waits for the result, and hands it back to the phase, which goes on from there. So
+no rule is split or changed for Ray, a phase may reduce any number of times, and any number of
+phases works. The phases are compiled when the actor starts, so a round never waits for a compiler.
 
 `Reducer` closes each reduction over a quorum Q: the members that pushed, once every member has
 or --round_timeout_s after the first push. The result is (1/|Q|) sum_{i in Q} x_i for a mean (the
@@ -179,24 +180,31 @@ class Replica:
   template until it joins), `streams` its shards' generator states."""
 
   def __init__(self, config, rule, j, reducer, state, streams, generation, restarted=False):
-    per_worker = config.devices_per_worker
+    per_worker, model, shards = (
+      config.devices_per_worker,
+      config.model_parallel,
+      config.shards_per_worker,
+    )
     devices.emulate_cpu_devices(per_worker)  # on a CPU node: D devices of its own
     self.config, self.rule, self.j, self.reducer = config, rule, j, reducer
     self.generation, self.behind = generation, False
     self.failure = None if restarted else config.failure_point  # fires once per run
-    shape = (per_worker, 1)
-    mesh = devices.mesh(*shape, (partitioning.DATA, partitioning.MODEL))
-    self.placement = partitioning.replicated(mesh)
+    mesh = devices.mesh((shards, model), (partitioning.DATA, partitioning.MODEL))
+    params = rule.eval_params(state)  # on the host: W's shapes, for the layout
+    partitioning.check_divisible(params, model)
+    placed = partitioning.shardings(params, mesh)
+    whole = partitioning.replicated(mesh)
+    self.placement = partitioning.state_shardings(rule.init, params, placed, whole)
     self.batch_placement = partitioning.batch_sharding(mesh)
     self.dataset = data.load(config)  # on this node
-    ids = range(j * per_worker, (j + 1) * per_worker)
-    self.sampler = data.ShardedSampler(self.dataset, config.num_devices, ids, config.seed)
+    ids = range(j * shards, (j + 1) * shards)
+    self.sampler = data.ShardedSampler(self.dataset, config.num_devices // model, ids, config.seed)
     self.sampler.set_state(streams)
     self.state = devices.put(state, self.placement)
     self.reductions = [0] * len(rule.phases)  # counted as each phase is traced
-    example = self._place(self.dataset.take(np.zeros((per_worker, config.batch_size), int)))
+    example = self._place(self.dataset.take(np.zeros((shards, config.batch_size), int)))
     self._phases = [
-      jax.jit(self._deferred(p, fn), out_shardings=self.placement)
+      jax.jit(self._deferred(p, fn), out_shardings=(self.placement, whole))
       .lower(self.state, example, np.int32(0))
       .compile()
       for p, fn in enumerate(rule.phases)

@@ -113,7 +113,11 @@ def recost(workdir, **changes):
     for s, num_bytes, overlap in zip(*columns, strict=True):
       found[s].append((float(num_bytes), int(overlap)))
     replicas = int(saved["replicas"])
-  timing = clock.synchronous(costs(config), replicas, found, config.seed)
+    # A run saved before the inner all-reduce was costed: its clock had none
+    gradient_bytes = float(saved["gradient_bytes"]) if "gradient_bytes" in saved else 0.0
+  found_costs = costs(config)
+  inner_s = found_costs.intra_all_reduce_s(gradient_bytes, config.devices_per_worker)
+  timing = clock.synchronous(found_costs, replicas, found, config.seed, inner_s)
   return [{**row, **timing.at(row["step"])} for row in reporting.read_metrics(workdir)]
 
 

@@ -20,7 +20,7 @@ its bytes over the bandwidth; each direction is its own queue (full duplex).
 - An all-reduce is hierarchical (`all_reduce_s`): a ring reduce-scatter inside each node, a ring
   across the nodes (every node's link carrying its shards), a ring all-gather inside; one node
   of a single worker each is the flat ring. `intra_all_reduce_s` alone is a worker of several
-  devices all-reducing inside its node.
+  devices all-reducing its gradient inside its node, every step (`synchronous`'s inner_s).
 - A step-driven run (`synchronous`) costs the transfers its rule declares after each step
   (StepRule.transfers: bytes, overlap k). One starts when the step's compute ends and queues on
   the link behind those still in flight (the collectives of one communicator run in order); it
@@ -240,14 +240,18 @@ class Timing(NamedTuple):
     }
 
 
-def synchronous(costs, num_workers, transfers, seed=0):
+def synchronous(costs, num_workers, transfers, seed=0, inner_s=0.0):
   """Workers stepping together (the step-driven data-parallel rules), one run step per entry of
   `transfers`: every step all G compute, and the slowest sets its end (a fast worker's wait
   counts as communication, as it does on a real cluster). After step s its transfers
   (`transfers[s]`: (num_bytes, overlap_steps) pairs, StepRule.transfers) start, each an
   all-reduce (`Costs.all_reduce_s`), queued on the link in order; one with overlap k must land
   before step s + k + 1 starts. A blocking all-reduce of the whole model every tau-th step is
-  today's data-parallel rule: 2 (G - 1) ring messages of num_bytes / G each time.
+  today's data-parallel rule: 2 (G - 1) ring messages of num_bytes / G each time. Workers of
+  several devices (--devices_per_worker) first all-reduce every step's gradient among their own
+  devices on the node's fast links: `inner_s` (Costs.intra_all_reduce_s) after each step's
+  compute, before anything is sent (communication time; its bytes stay off the links between
+  nodes, so not in bytes_sent or link_busy_share).
 
   The loop keeps times relative to the current step's start, so that a step whose transfers are
   all blocking and start on an idle link ends exactly compute + all-reduce after its start."""
@@ -262,7 +266,7 @@ def synchronous(costs, num_workers, transfers, seed=0):
   link_free, due, flight, demand, best = 0.0, {}, [], {}, 0.0
   landed, counts, partial, peak = [], np.zeros(steps, np.int64), np.zeros(steps), np.zeros(steps)
   for s in range(steps):
-    compute_end = slowest[s]
+    compute_end = slowest[s] + inner_s
     for num_bytes, k in transfers[s]:
       seconds = costs.all_reduce_s(num_bytes, num_workers)
       begin = max(compute_end, link_free)  # behind the transfers still on the link

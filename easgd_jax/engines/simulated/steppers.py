@@ -126,8 +126,7 @@ class Replicas(Fused):
     self.rule, self.samplers = rule, [sampler]
     # A worker of D devices (--devices_per_worker) is one replica stepping on its D shards'
     # batches together: the gradient of their mean loss is the mean of theirs, the worker's
-    # inner all-reduce. The clock costs the outer all-reduce across workers only; the inner one
-    # on the node's links is left to a topology of the clock (config.devices_per_worker).
+    # inner all-reduce, which the clock costs on the node's fast links every step.
     self.replicas = config.num_workers if rule.data_parallel else 1
     self.state = devices.put(_stack(rule.init(params_host), self.replicas), self.device)
     phases = [jax.vmap(fn, axis_name=collectives.AXIS) for fn in rule.phases]
@@ -138,7 +137,12 @@ class Replicas(Fused):
     self._scan = jax.jit(lambda state, xs: jax.lax.scan(iteration, state, xs))
     # The whole run's clock, once: its first n steps are the same whatever the total
     self.transfers = [rule.transfers(s, num_bytes) for s in range(config.steps)]
-    self.timing = clock.synchronous(costs, self.replicas, self.transfers, config.seed)
+    # A worker of D devices all-reduces each step's gradient inside its node first
+    self.inner_s = costs.intra_all_reduce_s(num_bytes, config.devices_per_worker)
+    self.timing = clock.synchronous(costs, self.replicas, self.transfers, config.seed, self.inner_s)
+
+  def summary(self):
+    return {**super().summary(), "sim_inner_all_reduce_s": self.inner_s}
 
   def inputs(self, first, count):
     steps = range(first, first + count)
@@ -167,8 +171,9 @@ class Replicas(Fused):
     found = [(s, *transfer) for s, sent in enumerate(self.transfers) for transfer in sent]
     step, num_bytes, overlap = zip(*found, strict=True) if found else ((), (), ())
     columns = dict(step=step, num_bytes=num_bytes, overlap_steps=overlap, replicas=self.replicas)
+    columns["gradient_bytes"] = self.num_bytes  # what a worker of D devices all-reduces inside
     arrays = {
-      k: np.asarray(v, np.float64 if k == "num_bytes" else np.int64) for k, v in columns.items()
+      k: np.asarray(v, np.float64 if k.endswith("bytes") else np.int64) for k, v in columns.items()
     }
     reporting.save_arrays(os.path.join(workdir, TRANSFERS), arrays)
 
