@@ -293,5 +293,27 @@ def test_the_language_model_studies_are_valid_and_give_every_arm_the_same_tokens
   tokens = {
     c.steps * REGISTRY[c.algorithm].samples_per_step(c) * c.context for c in configs
   }  # fmt: skip
-  assert tokens == {lm.samples * 64}
+  assert tokens == {lm.samples * configs[0].context}
   assert all(c.warmup_steps == c.steps // 10 for c in configs)
+
+
+@pytest.mark.slow
+def test_the_streaming_study_recosts_a_synchronous_arm_as_if_trained_at_the_faster_link(
+  tmp_path, cpu_devices
+):
+  """A synchronous arm trains once, at 1 Gbit/s; its row at 10 Gbit/s (results_recosted.md) is
+  the clock of the same run trained at 10 Gbit/s."""
+  module = experiment("study_streaming")
+  lm = module.make_study(Config(dataset="shakespeare", model="transformer"))
+  (arm,) = [a for a in lm.arms if a.label == "diloco, G=8"]
+  base = dataclasses.replace(lm.base, num_layers=1, width=16, context=8)
+  lm = dataclasses.replace(lm, arms=(arm,), base=base, seeds=(0,), samples=1024, eval_samples=512)
+  table = study.run(lm, str(tmp_path / "study"))
+  module.finish(lm, str(tmp_path / "study"), table)
+  text = (tmp_path / "study" / module.RECOSTED).read_text()
+  (row,) = [line for line in text.splitlines() if line.startswith("| diloco, G=8 |")]
+  recosted_total = float(row.split("|")[3])
+  fast = dataclasses.replace(arm, overrides={**arm.overrides, "sim_bandwidth_gbps": 10.0})
+  trained = train.train_and_evaluate(lm.config(fast, 0), str(tmp_path / "fast"))
+  assert recosted_total == pytest.approx(trained["sim_virtual_time_s"], rel=1e-3)
+  assert recosted_total < table[0]["virtual_time_s"]  # the faster link: less time in all
