@@ -25,7 +25,10 @@ from easgd_jax.engines.base import Progress, Snapshot, Stopwatch
 class Stepper:
   """What the step-at-a-time schedulers share: sampling, the losses, the engine columns."""
 
-  chunk, shared, max_in_flight = 1, False, None
+  # Run steps per `advance`: the loop's events and checks once per chunk, not per step (with one
+  # step per advance, round-robin EASGD on 4 devices ran at 0.82x of its speed before the
+  # redesign, with 64 at 0.97x: BENCHMARKS.md (l)).
+  chunk, shared, max_in_flight = 64, False, None
   eval_placement = None  # where the trainer scores the weights (None: this process's device 0)
 
   def __init__(self, config, sampler):
@@ -93,7 +96,10 @@ def run_steps(stepper, plan, start, pending, stopwatch=None):
   step = start
   while step < plan.steps:
     count = min(stepper.chunk, plan.next_point(step) - step)
-    pending += stepper.advance(step, count)
+    advanced = stepper.advance(step, count)
+    if stopwatch.warmed is None:  # the first advance compiles: the warm-up ends once it ran
+      jax.block_until_ready(advanced)
+    pending += advanced
     step += count
     stopwatch.reached = step
     stopwatch.warm(step)  # the first advance of a launch compiles: throughput leaves it out

@@ -249,7 +249,12 @@ class _Run:
         else:
           self.skipped += 1
           engine.evaluations_skipped += 1
-      self.changed.notify_all()
+      # Wake the main thread only when it has work: a snapshot, a checkpoint's barrier reached,
+      # the end. Woken at every step it would take the GIL from the workers thousands of times
+      # a second (Hogwild on 2 workers ran at 0.76x of its speed before the redesign, 0.97x
+      # now: BENCHMARKS.md (l)); its progress line and stop checks run on its 50 ms timeout.
+      if self.slot is not None or engine.done in (self.barrier, self.plan.steps):
+        self.changed.notify_all()
 
   # --- the main thread ------------------------------------------------------------------------
 

@@ -46,6 +46,8 @@ class RoundRobinEngine(StepEngine):
 
 
 class RoundRobinActors(Stepper):
+  chunk = 1  # each step waits on actors anyway; a failure is then seen at the step it happened
+
   def __init__(self, config, rule, sampler, params_host):
     super().__init__(config, sampler)
     self.rule, self.num_workers = rule, config.num_devices
