@@ -35,6 +35,15 @@ def _dense(features, stddev, name):
   return nn.Dense(features, use_bias=False, kernel_init=nn.initializers.normal(stddev), name=name)
 
 
+def _rows(layer, x):
+  """`layer` applied to x's rows as one [rows, width] matrix, the leading axes put back. Applied
+  to [batch, T, width] directly, the gradient of a Dense kernel contracts two axes at once, and
+  XLA:CPU leaves its fast matrix product for a slow loop: the default model's gradient took
+  73-79 ms a step, 46-49 ms with every Dense and the head on rows (BENCHMARKS.md (m))."""
+  found = layer(x.reshape(-1, x.shape[-1]))
+  return found.reshape(*x.shape[:-1], found.shape[-1])
+
+
 def _layer_norm(name):
   # Two-pass variance, as PyTorch's layer_norm computes it, so both sides round alike.
   return nn.LayerNorm(
@@ -56,7 +65,7 @@ class CausalSelfAttention(nn.Module):
     head_dim = width // self.num_heads
 
     def heads(name):  # [b, T, width] -> [b, T, heads, head_dim]: head h is column block h
-      return _dense(width, STDDEV, name)(x).reshape(batch, length, self.num_heads, head_dim)
+      return _rows(_dense(width, STDDEV, name), x).reshape(batch, length, self.num_heads, head_dim)
 
     query, key, value = heads("query"), heads("key"), heads("value")
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(head_dim)
@@ -65,7 +74,7 @@ class CausalSelfAttention(nn.Module):
     scores = jnp.where(causal, scores.astype(jnp.float32), -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
     mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, length, width)
-    return _dense(width, self.residual_stddev, "proj")(mixed)
+    return _rows(_dense(width, self.residual_stddev, "proj"), mixed)
 
 
 class MLP(nn.Module):
@@ -74,9 +83,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    hidden = _dense(4 * width, STDDEV, "fc")(x)
+    hidden = _rows(_dense(4 * width, STDDEV, "fc"), x)
     hidden = nn.gelu(hidden, approximate=False)  # the erf form, as PyTorch's nn.GELU()
-    return _dense(width, self.residual_stddev, "proj")(hidden)
+    return _rows(_dense(width, self.residual_stddev, "proj"), hidden)
 
 
 class Block(nn.Module):
@@ -113,7 +122,7 @@ class GPT(nn.Module):
     for layer in range(self.num_layers):
       x = Block(self.num_heads, residual_stddev, name=f"block_{layer}")(x)
     x = _layer_norm("ln_f")(x)
-    return wte.attend(x).astype(jnp.float32)
+    return _rows(wte.attend, x).astype(jnp.float32)
 
 
 def decay_mask(params):
