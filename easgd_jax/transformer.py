@@ -39,7 +39,7 @@ def _rows(layer, x):
   """`layer` applied to x's rows as one [rows, width] matrix, the leading axes put back. Applied
   to [batch, T, width] directly, the gradient of a Dense kernel contracts two axes at once, and
   XLA:CPU leaves its fast matrix product for a slow loop: the default model's gradient took
-  73-79 ms a step, 46-49 ms with every Dense and the head on rows (BENCHMARKS.md (m))."""
+  73-79 ms a step, 46-51 ms with every Dense and the head on rows (BENCHMARKS.md (m))."""
   found = layer(x.reshape(-1, x.shape[-1]))
   return found.reshape(*x.shape[:-1], found.shape[-1])
 
