@@ -266,11 +266,6 @@ class Config:
         f"--devices_per_worker={self.devices_per_worker} must divide --num_devices="
         f"{self.num_devices} (G = num_devices / devices_per_worker workers)"
       )
-    if self.devices_per_worker > 1 and self.devices_per_worker % self.model_parallel:
-      raise ConfigError(
-        f"--model_parallel={self.model_parallel} must divide --devices_per_worker="
-        f"{self.devices_per_worker} (each worker is a data x model mesh of its devices)"
-      )
     _at_least("min_workers", self.min_workers, 1)
     if self.min_workers > self.num_workers:
       raise ConfigError(
@@ -333,8 +328,7 @@ class Config:
     return self.num_devices // self.devices_per_worker
 
   @property
-  def shards_per_worker(self) -> int:
-    """A worker's data shards: its D devices over the M of each model-parallel group."""
+  def shards_per_worker(self) -> int:  # a worker's data shards: D devices, M per layer split
     return self.devices_per_worker // self.model_parallel
 
   @property

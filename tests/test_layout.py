@@ -41,6 +41,7 @@ BUDGET = {
   "issue 23's reliability: network surface, private Ray, no mixed runs, damage, full disks": 454,
   "step-driven rules on Ray (replica actors, a reducer, a quorum per round), mesh workers": 791,
   "studies judged by validation loss: loss columns and plots, the warm-up share": 101,
+  "data x model mesh workers, the inner all-reduce's cost, chunked loops, rows in the LM": 135,
 }
 BUDGET_LINES = sum(BUDGET.values())
 

@@ -147,6 +147,11 @@ def _check_parallelism(config, kind):
       raise ConfigError(
         "--devices_per_worker > 1 runs in one process (or on --engine=ray); use --num_processes=1"
       )
+    if config.devices_per_worker % config.model_parallel:
+      raise ConfigError(
+        f"--model_parallel={config.model_parallel} must divide --devices_per_worker="
+        f"{config.devices_per_worker} (each worker is a data x model mesh of its devices)"
+      )
   if config.model_parallel == 1:
     return
   if not (kind.model_parallel or config.devices_per_worker > 1):

@@ -26,8 +26,8 @@ class Stepper:
   """What the step-at-a-time schedulers share: sampling, the losses, the engine columns."""
 
   # Run steps per `advance`: the loop's events and checks once per chunk, not per step (with one
-  # step per advance, round-robin EASGD on 4 devices ran at 0.82x of its speed before the
-  # redesign, with 64 at 0.97x: BENCHMARKS.md (l)).
+  # step per advance, Algorithm 1 on 4 devices ran at 0.82x of its speed before the redesign,
+  # with 64 at 0.97x: BENCHMARKS.md (l)).
   chunk, shared, max_in_flight = 64, False, None
   eval_placement = None  # where the trainer scores the weights (None: this process's device 0)
 

@@ -251,8 +251,8 @@ class _Run:
           engine.evaluations_skipped += 1
       # Wake the main thread only when it has work: a snapshot, a checkpoint's barrier reached,
       # the end. Woken at every step it would take the GIL from the workers thousands of times
-      # a second (Hogwild on 2 workers ran at 0.76x of its speed before the redesign, 0.97x
-      # now: BENCHMARKS.md (l)); its progress line and stop checks run on its 50 ms timeout.
+      # a second (an unlocked rule on 2 workers ran at 0.76x of its speed before the redesign,
+      # 0.97x now: BENCHMARKS.md (l)); its progress line and stop checks run on its 50 ms timeout.
       if self.slot is not None or engine.done in (self.barrier, self.plan.steps):
         self.changed.notify_all()
 
