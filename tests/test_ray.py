@@ -288,7 +288,11 @@ def _wait_for(process, pattern, lines, timeout=120):
     found = re.search(pattern, line)
     if found:
       return found
-  raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(lines)[-3000:]}")
+  events = "".join(line for line in lines if "ray:" in line or line.startswith("error"))
+  raise AssertionError(
+    f"no line matching {pattern!r}; the engine's lines:\n{events[-3000:]}\nthe last lines:\n"
+    f"{''.join(lines)[-1500:]}"
+  )
 
 
 def _wait_for_step(process, minimum, lines):

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import time
+import types
 
 import numpy as np
 import pytest
@@ -238,6 +239,35 @@ def test_a_node_that_leaves_takes_its_worker_which_rejoins_when_a_node_comes_bac
     ray_cluster.wait_for_nodes(timeout=120)
   rows = reporting.read_metrics(tmp_path)
   assert min(r["workers_alive"] for r in rows) == 2
+
+
+def test_a_new_actor_lost_before_it_started_is_placed_again_without_spending_a_restart():
+  """A restarted worker's actor whose node dies before it starts (Ray: the actor died, not by an
+  error in its __init__) is placed again, PLACEMENTS times in a row, without spending one of
+  --max_worker_restarts; one whose __init__ raised spends one."""
+  import ray
+
+  from easgd_jax.engines.ray import quorum
+
+  class Actor:
+    where = types.SimpleNamespace(remote=lambda: "where")
+
+  engine = quorum.QuorumEngine.__new__(quorum.QuorumEngine)
+  engine.config = Config(max_worker_restarts=1)
+  engine.restarts, engine.placements, engine.generation = [0], [0], [1]
+  engine.joining, engine.members, engine._replica = {}, set(), lambda *_, **__: Actor()
+  lost = ray.exceptions.ActorDiedError()  # its node died under it: never started
+  for tries in range(quorum.PLACEMENTS):
+    engine._place_again(0, lost)
+    assert (engine.placements, engine.restarts, list(engine.joining)) == ([tries + 1], [0], [0])
+  engine._place_again(0, lost)  # placed too often: a restart spent
+  assert (engine.placements, engine.restarts) == ([quorum.PLACEMENTS], [1])
+  engine.restarts, engine.placements, engine.joining = [0], [0], {}
+  raised = ray.exceptions.RayActorError(actor_init_failed=True)
+  engine._place_again(0, raised)
+  assert (engine.placements, engine.restarts, list(engine.joining)) == ([0], [1], [0])
+  engine._place_again(0, raised)  # no restart left: it stays out
+  assert engine.restarts == [1]
 
 
 def _fill_free_cpus(ray, cpus=0.25):

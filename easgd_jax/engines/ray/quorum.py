@@ -12,7 +12,8 @@ them.
 
 - A worker that dies (process killed, node gone): Ray fails its call; the driver tells the
   reducer, whose open round then closes over the others, and reports it (WorkerLost). With
-  --max_worker_restarts=N a new actor is started in its place, N times per worker.
+  --max_worker_restarts=N a new actor is started in its place, N times per worker (one lost
+  before it started, its node gone under it, is placed again and is not counted).
 - A worker that misses a round by --round_timeout_s (a hang, a SIGSTOP) is left out of it and of
   the run: its pushes, then or when it wakes, are dropped by run step and generation. A stretch
   with no round leaves out a worker that ends it --round_timeout_s after the first did. Without
@@ -46,6 +47,7 @@ from easgd_jax.engines.ray.asynchronous import SERVER_TIMEOUT_S, died
 from easgd_jax.errors import ServerLost, WorkerFailure
 
 CHUNK = 100  # run steps per stretch at most: progress, stop signals and joins come between
+PLACEMENTS = 3  # a new actor lost before it started (its node died) is placed again so often
 POLL_S = 0.2  # how often the driver asks the reducer whom it left out, while it waits
 
 
@@ -65,6 +67,7 @@ class QuorumEngine:
     ).state()
     self.done, self.pending, self.stopwatch, self.final = 0, [], None, None
     self.restarts, self.generation = [0] * self.workers, [0] * self.workers
+    self.placements = [0] * self.workers  # a restart's actors lost before they started
     self.reducer, self.actors, self.members = None, [None] * self.workers, set()
     self.joining = {}  # worker -> (its actor, the ref that answers once it has started)
     self.stragglers = {}  # a left-out worker's call still running -> the worker
@@ -289,6 +292,16 @@ class QuorumEngine:
       "it joins at the next round boundary"
     )
 
+  def _place_again(self, j, error):
+    """A new actor lost before it ever answered, not by its own __init__ (its node died under
+    it, say), is placed again without spending a restart, PLACEMENTS times in a row at most."""
+    if getattr(error, "actor_init_failed", True) or self.placements[j] >= PLACEMENTS:
+      return self._restart(j)
+    self.placements[j] += 1
+    actor = self._replica(j, self.generation[j], restarted=True)
+    self.joining[j] = (actor, actor.where.remote())
+    logging.warning(f"ray: worker {j}'s new actor was lost before it started; placed again")
+
   def _ready(self):
     return [
       j for j, (_, ref) in self.joining.items() if ref is None or ray.wait([ref], timeout=0)[0]
@@ -302,6 +315,7 @@ class QuorumEngine:
       actor, ref = self.joining.pop(j)
       donor = min(self.members)
       self.generation[j] += 1
+      place = None
       try:
         place = ref and ray.get(ref)  # a new actor: where it started
         self._ask_reducer(self.reducer.join.remote(j, self.generation[j]))
@@ -312,9 +326,12 @@ class QuorumEngine:
         if not died(error):
           raise
         self._ask_reducer(self.reducer.leave.remote(j))
-        self._restart(j)
+        if ref is not None and place is None:  # it never started
+          self._place_again(j, error)
+        else:
+          self._restart(j)
         continue
-      self.actors[j] = actor
+      self.actors[j], self.placements[j] = actor, 0
       self.members.add(j)
       if place:
         logging.info("ray: worker %d on %s", j, place)
