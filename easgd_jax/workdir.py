@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 from easgd_jax.errors import ConfigError
 
@@ -29,10 +30,21 @@ def writing(path, partial):
     sys.unraisablehook = hook
   except Exception as error:
     for leftover in glob.glob(f"{glob.escape(path + partial)}*"):
-      shutil.rmtree(leftover, ignore_errors=True)
+      _remove(leftover)
     if _disk_full(error):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
     raise
+
+
+def _remove(folder, watch_s=0.5, patience_s=3.0):
+  """Remove `folder`, and again while writes still in flight (tensorstore's threads) put files
+  back into it: for `watch_s`, and on while it is there, `patience_s` at most."""
+  start = time.monotonic()
+  while time.monotonic() - start < watch_s or (
+    os.path.lexists(folder) and time.monotonic() - start < patience_s
+  ):
+    shutil.rmtree(folder, ignore_errors=True)
+    time.sleep(0.02)
 
 
 def _disk_full(error):

@@ -43,6 +43,7 @@ BUDGET = {
   "studies judged by validation loss: loss columns and plots, the warm-up share": 101,
   "data x model mesh workers, the inner all-reduce's cost, chunked loops, rows in the LM": 135,
   "a Ray replica lost before it started (its node gone) is placed again, not restarted": 19,
+  "a failed checkpoint's temporary folder removed again while writes in flight refill it": 11,
 }
 BUDGET_LINES = sum(BUDGET.values())
 

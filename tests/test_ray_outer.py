@@ -154,7 +154,8 @@ def test_sigstop_sigkill_and_the_reducer_killed_then_the_same_command_resumes(
   Worker 2 SIGKILLed mid-round is restarted and rejoins. The reducer SIGKILLed: exit 3; the
   same command resumes from the last checkpoint (then SIGTERM: 143)."""
   args = _launch(ray_cluster, tmp_path, "--algorithm=diloco", "--num_devices=3", "--tau=2")
-  args += ["--steps=100000", "--eval_every=500", "--checkpoint_every=500"]
+  # A row every 100 steps: some fall while a worker is out (a restart takes seconds).
+  args += ["--steps=100000", "--eval_every=100", "--checkpoint_every=500"]
   args += ["--round_timeout_s=3", "--max_worker_restarts=1"]
   lines = []
   with child_process(args, env=child_env(), stderr=subprocess.PIPE, text=True) as p:

@@ -428,3 +428,32 @@ def test_async_checkpoints_apply_every_iteration_once_across_five_sigkills(tmp_p
   assert [r["step"] for r in reporting.read_metrics(tmp_path)] == list(
     range(every, steps + 1, every)
   )
+
+
+def test_a_failed_write_removes_its_partial_folder_while_writes_in_flight_refill_it(tmp_path):
+  """A save that fails (a full disk) with writes still in flight, as tensorstore's threads are:
+  they put files back into the partial folder after a first removal; none is left at the end."""
+  import threading
+
+  path = str(tmp_path / "checkpoints" / "40")
+  partial = path + ".orbax-checkpoint-tmp"
+  stop = threading.Event()
+
+  def in_flight():
+    while not stop.is_set():
+      try:
+        os.makedirs(os.path.join(partial, "arrays"), exist_ok=True)
+        open(os.path.join(partial, "arrays", "chunk"), "w").close()
+      except OSError:  # removed under it
+        pass
+      time.sleep(0.001)
+
+  writer = threading.Thread(target=in_flight)
+  writer.start()
+  threading.Timer(0.2, stop.set).start()  # the writes end 0.2 s after they began
+  with pytest.raises(ValueError, match="a write failed"):
+    with workdir.writing(path, ".orbax-checkpoint-tmp"):
+      time.sleep(0.05)
+      raise ValueError("a write failed")
+  writer.join()
+  assert not os.path.exists(partial)
