@@ -191,6 +191,12 @@ class Trainer:
     failures.check_losses(snapshot.losses, self.config, self.checkpointer)
     self.applied.append(snapshot.applied)
     wall_time_s = self.offset + snapshot.wall_time_s
+    # A stop that comes just after a point gives a second snapshot at that step (or at the
+    # step a launch resumed from): its row and its checkpoint are there already.
+    if self.log.rows and self.log.rows[-1]["step"] == snapshot.step:
+      snapshot = dataclasses.replace(snapshot, params=None)
+    if self.checkpointer is not None and snapshot.step in self.checkpointer.steps():
+      snapshot = dataclasses.replace(snapshot, state=None)
     if snapshot.params is not None:
       values = [v for _, vs, _ in snapshot.losses for v in np.ravel(vs)]
       train_loss = float(np.mean(values)) if values else float("nan")

@@ -198,6 +198,30 @@ def test_sigstop_sigkill_and_the_reducer_killed_then_the_same_command_resumes(
   assert config["round_timeout_s"] == 3 and config["engine"] == "ray"
 
 
+def test_a_worker_stopped_at_an_evaluation_is_left_out_alone_and_the_run_goes_on(
+  ray_cluster, tmp_path
+):
+  """Worker 1 SIGSTOPped as the driver asks every member for its evaluation point (step 100):
+  it alone is left out (it did not answer), the others' answers are taken and the run goes on;
+  once SIGCONTed it rejoins. (Fetching every answer while waiting left all three out.)"""
+  args = _launch(ray_cluster, tmp_path, "--algorithm=diloco", "--num_devices=3", "--tau=2")
+  args += ["--steps=100000", "--eval_every=100", "--round_timeout_s=3"]
+  lines = []
+  with child_process(args, env=child_env(), stderr=subprocess.PIPE, text=True) as p:
+    stopped = _pid(p, "worker 1", lines)
+    _wait_for_step(p, 100, lines)
+    os.kill(stopped, signal.SIGSTOP)
+    _wait_for(p, r"ray: worker 1 left out at run step \d+", lines)
+    _wait_for_step(p, 400, lines)
+    os.kill(stopped, signal.SIGCONT)
+    _wait_for(p, r"ray: worker 1 joined at run step \d+", lines)
+    p.send_signal(signal.SIGTERM)
+    lines += p.stderr.readlines()
+    assert p.wait(timeout=60) == 143, "".join(lines)[-3000:]
+  left_out = [line for line in lines if " left out at run step" in line]
+  assert left_out and all("worker 1 " in line for line in left_out), left_out
+
+
 def test_a_node_that_leaves_takes_its_worker_which_rejoins_when_a_node_comes_back(
   ray_cluster, tmp_path
 ):
@@ -260,15 +284,15 @@ def test_a_new_actor_lost_before_it_started_is_placed_again_without_spending_a_r
   engine.joining, engine.members, engine._replica = {}, set(), lambda *_, **__: Actor()
   lost = ray.exceptions.ActorDiedError()  # its node died under it: never started
   for tries in range(quorum.PLACEMENTS):
-    engine._place_again(0, lost)
+    engine._restart(0, lost)
     assert (engine.placements, engine.restarts, list(engine.joining)) == ([tries + 1], [0], [0])
-  engine._place_again(0, lost)  # placed too often: a restart spent
+  engine._restart(0, lost)  # placed too often: a restart spent
   assert (engine.placements, engine.restarts) == ([quorum.PLACEMENTS], [1])
   engine.restarts, engine.placements, engine.joining = [0], [0], {}
   raised = ray.exceptions.RayActorError(actor_init_failed=True)
-  engine._place_again(0, raised)
+  engine._restart(0, raised)
   assert (engine.placements, engine.restarts, list(engine.joining)) == ([0], [1], [0])
-  engine._place_again(0, raised)  # no restart left: it stays out
+  engine._restart(0, raised)  # no restart left: it stays out
   assert engine.restarts == [1]
 
 

@@ -279,3 +279,55 @@ def test_schedules_count_run_steps_and_decay_steps_is_fixed_at_the_first_launch(
   assert saved["decay_steps"] == 20 and saved["steps"] == 40  # the schedule kept its length
   whole = train.train_and_evaluate(dataclasses.replace(longer, decay_steps=20))
   assert [r["test_loss"] for r in resumed["history"]] == [r["test_loss"] for r in whole["history"]]
+
+
+@pytest.mark.parametrize("where", ["after a point", "at the step a launch resumed from"])
+def test_a_stop_just_after_a_point_adds_no_second_row_or_checkpoint(tmp_path, monkeypatch, where):
+  """An engine may see SIGTERM right after it made a point (a row and a checkpoint) and give a
+  second snapshot at that step, stopped: the run stops there (Preempted, exit 143) without a
+  second row or a second save of that step (orbax refuses one: a traceback, exit 1)."""
+  import signal
+
+  from easgd_jax.engines.base import Snapshot
+  from easgd_jax.errors import Preempted
+
+  config = Config(algorithm="sgd", model="mlp", steps=40, eval_every=20, checkpoint_every=20)
+  build = train.build
+
+  def build_stopping_at_20(config):
+    *built, engine = build(config)
+    run = engine.run
+
+    def run_then_stop(plan):
+      for event in run(plan):
+        yield event
+        if isinstance(event, Snapshot) and event.step == 20:
+          yield dataclasses.replace(event, stopped=signal.SIGTERM)  # the same step again
+          return
+
+    engine.run = run_then_stop
+    return (*built, engine)
+
+  def build_stopping_at_once(config):  # a stop at the step it resumed from, before any step
+    *built, engine = build(config)
+    run = engine.run
+
+    def stop_at_once(plan):
+      for event in run(plan):
+        if isinstance(event, Snapshot):  # what an engine holds then: a state to save
+          yield dataclasses.replace(event, step=20, stopped=signal.SIGTERM)
+          return
+
+    engine.run = stop_at_once
+    return (*built, engine)
+
+  monkeypatch.setattr(train, "build", build_stopping_at_20)
+  if where == "at the step a launch resumed from":
+    with pytest.raises(Preempted):
+      train.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setattr(train, "build", build_stopping_at_once)
+  with pytest.raises(Preempted, match="SIGTERM at step 20"):
+    train.train_and_evaluate(config, str(tmp_path))
+  steps = [row["step"] for row in reporting.read_metrics(tmp_path)]
+  assert steps == sorted(set(steps)) and 20 in steps, steps
+  assert checkpoints.saved_steps(str(tmp_path)) == [20]

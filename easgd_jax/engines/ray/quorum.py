@@ -279,28 +279,26 @@ class QuorumEngine:
       left = f"{len(self.members)} of {self.workers} workers left ({rule})"
       self.failing = f"{left}; lost: {', '.join(lost)}"
 
-  def _restart(self, j):
-    if self.restarts[j] >= self.config.max_worker_restarts:
+  def _restart(self, j, unstarted=None):
+    """A new actor in worker j's place. One lost before it ever answered (`unstarted`: how), not
+    by its own __init__ (its node died under it, say), is placed again without spending one of
+    --max_worker_restarts, PLACEMENTS times in a row at most."""
+    again = unstarted is not None and not getattr(unstarted, "actor_init_failed", True)
+    if again and self.placements[j] < PLACEMENTS:
+      self.placements[j] += 1
+      logging.warning(f"ray: worker {j}'s new actor was lost before it started; placed again")
+    elif self.restarts[j] >= self.config.max_worker_restarts:
       logging.warning("ray: worker %d stays out; %d workers go on", j, len(self.members))
       return
-    self.restarts[j] += 1
-    self.generation[j] += 1
+    else:
+      self.restarts[j] += 1
+      self.generation[j] += 1
+      logging.warning(
+        f"ray: worker {j} restarted ({self.restarts[j]} of {self.config.max_worker_restarts}); "
+        "it joins at the next round boundary"
+      )
     actor = self._replica(j, self.generation[j], restarted=True)
     self.joining[j] = (actor, actor.where.remote())
-    logging.warning(
-      f"ray: worker {j} restarted ({self.restarts[j]} of {self.config.max_worker_restarts}); "
-      "it joins at the next round boundary"
-    )
-
-  def _place_again(self, j, error):
-    """A new actor lost before it ever answered, not by its own __init__ (its node died under
-    it, say), is placed again without spending a restart, PLACEMENTS times in a row at most."""
-    if getattr(error, "actor_init_failed", True) or self.placements[j] >= PLACEMENTS:
-      return self._restart(j)
-    self.placements[j] += 1
-    actor = self._replica(j, self.generation[j], restarted=True)
-    self.joining[j] = (actor, actor.where.remote())
-    logging.warning(f"ray: worker {j}'s new actor was lost before it started; placed again")
 
   def _ready(self):
     return [
@@ -326,10 +324,7 @@ class QuorumEngine:
         if not died(error):
           raise
         self._ask_reducer(self.reducer.leave.remote(j))
-        if ref is not None and place is None:  # it never started
-          self._place_again(j, error)
-        else:
-          self._restart(j)
+        self._restart(j, error if ref is not None and place is None else None)
         continue
       self.actors[j], self.placements[j] = actor, 0
       self.members.add(j)
@@ -351,7 +346,8 @@ class QuorumEngine:
     may first compile, which a loaded machine can make take longer than a round's deadline."""
     refs = {getattr(self.actors[j], method).remote(): j for j in sorted(self.members)}
     timeout = max(self.config.round_timeout_s or 0, SERVER_TIMEOUT_S)
-    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+    # Finished, not fetched: fetching as it waited, it saw no answer while one member hung.
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout, fetch_local=False)
     found = {}
     for ref in ready:
       try:
