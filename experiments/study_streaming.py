@@ -1,7 +1,7 @@
 """Streaming and asynchronous DiLoCo against DiLoCo and data parallelism, on the language model.
 
   python experiments/study_streaming.py --workdir=runs/study_streaming
-      # 42 arms x 3 seeds; see RUN_TIME for what it took
+      # 32 arms x 3 seeds; see RUN_TIME for what it took
 
 Workload: a small transformer (MODEL: 4 layers, so that P = 4 fragments exist, width 64,
 context 32, batch 4 per worker) on the Shakespeare split by held-out works, sized so that the
