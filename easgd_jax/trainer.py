@@ -195,7 +195,8 @@ class Trainer:
     # step a launch resumed from): its row and its checkpoint are there already.
     if self.log.rows and self.log.rows[-1]["step"] == snapshot.step:
       snapshot = dataclasses.replace(snapshot, params=None)
-    if self.checkpointer is not None and snapshot.step in self.checkpointer.steps():
+    saving = snapshot.state is not None and self.checkpointer is not None
+    if saving and snapshot.step in self.checkpointer.steps():  # listed only when saving
       snapshot = dataclasses.replace(snapshot, state=None)
     if snapshot.params is not None:
       values = [v for _, vs, _ in snapshot.losses for v in np.ravel(vs)]
