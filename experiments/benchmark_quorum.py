@@ -10,11 +10,15 @@ Three tables, every run on one embedded Ray on this machine, built and driven as
    engine (4 devices, pmap) and on Ray, and Ray's extra time per outer round,
    (t_ray - t_local) / rounds, beside the reducer's own median time to sum a round
    (`reduce_ms_median`) and a push's median wait at the reducer (`round_wait_ms_median`).
-2. Recovery: worker 1 killed inside a round (--inject_failure, its process ends as a SIGKILL
-   would) with --max_worker_restarts=1: seconds from the loss to the next closed round
+2. Recovery: worker 1 SIGKILLed inside a round (--inject_failure: its process signals itself)
+   with --max_worker_restarts=1: seconds from the loss to the next closed round
    (`lost_to_next_round_s`) and to its rejoin (`lost_to_rejoined_s`).
 3. Joining against the model size: the same failure for each --models, the replacement's time to
-   fetch a live worker's state through the object store and take it (`join_fetch_ms`).
+   fetch a live worker's state through the object store and take it (`join_fetch_ms`). An entry
+   `transformer@W:S` is the char-level transformer of width W on Shakespeare (batch 2, so that
+   its steps stay short) for S run steps, enough for the replacement to start before the run
+   ends: the sizes reach 12.7 million weights (width 1024 would need over 16 GiB for four
+   workers on one machine).
 """
 
 import argparse
@@ -62,23 +66,34 @@ def overhead(steps, taus):
   print()
 
 
+def _model(name, steps):
+  """(fields, run steps) of a --models entry: `mlp`, `lenet` or `transformer@WIDTH:STEPS`."""
+  name, _, own_steps = name.partition(":")
+  model, _, width = name.partition("@")
+  steps = int(own_steps or steps)
+  if model != "transformer":
+    return dict(model=model), steps
+  return dict(model=model, dataset="shakespeare", width=int(width or 128), batch_size=2), steps
+
+
 def recovery(steps, names):
   print(
     f"{'(2, 3) a worker lost mid-round':<32}{'params':>10}{'to next round s':>17}"
     f"{'to rejoined s':>15}{'join fetch ms':>15}"
   )
-  for model in names:
+  for name in names:
+    fields, run_steps = _model(name, steps)
     _, summary = one_run(
-      model=model,
+      **fields,
       tau=10,
-      steps=steps,
+      steps=run_steps,
       engine="ray",
-      inject_failure=f"1:{steps // 2 - 1}",
+      inject_failure=f"1:{run_steps // 2 - 1}",
       max_worker_restarts=1,
     )
-    size = _parameters(model)
+    size = _parameters(fields)
     print(
-      f"{model:<32}{size:>10}{_first(summary['lost_to_next_round_s']):>17}"
+      f"{name:<32}{size:>10}{_first(summary['lost_to_next_round_s']):>17}"
       f"{_first(summary['lost_to_rejoined_s']):>15}{_first(summary['join_fetch_ms']):>15}",
       flush=True,
     )
@@ -89,8 +104,8 @@ def _first(values):
   return f"{values[0]:.3f}" if values else "-"
 
 
-def _parameters(model):
-  config = train.validate(Config(**{**DILOCO, "model": model}))
+def _parameters(fields):
+  config = train.validate(Config(**{**DILOCO, **fields}))
   params = train.setup(config)[3]
   return sum(x.size for x in jax.tree.leaves(params))
 
@@ -98,11 +113,15 @@ def _parameters(model):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=500, help="run steps per run")
-  parser.add_argument("--taus", default="1,10,50", help="comma-separated H")
+  parser.add_argument("--taus", default="1,10,50", help="comma-separated H of (1); empty: no (1)")
   parser.add_argument(
-    "--recovery_steps", type=int, default=5000, help="run steps of (2, 3): time for a rejoin"
+    "--recovery_steps", type=int, default=5000, help="run steps of (2, 3) where a model names none"
   )
-  parser.add_argument("--models", default="mlp,lenet", help="comma-separated models")
+  parser.add_argument(
+    "--models",
+    default="mlp,lenet,transformer@128:3000,transformer@256:1000,transformer@512:300",
+    help="comma-separated models of (2, 3): mlp, lenet, transformer@WIDTH:STEPS",
+  )
   parser.add_argument("--no_settle", action="store_true", help="no idle wait before each run")
   args = parser.parse_args()
   SETTLE[0] = not args.no_settle
@@ -111,7 +130,8 @@ def main():
     f"{measure.load_average():.2f}"
   )
   ray_cluster.connect(Config(engine="ray"))  # one embedded Ray for every run
-  overhead(args.steps, [int(t) for t in args.taus.split(",")])
+  if args.taus:  # --taus= skips (1)
+    overhead(args.steps, [int(t) for t in args.taus.split(",")])
   recovery(args.recovery_steps, args.models.split(","))
 
 

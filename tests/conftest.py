@@ -16,15 +16,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # notebook kernel and run.py launch jits its steps afresh. A persistent compilation cache shared
 # by this process and every process it starts (the environment is inherited) compiles each
 # program once per session; the results are bit-for-bit those of a fresh compile. It starts
-# empty, so no session depends on an earlier one.
-COMPILATION_CACHE = tempfile.TemporaryDirectory(prefix="easgd_jax_tests_compilation_cache_")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE.name
+# empty, so no session depends on an earlier one. pytest-xdist's controller makes it and its
+# workers, started with the controller's environment, take that one (SHARED_CACHE says which):
+# a program both workers build compiles once.
+SHARED_CACHE = "EASGD_JAX_TESTS_COMPILATION_CACHE"
+if not (os.environ.get("PYTEST_XDIST_WORKER") and os.path.isdir(os.environ.get(SHARED_CACHE, ""))):
+  COMPILATION_CACHE = tempfile.TemporaryDirectory(prefix="easgd_jax_tests_compilation_cache_")
+  os.environ[SHARED_CACHE] = COMPILATION_CACHE.name
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[SHARED_CACHE]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny programs too
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE.name)  # if jax came in earlier
+jax.config.update("jax_compilation_cache_dir", os.environ[SHARED_CACHE])  # if jax came in earlier
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 # The test files that take longest, longest first (measured on the 2-core CI machine). Under
@@ -82,7 +87,11 @@ def ray_cluster():
   from ray.cluster_utils import Cluster
 
   node = dict(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False)
-  cluster = Cluster(initialize_head=True, head_node_args=node)
+  # A node the tests remove is declared dead after 3 failed health checks 1 s apart (Ray's
+  # defaults: 5, 3 s apart), so the tests that wait for it wait ~3 s, not ~15; a live raylet
+  # still has Ray's 10 s to answer each check, however busy the machine.
+  health = dict(health_check_period_ms=1000, health_check_failure_threshold=3)
+  cluster = Cluster(initialize_head=True, head_node_args={**node, "_system_config": health})
   try:
     cluster.add_node(**{k: v for k, v in node.items() if k != "include_dashboard"})
     cluster.wait_for_nodes()

@@ -108,7 +108,7 @@ def test_the_reducer_closes_a_round_over_the_quorum_that_delivered(ray_cluster):
 def test_a_worker_killed_inside_the_outer_reduction_stops_the_run_at_min_workers(
   ray_cluster, tmp_path
 ):
-  """--inject_failure=1:9 ends worker 1's process inside run step 9's reduction (tau 5: rounds
+  """--inject_failure=1:9 SIGKILLs worker 1's process inside run step 9's reduction (tau 5: rounds
   close after steps 4, 9, ...), its push delivered and the result not yet applied; the rounds
   after it have two; below --min_workers=3 the run stops at the stretch's end with a checkpoint
   (exit 1 from run.py)."""
@@ -128,9 +128,10 @@ def test_a_worker_killed_inside_the_outer_reduction_stops_the_run_at_min_workers
 def test_diloco_on_digits_with_a_worker_killed_mid_round_lands_near_the_fault_free_run(
   ray_cluster, tmp_path, seed
 ):
-  """Worker 1 of 3 dies inside the round of run step 49 (--inject_failure, os._exit as a kill
-  would), is restarted and rejoins from a live worker's state; DiLoCo still reaches 0.9 on
-  digits, within 0.02 of the same run without the fault (the local engine, equal to Ray's)."""
+  """Worker 1 of 3 is SIGKILLed inside the round of run step 49 (--inject_failure: its process
+  signals itself, at a known step), is restarted and rejoins from a live worker's state; DiLoCo
+  still reaches 0.9 on digits, within 0.02 of the same run without the fault (the local engine,
+  equal to Ray's)."""
   fields = dict(DILOCO, num_devices=3, tau=10, steps=300, eval_every=150, seed=seed)
   clean, _ = local_run(tmp_path / "clean", **fields)
   faulty, _ = ray_run(

@@ -14,6 +14,7 @@ server in place of the master. Weights travel through Ray's object store as NumP
 """
 
 import os
+import signal
 import threading
 import time
 
@@ -289,4 +290,10 @@ def _die():
   step returns, and a process killed then takes the reply with it (the driver counts that step
   as lost, although its update may have reached the server). The injected death is exact."""
   time.sleep(1)
-  os._exit(1)
+  killed()
+
+
+def killed():
+  """--inject_failure's death on Ray: the process SIGKILLs itself, exactly as a kill from
+  outside would end it (no clean-up, no reply), but at a known step."""
+  os.kill(os.getpid(), signal.SIGKILL)

@@ -23,7 +23,6 @@ fell behind, and stops.
 import collections
 import functools
 import itertools
-import os
 import statistics
 import threading
 import time
@@ -35,7 +34,7 @@ from absl import logging
 from jax.experimental import io_callback
 
 from easgd_jax import collectives, data, devices, partitioning
-from easgd_jax.engines.ray.actors import host, where
+from easgd_jax.engines.ray.actors import host, killed, where
 
 KEPT_RESULTS = 4  # closed rounds whose results stay referenced (members fetch them)
 
@@ -241,7 +240,7 @@ class Replica:
       self.reducer.push.remote(step, k, self.j, self.generation, mean, list(leaves))
     )
     if self.failure == (self.j, step):  # --inject_failure: dies in the reduction, its push in
-      os._exit(1)
+      killed()
     if status != "ok":
       self.behind = True
       return leaves
@@ -258,7 +257,7 @@ class Replica:
     for t in range(start, end):
       phase = self.rule.phase(t)
       if self.failure == (self.j, t) and not self.reductions[phase]:
-        os._exit(1)  # --inject_failure at a step with no reduction: dies as it starts
+        killed()  # --inject_failure at a step with no reduction: dies as it starts
       batch = self.sampler.next(self.config.batch_size)
       if t + 1 == self.config.inject_nan:
         batch = dict(batch, image=np.full_like(batch["image"], np.nan))
