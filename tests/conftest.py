@@ -32,22 +32,31 @@ import pytest  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ[SHARED_CACHE])  # if jax came in earlier
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-# The test files that take longest, longest first (measured on the 2-core CI machine). Under
-# pytest-xdist's --dist loadfile (pyproject.toml) whole files go to the workers in collection
-# order; starting with the longest keeps one worker from running a long file alone at the end.
+# The test files that take longest, longest first (test-seconds of an idle 2-core run, in the
+# README's "Tests" section). pytest-xdist's --dist loadfile with --no-loadscope-reorder
+# (pyproject.toml) hands whole files to the two workers in this order, each worker taking the
+# next when it has two tests left: the long files start early and the short ones fill the end.
+# test_ray_outer comes after test_lm so that the two Ray files do not run side by side (each
+# worker has a Ray cluster of its own, and their fault tests wait on timings).
 LONGEST_FIRST = (
   "test_ray.py",
   "test_checkpoints.py",
-  "test_async.py",
-  "test_workdir.py",
+  "test_lm.py",
+  "test_ray_outer.py",
+  "test_defaults.py",
   "test_study.py",
-  "test_multiprocess.py",
+  "test_workdir.py",
+  "test_simulated.py",
+  "test_async.py",
   "test_sync.py",
-  "test_bad_input.py",
-  "test_configs.py",
-  "test_model_parallel.py",
-  "test_data_models.py",
+  "test_multiprocess.py",
   "test_notebooks.py",
+  "test_model_parallel.py",
+  "test_trainer.py",
+  "test_configs.py",
+  "test_golden.py",
+  "test_bad_input.py",
+  "test_data_models.py",
 )
 
 

@@ -27,8 +27,7 @@ from helpers import REPO, child_env, child_process
 # and the simulated cluster.
 # sync_sgd's state (the same pmap placement, without a center) is killed and resumed bitwise in
 # tests/test_multiprocess.py, across two processes.
-STEPWISE = {
-  "sgd": [],
+STEPWISE = {  # (sgd's steps are sync_easgd's engine on one device, with less state to resume)
   "easgd": ["--num_devices=4", "--tau=2"],
   "sync_easgd": ["--num_devices=4", "--tau=2"],
   # The simulated cluster: its event stream, jitter and a straggler deciding the order.
@@ -111,9 +110,9 @@ def test_killed_and_terminated_runs_resume_bitwise(tmp_path, cli_env, algorithm)
   resumed_from = []
   with contextlib.ExitStack() as stack:
     # A fresh run killed, the resumed run stopped by SIGTERM (Ctrl-C's SIGINT for easgd), and
-    # (host schedule and simulated events) that resumed run killed: each signal on a fresh and
-    # on a resumed run, and resumes from the checkpoints each leaves. A pmapped step's resume
-    # after a SIGKILL is the first launch's; its third would repeat it.
+    # (the host schedule, the simulated events) that resumed run killed: each signal on a fresh
+    # and on a resumed run, and resumes from the checkpoints each leaves. sync_easgd's pmapped
+    # steps resume after a SIGKILL at the first launch already: a third would repeat it.
     stop = signal.SIGINT if algorithm == "easgd" else signal.SIGTERM
     signals = [signal.SIGKILL, stop] + [signal.SIGKILL] * (algorithm in THREE_STOPS)
     for i, signum in enumerate(signals):

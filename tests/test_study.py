@@ -103,8 +103,9 @@ def test_model_parallel_arms_get_the_same_sample_budget(cpu_devices):
 @pytest.mark.slow
 def test_a_sweep_plots_one_line_per_family(tmp_path, cpu_devices):
   sweep = tiny(experiment("sweep_rho").make_study, seeds=(0,))
+  sweep = dataclasses.replace(sweep, arms=tuple(a for a in sweep.arms if a.swept in (1.0, 16.0)))
   table = study.run(sweep, str(tmp_path))
-  assert sorted({row["swept"] for row in table}) == [0.25, 1.0, 4.0, 16.0]
+  assert sorted({row["swept"] for row in table}) == [1.0, 16.0]
   assert study.plot_sweep(sweep, table, str(tmp_path / "s.png")) == ["easgd", "sync_easgd"]
   assert (tmp_path / study.SWEEP_PLOT).exists()
   tau = tiny(experiment("sweep_tau").make_study, seeds=(0,))
