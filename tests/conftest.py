@@ -32,8 +32,9 @@ import pytest  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ[SHARED_CACHE])  # if jax came in earlier
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-# The test files that take longest, longest first (test-seconds of an idle 2-core run, in the
-# README's "Tests" section). pytest-xdist's --dist loadfile with --no-loadscope-reorder
+# The test files that take longest, longest first (their test-seconds in an idle 2-core run of
+# the whole suite, 2026-12-05: test_ray 345, test_ray_outer 298, test_checkpoints 267, test_lm
+# 124, then 94 down to 28). pytest-xdist's --dist loadfile with --no-loadscope-reorder
 # (pyproject.toml) hands whole files to the two workers in this order, each worker taking the
 # next when it has two tests left: the long files start early and the short ones fill the end.
 # test_ray_outer comes after test_lm so that the two Ray files do not run side by side (each
