@@ -56,3 +56,16 @@ class Preempted(Exception):
       f"{signal.Signals(signum).name} at step {step}; checkpoint saved in "
       f"{os.path.abspath(checkpoint_folder)}: run the same command to resume"
     )
+
+
+class StoppedWhenComplete(Preempted):
+  """SIGTERM or SIGINT arrived after the loop's last look at it: the run finished and wrote its
+  outputs, and still stops its caller (a study, a script) with 128 + the signal."""
+
+  def __init__(self, signum, workdir):
+    self.exit_code = 128 + signum
+    Exception.__init__(
+      self,
+      f"{signal.Signals(signum).name} in the last steps; the run is complete in "
+      f"{os.path.abspath(workdir)}: the same command reports it (a study: goes on to its next run)",
+    )

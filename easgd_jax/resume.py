@@ -21,6 +21,7 @@ RESUMABLE = frozenset(
     "checkpoint_every",
     "keep_checkpoints",
     "target_accuracy",
+    "target_loss",
     "heartbeat_timeout_s",
     "fail_fast",
     "data_dir",  # where the same dataset is read from

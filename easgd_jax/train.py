@@ -24,7 +24,7 @@ from easgd_jax import (
   resume,
 )
 from easgd_jax import workdir as workdir_lib
-from easgd_jax.errors import ConfigError
+from easgd_jax.errors import ConfigError, StoppedWhenComplete
 from easgd_jax.trainer import Trainer
 
 
@@ -164,13 +164,25 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
   log = reporting.MetricsLog(workdir)
   trainer = Trainer(config, rule, dataset, loss_fn, log, checkpointer, engine.eval_placement)
   trainer.compile_evaluation(params_host)  # with concurrent workers the first row would lag
-  try:
-    with failures.stop_signals(enabled=checkpointer is not None) as stop:
+  # The handler stays on until the outputs are written: a signal in the last steps (after the
+  # loop's last look) or while writing must neither tear the outputs nor be lost, or a study
+  # stopped by SIGTERM would go on with its next run.
+  with failures.stop_signals(enabled=checkpointer is not None) as stop:
+    try:
       iterations, seconds = trainer.fit(engine, stop)
-  finally:
-    log.close()
+    finally:
+      log.close()
+    summary = _write_outputs(config, workdir, log.rows, trainer, engine, iterations, seconds)
+  if stop.signum is not None:
+    raise StoppedWhenComplete(stop.signum, checkpoint_dir)
+  summary["history"] = log.rows
+  summary["state"] = engine.state
+  return summary
 
-  summary = reporting.summarize(log.rows, config.target_accuracy, config.target_loss)
+
+def _write_outputs(config, workdir, rows, trainer, engine, iterations, seconds):
+  """The run's summary; with a workdir also its plot, final weights and summary.json (last)."""
+  summary = reporting.summarize(rows, config.target_accuracy, config.target_loss)
   summary["algorithm"] = config.algorithm
   summary["engine"] = config.engine
   # Training time only: compilation (each launch's first step) and pauses left out. A run too
@@ -182,10 +194,8 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
   final_params = engine.final_params()
   if workdir:
     title = f"{config.algorithm} / {config.model} / {config.dataset}"
-    reporting.plot_accuracy(log.rows, os.path.join(workdir, reporting.PLOT), title)
+    reporting.plot_accuracy(rows, os.path.join(workdir, reporting.PLOT), title)
     reporting.save_params(os.path.join(workdir, reporting.PARAMS), final_params)
     engine.write_outputs(workdir)
     reporting.write_json(os.path.join(workdir, reporting.SUMMARY), summary)  # last: "complete"
-  summary["history"] = log.rows
-  summary["state"] = engine.state
   return summary

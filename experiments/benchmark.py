@@ -79,7 +79,11 @@ def interleaved(cells, repeats):
 
 def sized(config, target_seconds, model=None):
   """`config` with --steps for about `target_seconds` of training, from a short probe run."""
-  rate, _ = samples_per_s(dataclasses.replace(config, steps=40, eval_every=40), model)
+  steps = 40
+  rate, _ = samples_per_s(dataclasses.replace(config, steps=steps, eval_every=steps), model)
+  while rate <= 0 and steps < 40_000:  # every timed iteration was a worker's compiling first one
+    steps *= 10
+    rate, _ = samples_per_s(dataclasses.replace(config, steps=steps, eval_every=steps), model)
   per_step = algorithms.REGISTRY[config.algorithm].samples_per_step(config)
   steps = max(40, int(rate * target_seconds / per_step))
   return dataclasses.replace(config, steps=steps, eval_every=steps)
@@ -163,6 +167,7 @@ def measure_model_parallel(batch_size=128, repeats=5, target_seconds=1.0):
 
 TORCH_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_hogwild.py")
 VS_TORCH = ("hogwild", "async_sgd", "async_easgd")
+HOGWILD_MODELS = ("mlp", "lenet")
 
 
 def torch_run(torch_python, data_path, model, num_workers, batch_size, steps, threads):
@@ -181,7 +186,9 @@ def measure_hogwild(model, torch_python, torch_threads, repeats=5, target_second
   base = Config(dataset="digits", model=model, batch_size=32, **HYPER)
   b = base.batch_size
   # One iteration count for every contender of a model: 1 s of hogwild, 2-3 s of the others.
-  probe = sized(dataclasses.replace(base, algorithm="hogwild", num_devices=2), target_seconds)
+  # Sized at 4 workers: each compiles its first iteration on its own device, and a run must
+  # outlast the last of those (the clock starts when every worker has one done).
+  probe = sized(dataclasses.replace(base, algorithm="hogwild", num_devices=4), target_seconds)
   steps = probe.steps
   rates = {}
   with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +217,7 @@ def print_hogwild(torch_python, torch_threads, repeats):
   )
   print(header)
   print("-" * len(header))
-  for model in ("mlp", "lenet"):
+  for model in HOGWILD_MODELS:
     m, steps = measure_hogwild(model, torch_python, torch_threads, repeats)
     for g in (2, 4):
       torch_rate = m.get(("torch", g))

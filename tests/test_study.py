@@ -285,6 +285,14 @@ def test_a_text_study_reports_loss_tokens_and_bytes_to_its_target_loss(tmp_path,
   assert text.count(" (n = 1) |") == 2 and "±" not in text  # no spread from one seed
   assert (tmp_path / study.LOSS_TOKENS_PLOT).exists()
   assert (tmp_path / study.LOSS_VIRTUAL_TIME_PLOT).exists()
+  # Relaunched with another target: no run again, the table timed to the new target.
+  summaries = sorted(tmp_path.glob("runs/*/seed_0/summary.json"))
+  written = [os.stat(path).st_mtime_ns for path in summaries]
+  table = study.run(dataclasses.replace(lm, target_loss=4.6), str(tmp_path))
+  assert [row["reached_target_loss"] for row in table] == ["1/1", "1/1"]
+  assert [os.stat(path).st_mtime_ns for path in summaries] == written
+  text = (tmp_path / "results.md").read_text()
+  assert "| final validation loss | reached 4.6 | tokens to 4.6 |" in text
 
 
 @pytest.mark.parametrize("name", ["compare_lm", "study_streaming"])

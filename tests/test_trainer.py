@@ -331,3 +331,39 @@ def test_a_stop_just_after_a_point_adds_no_second_row_or_checkpoint(tmp_path, mo
   steps = [row["step"] for row in reporting.read_metrics(tmp_path)]
   assert steps == sorted(set(steps)) and 20 in steps, steps
   assert checkpoints.saved_steps(str(tmp_path)) == [20]
+
+
+def test_a_signal_in_the_last_steps_completes_the_run_and_still_stops_the_caller(
+  tmp_path, monkeypatch
+):
+  """SIGTERM after the engine's last look at it (here: after the final snapshot) is not lost:
+  the run writes its outputs (complete, not torn) and then stops with exit 143, so that a study
+  halts before its next run; the same command then reports the finished run."""
+  import signal
+
+  from easgd_jax.engines.base import Snapshot
+  from easgd_jax.errors import Preempted
+
+  config = Config(algorithm="sgd", model="mlp", steps=20, eval_every=10, checkpoint_every=10)
+  build = train.build
+
+  def build_signalled_at_the_end(config):
+    *built, engine = build(config)
+    run = engine.run
+
+    def run_then_signal(plan):
+      for event in run(plan):
+        yield event
+        if isinstance(event, Snapshot) and event.step == config.steps:
+          os.kill(os.getpid(), signal.SIGTERM)  # the handler only notes it
+
+    engine.run = run_then_signal
+    return (*built, engine)
+
+  monkeypatch.setattr(train, "build", build_signalled_at_the_end)
+  with pytest.raises(Preempted, match="SIGTERM in the last steps; the run is complete") as stop:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert stop.value.exit_code == 143
+  assert os.path.exists(tmp_path / reporting.SUMMARY)
+  monkeypatch.setattr(train, "build", build)
+  assert train.train_and_evaluate(config, str(tmp_path))["steps"] == 20

@@ -7,46 +7,61 @@ from easgd_jax import reporting
 
 
 def curves(study, results, x_key, y_key="test_accuracy"):
-  """{arm: (x, mean y, min, max)} over seeds, on the evaluation points all seeds share."""
+  """{arm: (x, mean y, min, max)} over seeds, at the evaluation steps all seeds share."""
   out = {}
   for arm in study.arms:
     histories = [run[1] for run in results[arm.label] if run is not None]
     if not histories or any(x_key not in h[-1] for h in histories):
       continue  # every seed diverged (the table says so), or no such clock (a real engine's run)
-    length = min(len(h) for h in histories)
-    accuracy = np.array([[r[y_key] for r in h[:length]] for h in histories])
-    x = np.array([[r[x_key] for r in h[:length]] for h in histories]).mean(axis=0)
+    # The evaluation steps every seed has (a seed's rows may start or end elsewhere).
+    shared = set.intersection(*({r["step"] for r in h} for h in histories))
+    histories = [[r for r in h if r["step"] in shared] for h in histories]
+    accuracy = np.array([[r[y_key] for r in h] for h in histories])
+    x = np.array([[r[x_key] for r in h] for h in histories]).mean(axis=0)
     out[arm.label] = (x, accuracy.mean(axis=0), accuracy.min(axis=0), accuracy.max(axis=0))
   return out
 
 
 def plot_curves(study, results, x_key, xlabel, path, y_key="test_accuracy", ylabel="test accuracy"):
-  """`y_key` against `x_key`, one curve (mean, band over seeds) per arm; returns the labels."""
+  """`y_key` against `x_key`, one curve (mean, band over seeds) per arm, one panel per family of
+  arms (a study's clusters, say) when it has several, the legend beside each; returns the
+  labels."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axis = plt.subplots(figsize=(8, 5))
-  lines = curves(study, results, x_key, y_key).items()
-  for index, (label, (x, mean, low, high)) in enumerate(lines):
-    # Ten colours, then the same ten dashed: no two curves of a 12-arm study look alike.
-    style = ("-", "--", "-.")[index // 10 % 3]
-    (line,) = axis.plot(x, mean, label=label, color=f"C{index % 10}", linestyle=style)
-    axis.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+  lines = curves(study, results, x_key, y_key)
+  family = {arm.label: arm.family for arm in study.arms}
+  panels = {}  # {family: [(label, curve)]}, in the arms' order; families without a curve left out
+  for label, curve in lines.items():
+    panels.setdefault(family[label], []).append((label, curve))
+  fig, axes = plt.subplots(
+    max(len(panels), 1), 1, figsize=(11, 4.2 * max(len(panels), 1)), squeeze=False, sharex=True
+  )
   target = study.target_accuracy if y_key == "test_accuracy" else study.target_loss
-  if target is not None:
-    axis.axhline(target, color="grey", linestyle=":", linewidth=1)
-  axis.set_xlabel(xlabel)
-  axis.set_ylabel(ylabel)
-  if y_key == "test_accuracy":
-    axis.set_ylim(max(0.0, axis.get_ylim()[0]), 1.0)
-  axis.grid(alpha=0.3)
-  axis.legend(fontsize=8)
-  axis.set_title(
+  labels = []
+  for axis, (name, panel) in zip(axes[:, 0], panels.items() or [("", [])], strict=True):
+    for index, (label, (x, mean, low, high)) in enumerate(panel):
+      # Ten colours, then the same ten dashed: no two curves of a 12-arm panel look alike.
+      style = ("-", "--", "-.")[index // 10 % 3]
+      (line,) = axis.plot(x, mean, label=label, color=f"C{index % 10}", linestyle=style)
+      axis.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+      labels.append(label)
+    if target is not None:
+      axis.axhline(target, color="grey", linestyle=":", linewidth=1)
+    axis.set_ylabel(ylabel)
+    if y_key == "test_accuracy":
+      axis.set_ylim(max(0.0, axis.get_ylim()[0]), 1.0)
+    axis.grid(alpha=0.3)
+    if panel:
+      axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if len(panels) > 1:
+      axis.set_title(name, fontsize=10)
+  axes[-1, 0].set_xlabel(xlabel)
+  fig.suptitle(
     f"{study.name}: {study.base.model} on {study.base.dataset}, {len(study.seeds)} seeds"
   )
-  labels = [text.get_text() for text in axis.get_legend().get_texts()]
   reporting.save_figure(fig, path)
   return labels
 

@@ -169,8 +169,10 @@ def load(study, workdir):
         continue
       with open(os.path.join(folder, reporting.SUMMARY)) as f:
         summary, rows = json.load(f), reporting.read_metrics(folder)
-      # The target is the study's: --target_accuracy may have changed since the run finished.
-      reached = reporting.summarize(rows, study.target_accuracy)
+      # The target is the study's: --target_accuracy / --target_loss may have changed since the
+      # run finished (a relaunch with another target only rewrites the table).
+      accuracy = None if study.target_loss is not None else study.target_accuracy
+      reached = reporting.summarize(rows, accuracy, study.target_loss)
       summary.update({key: value for key, value in reached.items() if "target" in key})
       runs.append((summary, rows))
     results[arm.label] = runs
