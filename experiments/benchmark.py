@@ -78,14 +78,23 @@ def interleaved(cells, repeats):
 
 
 def sized(config, target_seconds, model=None):
-  """`config` with --steps for about `target_seconds` of training, from a short probe run."""
+  """`config` with --steps for about `target_seconds` of training after the warm-up (while the
+  last worker compiles its first iteration, which throughput leaves out), from a probe run grown
+  until it times something."""
   steps = 40
-  rate, _ = samples_per_s(dataclasses.replace(config, steps=steps, eval_every=steps), model)
-  while rate <= 0 and steps < 40_000:  # every timed iteration was a worker's compiling first one
-    steps *= 10
-    rate, _ = samples_per_s(dataclasses.replace(config, steps=steps, eval_every=steps), model)
+  while True:
+    probe = dataclasses.replace(config, steps=steps, eval_every=steps)
+    rate, summary = samples_per_s(probe, model)
+    if rate > 0 or steps >= 40_000:
+      break
+    steps *= 10  # every iteration of the probe came before the last worker had compiled
+  stopwatch = getattr(summary["engine"], "stopwatch", None)
+  warm_up_s = stopwatch.warmed[1] if stopwatch and stopwatch.warmed else 0.0
   per_step = algorithms.REGISTRY[config.algorithm].samples_per_step(config)
-  steps = max(40, int(rate * target_seconds / per_step))
+  # Plus twice the probe's warm-up: with 4 worker threads on 2 cores a worker's first
+  # (compiling) iteration can take seconds while the others run (lenet: 3.5 s, 1,539 of 4,000
+  # iterations done before the clock started).
+  steps = max(40, int(rate * (target_seconds + 2 * warm_up_s) / per_step))
   return dataclasses.replace(config, steps=steps, eval_every=steps)
 
 
