@@ -281,6 +281,19 @@ def test_schedules_count_run_steps_and_decay_steps_is_fixed_at_the_first_launch(
   assert [r["test_loss"] for r in resumed["history"]] == [r["test_loss"] for r in whole["history"]]
 
 
+def engine_run_wrapped(wrap):
+  """train.build whose engine's run(plan) is wrap(run)(plan): an engine that stops or is
+  signalled where a test says."""
+  build = train.build
+
+  def build_wrapped(config):
+    *built, engine = build(config)
+    engine.run = wrap(engine.run)
+    return (*built, engine)
+
+  return build_wrapped
+
+
 @pytest.mark.parametrize("where", ["after a point", "at the step a launch resumed from"])
 def test_a_stop_just_after_a_point_adds_no_second_row_or_checkpoint(tmp_path, monkeypatch, where):
   """An engine may see SIGTERM right after it made a point (a row and a checkpoint) and give a
@@ -292,12 +305,8 @@ def test_a_stop_just_after_a_point_adds_no_second_row_or_checkpoint(tmp_path, mo
   from easgd_jax.errors import Preempted
 
   config = Config(algorithm="sgd", model="mlp", steps=40, eval_every=20, checkpoint_every=20)
-  build = train.build
 
-  def build_stopping_at_20(config):
-    *built, engine = build(config)
-    run = engine.run
-
+  def stop_after_20(run):
     def run_then_stop(plan):
       for event in run(plan):
         yield event
@@ -305,27 +314,22 @@ def test_a_stop_just_after_a_point_adds_no_second_row_or_checkpoint(tmp_path, mo
           yield dataclasses.replace(event, stopped=signal.SIGTERM)  # the same step again
           return
 
-    engine.run = run_then_stop
-    return (*built, engine)
+    return run_then_stop
 
-  def build_stopping_at_once(config):  # a stop at the step it resumed from, before any step
-    *built, engine = build(config)
-    run = engine.run
-
-    def stop_at_once(plan):
+  def stop_at_once(run):  # a stop at the step it resumed from, before any step
+    def run_stopped(plan):
       for event in run(plan):
         if isinstance(event, Snapshot):  # what an engine holds then: a state to save
           yield dataclasses.replace(event, step=20, stopped=signal.SIGTERM)
           return
 
-    engine.run = stop_at_once
-    return (*built, engine)
+    return run_stopped
 
-  monkeypatch.setattr(train, "build", build_stopping_at_20)
+  monkeypatch.setattr(train, "build", engine_run_wrapped(stop_after_20))
   if where == "at the step a launch resumed from":
     with pytest.raises(Preempted):
       train.train_and_evaluate(config, str(tmp_path))
-    monkeypatch.setattr(train, "build", build_stopping_at_once)
+    monkeypatch.setattr(train, "build", engine_run_wrapped(stop_at_once))
   with pytest.raises(Preempted, match="SIGTERM at step 20"):
     train.train_and_evaluate(config, str(tmp_path))
   steps = [row["step"] for row in reporting.read_metrics(tmp_path)]
@@ -347,20 +351,16 @@ def test_a_signal_in_the_last_steps_completes_the_run_and_still_stops_the_caller
   config = Config(algorithm="sgd", model="mlp", steps=20, eval_every=10, checkpoint_every=10)
   build = train.build
 
-  def build_signalled_at_the_end(config):
-    *built, engine = build(config)
-    run = engine.run
-
+  def signal_at_the_end(run):
     def run_then_signal(plan):
       for event in run(plan):
         yield event
         if isinstance(event, Snapshot) and event.step == config.steps:
           os.kill(os.getpid(), signal.SIGTERM)  # the handler only notes it
 
-    engine.run = run_then_signal
-    return (*built, engine)
+    return run_then_signal
 
-  monkeypatch.setattr(train, "build", build_signalled_at_the_end)
+  monkeypatch.setattr(train, "build", engine_run_wrapped(signal_at_the_end))
   with pytest.raises(Preempted, match="SIGTERM in the last steps; the run is complete") as stop:
     train.train_and_evaluate(config, str(tmp_path))
   assert stop.value.exit_code == 143
