@@ -46,6 +46,9 @@ BUDGET = {
   "a failed checkpoint's temporary folder removed again while writes in flight refill it": 11,
   "a stop just after a point adds no second row or save; Ray answers taken as they finish": 7,
   "--inject_failure on Ray SIGKILLs the worker's own process, as an outside kill would": 1,
+  "a signal in a run's last steps completes the run and still stops its caller": 23,
+  "study plots a panel per cluster; a relaunch with another --target_loss retimes the table": 18,
+  "downpour's own SGD rate on the transformer, with its tuning": 3,
 }
 BUDGET_LINES = sum(BUDGET.values())
 
