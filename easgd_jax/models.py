@@ -5,6 +5,7 @@ Layer widths are multiples of 8 so every layer can later be split evenly across 
 Convolutions use SAME padding and pooling rounds up, so even 8x8 digits pass through every model.
 """
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -29,6 +30,58 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=xavier)(x)
 
 
+SMALL_MAP = 64  # positions (8x8 digits) up to which a convolution runs as one matmul
+
+
+@functools.cache  # every trace of a model asks again; read-only, so one copy serves them all
+def same_conv_taps(height, width, size):
+  """T[p, q, d] = 1 where input position p feeds output position q through kernel tap d, for a
+  stride-1 SAME convolution of odd `size` on a height x width map (positions row-major)."""
+  taps = np.zeros((height * width, height * width, size * size), np.float32)
+  half = size // 2
+  for y, x, dy, dx in np.ndindex(height, width, size, size):
+    source_y, source_x = y + dy - half, x + dx - half
+    if 0 <= source_y < height and 0 <= source_x < width:
+      taps[source_y * width + source_x, y * width + x, dy * size + dx] = 1.0
+  taps.flags.writeable = False
+  return taps
+
+
+class SmallMapConv(nn.Module):
+  """nn.Conv(features, (size, size), padding="SAME") with the same parameters and init, computed
+  as one dense matmul: the kernel spread over every (input, output) pair of positions.
+
+  Why: on a map of a few positions XLA:CPU runs a 5x5 convolution on a generic loop (on 8x8
+  digits LeNet's second convolution, a 4x4 map, took most of the gradient's time), while one
+  matmul takes its fast path: LeNet's SGD step on digits goes from 1.34 ms to 0.63 ms on one
+  thread (experiments/benchmark_steps.py; BENCHMARKS.md). The function is the same to float32
+  rounding (the sums run in another order). The spread kernel holds (positions x channels)^2
+  numbers, so it is for small maps only (SMALL_MAP)."""
+
+  features: int
+  size: int = 5
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    shape = (self.size, self.size, channels, self.features)
+    kernel = self.param("kernel", xavier, shape)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    taps = jnp.asarray(same_conv_taps(height, width, self.size))
+    spread = jnp.einsum("pqd,dcf->pcqf", taps, kernel.reshape(-1, channels, self.features))
+    # The output channels stay an axis of their own, so a model-parallel split of them (the
+    # kernel's last axis) runs through without a gather, as it does through nn.Conv.
+    out = jnp.einsum("bpc,pcqf->bqf", x.reshape(batch, height * width, channels), spread)
+    return out.reshape(batch, height, width, self.features) + bias
+
+
+def conv(x, features, name):
+  """A 5x5 SAME convolution, as one matmul on a small map (SmallMapConv), else nn.Conv."""
+  if x.shape[1] * x.shape[2] <= SMALL_MAP:
+    return SmallMapConv(features, name=name)(x)
+  return nn.Conv(features, (5, 5), padding="SAME", kernel_init=xavier, name=name)(x)
+
+
 class LeNet(nn.Module):
   """LeNet-5 style: two conv/pool stages, then 120-ish and 84-ish dense layers (rounded to 8s)."""
 
@@ -38,8 +91,8 @@ class LeNet(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    for width in self.features:
-      x = nn.relu(nn.Conv(width, (5, 5), padding="SAME", kernel_init=xavier)(x))
+    for i, width in enumerate(self.features):
+      x = nn.relu(conv(x, width, f"Conv_{i}"))
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:

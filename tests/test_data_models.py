@@ -162,7 +162,8 @@ def test_xavier_initialization():
 
 
 @pytest.mark.parametrize(
-  "name, shape", [("mlp", (8, 8, 1)), ("lenet", (28, 28, 1)), ("cifar_cnn", (32, 32, 3))]
+  "name, shape",
+  [("mlp", (8, 8, 1)), ("lenet", (8, 8, 1)), ("lenet", (28, 28, 1)), ("cifar_cnn", (32, 32, 3))],
 )
 def test_initialization_compiled_without_optimizations_gives_the_same_parameters(name, shape):
   """models.init_params skips XLA's optimization passes to start faster: no value may change."""
@@ -171,3 +172,39 @@ def test_initialization_compiled_without_optimizations_gives_the_same_parameters
     dummy = np.zeros((1, *shape), np.float32)
     optimized = jax.jit(model.init)(jax.random.key(7), dummy)["params"]
   jax.tree.map(np.testing.assert_array_equal, models.init_params(model, shape, seed=7), optimized)
+
+
+@pytest.mark.parametrize("shape, features", [((8, 8, 1), 8), ((4, 4, 8), 16), ((3, 5, 2), 4)])
+def test_a_small_map_convolution_is_nn_conv_with_the_same_parameters(shape, features):
+  """LeNet's convolutions on digits run as one matmul (models.SmallMapConv): the same parameters,
+  the same initial values, and nn.Conv's outputs and gradients to float32 rounding."""
+  import flax.linen as nn
+
+  x = np.random.default_rng(0).standard_normal((3, *shape)).astype(np.float32)
+  reference = nn.Conv(features, (5, 5), padding="SAME", kernel_init=models.xavier)
+  small = models.SmallMapConv(features)
+  params = reference.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, small.init(jax.random.key(1), x), params)
+  params = jax.tree.map(lambda p: p + np.random.default_rng(2).standard_normal(p.shape), params)
+
+  def both(module):
+    out, pull = jax.vjp(lambda p, x: module.apply(p, x), params, x)
+    return out, pull(np.random.default_rng(3).standard_normal(out.shape).astype(np.float32))
+
+  (out, grads), (expected, expected_grads) = both(small), both(reference)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), grads, expected_grads
+  )
+
+
+def test_lenet_takes_the_matmul_convolution_on_digits_only():
+  def forward(shape):
+    """The program of LeNet's forward pass on `shape` images, as jax lowers it."""
+    model = models.create("lenet", 10)
+    images = np.zeros((2, *shape), np.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), images)
+    return jax.jit(model.apply).lower(params, images).as_text()
+
+  assert "convolution" not in forward((8, 8, 1))
+  assert "convolution" in forward((28, 28, 1))
