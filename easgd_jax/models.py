@@ -30,7 +30,10 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=xavier)(x)
 
 
-SMALL_MAP = 64  # positions (8x8 digits) up to which a convolution runs as one matmul
+# A convolution runs as one matmul on a map of at most SMALL_MAP positions (8x8 digits, where it
+# was measured faster) whose spread kernel has at most SMALL_SPREAD entries (4 MB: digits' take
+# 32,768; many input channels, as in --synthetic_shape=8,8,512, keep nn.Conv).
+SMALL_MAP, SMALL_SPREAD = 64, 2**20
 
 
 @functools.cache  # every trace of a model asks again; read-only, so one copy serves them all
@@ -55,8 +58,8 @@ class SmallMapConv(nn.Module):
   digits LeNet's second convolution, a 4x4 map, took most of the gradient's time), while one
   matmul takes its fast path: LeNet's SGD step on digits goes from 1.34 ms to 0.63 ms on one
   thread (experiments/benchmark_steps.py; BENCHMARKS.md). The function is the same to float32
-  rounding (the sums run in another order). The spread kernel holds (positions x channels)^2
-  numbers, so it is for small maps only (SMALL_MAP)."""
+  rounding (the sums run in another order). The spread kernel holds positions^2 x channels x
+  features numbers, so it is for small maps only (SMALL_MAP, SMALL_SPREAD)."""
 
   features: int
   size: int = 5
@@ -77,7 +80,8 @@ class SmallMapConv(nn.Module):
 
 def conv(x, features, name):
   """A 5x5 SAME convolution, as one matmul on a small map (SmallMapConv), else nn.Conv."""
-  if x.shape[1] * x.shape[2] <= SMALL_MAP:
+  positions, channels = x.shape[1] * x.shape[2], x.shape[3]
+  if positions <= SMALL_MAP and positions**2 * channels * features <= SMALL_SPREAD:
     return SmallMapConv(features, name=name)(x)
   return nn.Conv(features, (5, 5), padding="SAME", kernel_init=xavier, name=name)(x)
 

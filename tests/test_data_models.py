@@ -208,3 +208,4 @@ def test_lenet_takes_the_matmul_convolution_on_digits_only():
 
   assert "convolution" not in forward((8, 8, 1))
   assert "convolution" in forward((28, 28, 1))
+  assert "convolution" in forward((8, 8, 512))  # a spread kernel of 64^2 x 512 x 8 would be 67 MB
