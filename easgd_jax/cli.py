@@ -10,8 +10,8 @@ command line overrides the file's field, logged as such. Both ways end in the sa
 Exit codes (`run`): 0 complete; 1 the run failed (DivergenceError, WorkerFailure, a full disk:
 OSError ENOSPC, one line naming the path); 2 bad input, nothing written (ConfigError: one line
 saying what to change); 3 the Ray parameter server was lost (ServerLost: the same command
-resumes); 128 + the signal when SIGTERM / SIGINT stopped it after a checkpoint (Preempted), 130
-on Ctrl-C without one.
+resumes); 128 + the signal when SIGTERM / SIGINT stopped it, after a checkpoint (Preempted) or,
+with no workdir, once every worker stopped (Interrupted); 130 on a Ctrl-C before training.
 """
 
 import dataclasses
@@ -68,6 +68,9 @@ def run(main):
     return main()
   except ConfigError as error:
     exit_bad_input(error)
+  except errors.Interrupted as error:
+    print(f"interrupted: {error}", file=sys.stderr)
+    sys.exit(error.exit_code)
   except KeyboardInterrupt:
     print("interrupted: every worker stopped", file=sys.stderr)
     sys.exit(130)

@@ -58,6 +58,22 @@ class Preempted(Exception):
     )
 
 
+class Interrupted(KeyboardInterrupt):
+  """SIGTERM or SIGINT arrived in a run with no workdir: every worker stopped, nothing was saved.
+
+  A KeyboardInterrupt, so that a notebook's interrupt ends the way it always does; the loop, not
+  the signal, raises it, once every worker has finished the iteration it was in (a
+  KeyboardInterrupt raised wherever the main thread happens to be can leave a lock held that the
+  workers wait on)."""
+
+  def __init__(self, signum, step):
+    self.exit_code = 128 + signum
+    super().__init__(
+      f"{signal.Signals(signum).name} at step {step}; every worker stopped (no --workdir: nothing "
+      f"saved)"
+    )
+
+
 class StoppedWhenComplete(Preempted):
   """SIGTERM or SIGINT arrived after the loop's last look at it: the run finished and wrote its
   outputs, and still stops its caller (a study, a script) with 128 + the signal."""

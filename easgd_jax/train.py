@@ -24,7 +24,7 @@ from easgd_jax import (
   resume,
 )
 from easgd_jax import workdir as workdir_lib
-from easgd_jax.errors import ConfigError, StoppedWhenComplete
+from easgd_jax.errors import ConfigError, Interrupted, StoppedWhenComplete
 from easgd_jax.trainer import Trainer
 
 
@@ -167,12 +167,18 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
   # The handler stays on until the outputs are written: a signal in the last steps (after the
   # loop's last look) or while writing must neither tear the outputs nor be lost, or a study
   # stopped by SIGTERM would go on with its next run.
-  with failures.stop_signals(enabled=checkpointer is not None) as stop:
+  # With no workdir the signal still stops the loop, which then raises errors.Interrupted once
+  # every worker is done; only a multi-process run without one, whose processes could not agree
+  # on the step to stop at, keeps the default handlers.
+  handled = checkpointer is not None or config.num_processes == 1
+  with failures.stop_signals(enabled=handled) as stop:
     try:
       iterations, seconds = trainer.fit(engine, stop)
     finally:
       log.close()
     summary = _write_outputs(config, workdir, log.rows, trainer, engine, iterations, seconds)
+  if stop.signum is not None and checkpoint_dir is None:
+    raise Interrupted(stop.signum, config.steps)
   if stop.signum is not None:
     raise StoppedWhenComplete(stop.signum, checkpoint_dir)
   summary["history"] = log.rows

@@ -28,7 +28,7 @@ from absl import logging
 
 from easgd_jax import core, devices, failures, reporting
 from easgd_jax.engines.base import Plan, Progress, Snapshot, WorkerJoined, WorkerLost
-from easgd_jax.errors import DivergenceError, Preempted
+from easgd_jax.errors import DivergenceError, Interrupted, Preempted
 
 PROBE_SIZE = 256  # training examples the gradient-norm diagnostic is measured on
 
@@ -222,6 +222,8 @@ class Trainer:
       self.applied.flush()  # the records the checkpoint counts are on disk before it
       self.log.sync()
       self.checkpointer.save(snapshot.step, arrays, record)
+    if snapshot.stopped and self.checkpointer is None:
+      raise Interrupted(snapshot.stopped, snapshot.step)
     if snapshot.stopped:
       raise Preempted(snapshot.stopped, snapshot.step, self.checkpointer.directory)
 
