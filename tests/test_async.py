@@ -115,6 +115,40 @@ def test_async_easgd_with_one_worker_equals_round_robin_easgd_exactly(
   jax.tree.map(np.testing.assert_array_equal, final.params, center)
 
 
+@pytest.mark.parametrize("name", ["async_sgd", "async_easgd"])
+def test_a_locked_master_in_host_memory_equals_one_on_a_master_device(
+  problem, worker_batches, cpu_devices, name
+):
+  """On CPU devices the threads' locked master lies in host memory and each update runs on the
+  device of the worker that sends it (HostLockedMaster: W is copied neither way); the master on
+  device 0 with a copy each way (LockedMaster, as on an accelerator) makes the same weights."""
+  loss_fn, params = problem
+  rule = {
+    "async_sgd": lambda: AsyncSGD(loss_fn, learning_rate=0.1),
+    "async_easgd": lambda: AsyncEASGD(loss_fn, learning_rate=0.1, rho=0.7, tau=2, momentum=0.5),
+  }[name]()
+  compiled, pair = masters.Compiled(rule), cpu_devices[1:3]
+  made = []
+  for master in (
+    masters.HostLockedMaster(compiled, rule.master_init(params), pair),
+    masters.LockedMaster(compiled, rule.master_init(params), cpu_devices[0], 2),
+  ):
+    workers = masters.Workers(compiled, master, rule.worker_init(params), pair)
+    for t in range(12):  # 0, 1, 1, 0, 0, 1, ...: each worker twice in a row, stale reads
+      j = (t + 1) // 2 % 2
+      workers.iterate(j, worker_batches[j][t])
+    made.append((master.checkpoint(), workers.states, workers.views))
+  (host, host_version), *host_workers = made[0]
+  (device, device_version), *device_workers = made[1]
+  assert host_version == device_version == (12 if name == "async_sgd" else 6)
+  jax.tree.map(np.testing.assert_array_equal, host, device)
+  jax.tree.map(np.testing.assert_array_equal, host_workers, device_workers)
+  if name == "async_sgd":  # a reply is made on its worker's device
+    assert {leaf.devices().pop() for leaf in jax.tree.leaves(made[0][2][1])} == {pair[1]}
+  engine, _, _ = run_threads(rule, params, worker_batches[:2], 4)
+  assert isinstance(engine.master, masters.HostLockedMaster)
+
+
 @pytest.mark.parametrize("tau, momentum", [(1, 0.0), (3, 0.0)])  # EAMSGD: test_eamsgd.py
 def test_async_easgd_center_equals_numpy_replay_of_the_exchange_order(
   problem, worker_batches, tau, momentum

@@ -7,6 +7,9 @@ workers' iterations (which the threads and Algorithm 1's host scheduler both run
   step runs against the last reply and, on an exchange step, its message is sent after it.
 - `LockedMaster` (`locked`): the master's state on the master device; `apply` runs
   master_apply one message at a time under a lock, and records the update.
+- `HostLockedMaster` (`locked`, CPU devices): the same with the master's state in host memory,
+  each update run on the device of the worker that sends it, so that neither W nor the message
+  is copied between devices (the worker threads' master on CPU devices).
 - `SharedMaster` (unlocked and `additive`): Niu et al.'s lock-free memory model. The weights are
   one flat float32 buffer in host memory (`SharedBuffer`); a worker reads it where it lies,
   without a lock, and adds its increment in place (`np.add(..., out=)`, which releases the GIL,
@@ -93,6 +96,54 @@ class LockedMaster:
 
   def load(self, state, version):
     self.state, self.version = state, version
+
+
+class HostLockedMaster(LockedMaster):
+  """A locked master whose state lies in host memory, applied on the calling worker's device.
+
+  For CPU devices only, where every device's memory is the host's: a jitted call reads a NumPy
+  argument where it lies and `np.asarray` of its result is a view, so the master's state never
+  moves, the message never leaves the worker's device and the reply is made on it. Copying W to
+  a master device and back instead (LockedMaster) cost two transfers of ~110 us each per
+  iteration for the digits MLP, against a 150 us step (BENCHMARKS.md, (g)).
+  """
+
+  device = None  # the master has no device of its own: messages stay where they are made
+
+  def __init__(self, compiled, master_host, worker_devices, version=0):
+    self.compiled, self.version = compiled, version
+    self.state = jax.tree.map(np.asarray, master_host)
+    self.lock = threading.Lock()
+    self.record = Record()
+    rule, on = compiled.rule, SharedMaster._on_device
+    self._applies = [on(rule.master_apply, d) for d in worker_devices]
+    if rule.opens_round:
+      self._exchanges = [on(self._message_and_apply, d) for d in worker_devices]
+    self._ids = [devices.put(jnp.int32(j), d) for j, d in enumerate(worker_devices)]
+
+  def _message_and_apply(self, state, worker, j):
+    rule = self.compiled.rule
+    return rule.master_apply(state, rule.worker_message(worker), j)
+
+  def apply(self, j, worker_step, message, read_at):
+    """(the reply, on worker j's device, this update's version)."""
+    return self._update(self._applies[j], j, worker_step, message, read_at)
+
+  def exchange(self, j, worker_step, worker, read_at):
+    """`apply` of the message an `opens_round` worker sends (worker_message), made in the same
+    call: one dispatch and one wait under the lock instead of two."""
+    return self._update(self._exchanges[j], j, worker_step, worker, read_at)
+
+  def _update(self, call, j, worker_step, argument, read_at):
+    with self.lock:
+      start = time.perf_counter()
+      state, reply = call(self.state, argument, self._ids[j])
+      self.state = jax.tree.map(np.asarray, state)  # waits for it: one update at a time
+      self.record_update(j, worker_step, read_at, start)
+      return reply, self.version
+
+  def load(self, state, version):
+    self.state, self.version = jax.tree.map(np.asarray, state), version
 
 
 class SharedBuffer:
@@ -252,14 +303,23 @@ class Workers:
     return master, worker, loss
 
   def _to_master(self, tree):
-    tree = devices.put(tree, self.master.device)
+    if self.master.device is not None:  # else it is applied where it is (HostLockedMaster)
+      tree = devices.put(tree, self.master.device)
     return jax.block_until_ready(tree) if self.wait else tree
 
   def _apply(self, j, own, message):
     """The master's update with worker j's message; (its reply on j's device, staleness)."""
     reply, version = self.master.apply(j, own, self._to_master(message), self.reads[j])
     staleness, self.reads[j] = version - 1 - self.reads[j], version
-    return devices.put(reply, self.devices[j]), staleness
+    if self.master.device is not None:
+      reply = devices.put(reply, self.devices[j])
+    return reply, staleness
+
+  def _exchange(self, j, own, worker):
+    """HostLockedMaster.exchange with worker j's state: (the reply on j's device, staleness)."""
+    reply, version = self.master.exchange(j, own, worker, self.reads[j])
+    staleness, self.reads[j] = version - 1 - self.reads[j], version
+    return reply, staleness
 
   def iterate(self, j, batch):
     """Worker j's next iteration: (its loss, the staleness of its update or None)."""
@@ -275,7 +335,9 @@ class Workers:
       return loss, None
     if rule.opens_round:
       view = None
-      if exchange:  # the message, the master's update, then the step against its reply
+      if exchange and self.master.device is None:  # the message made in the master's update
+        view, staleness = self._exchange(j, own, worker)
+      elif exchange:  # the message, the master's update, then the step against its reply
         view, staleness = self._apply(j, own, self.compiled.worker_message(worker))
       self.states[j], _, loss = self.compiled.worker_step(worker, view, batch)
       return loss, staleness

@@ -4,7 +4,8 @@ rule, each worker driving its own device at its own pace.
 Why threads and not processes: JAX releases the GIL while it dispatches and runs a computation,
 so threads that each drive their own device compute at the same time, and threads share host
 memory, so an unlocked additive master can be one buffer that every worker writes in
-place (masters.py). A locked master applies one message at a time.
+place (masters.py). A locked master applies one message at a time; on CPU devices its state
+lies in host memory and each update runs on the sender's device (masters.HostLockedMaster).
 
 One iteration of worker j, read off the rule's facts (algorithms/base.py): an exchange that
 opens the step sends `worker_message`, takes the reply and steps against it; otherwise the step
@@ -64,6 +65,8 @@ class ThreadEngine:
     master_host = rule.master_init(params_host)
     if rule.additive and not rule.locked:
       self.master = masters.SharedMaster(rule, master_host, self.devices)
+    elif all(d.platform == "cpu" for d in self.devices):
+      self.master = masters.HostLockedMaster(compiled, master_host, self.devices)
     else:
       self.master = masters.LockedMaster(compiled, master_host, self.devices[0], self.num_workers)
     self.workers = masters.Workers(
