@@ -25,7 +25,8 @@ TINY = dict(TINY_LM, progress_every_s=0, sim_compute_ms=1.0, sim_service_us=20.0
 # Steps where 12 would end before any exchange: async_diloco's 2 workers push after their own
 # H = 10 inner steps each. Its threads split the run's steps as they happen to run: of 24, a split
 # of 19 and 5 pushes once (the weights move by 0.35 / 2 of one push: 0.010 nats, under the bar);
-# of 40, any split pushes at least 3 times, and the third is the Delayed Nesterov's momentum step.
+# of 40, any split pushes at least 3 times (every second push, N = G = 2, also takes the Delayed
+# Nesterov's momentum step).
 STEPS = {"async_diloco": 40}
 
 
