@@ -177,7 +177,7 @@ def _train(config, workdir, lock, finished, checkpoint_dir=None):
     finally:
       log.close()
     summary = _write_outputs(config, workdir, log.rows, trainer, engine, iterations, seconds)
-  if stop.signum is not None and checkpoint_dir is None:
+  if stop.signum is not None and checkpointer is None:
     raise Interrupted(stop.signum, config.steps)
   if stop.signum is not None:
     raise StoppedWhenComplete(stop.signum, checkpoint_dir)

@@ -35,6 +35,12 @@ ALIGNMENT = 64  # bytes; XLA:CPU copies a less aligned NumPy argument instead of
 RECENT = 100_000  # applied updates kept in memory (with their timings) for tests and notebooks
 
 
+def on_device(fn, device):
+  """`fn` jitted to run on `device`, taking NumPy arguments from where they lie in host memory:
+  in place on a CPU device when aligned, copied to an accelerator."""
+  return jax.jit(fn, in_shardings=SingleDeviceSharding(device))
+
+
 class Compiled:
   """A worker/master rule's functions, jitted once."""
 
@@ -115,10 +121,9 @@ class HostLockedMaster(LockedMaster):
     self.state = jax.tree.map(np.asarray, master_host)
     self.lock = threading.Lock()
     self.record = Record()
-    rule, on = compiled.rule, SharedMaster._on_device
-    self._applies = [on(rule.master_apply, d) for d in worker_devices]
-    if rule.opens_round:
-      self._exchanges = [on(self._message_and_apply, d) for d in worker_devices]
+    self._applies = [on_device(compiled.rule.master_apply, d) for d in worker_devices]
+    if compiled.rule.opens_round:
+      self._exchanges = [on_device(self._message_and_apply, d) for d in worker_devices]
     self._ids = [devices.put(jnp.int32(j), d) for j, d in enumerate(worker_devices)]
 
   def _message_and_apply(self, state, worker, j):
@@ -188,16 +193,10 @@ class SharedMaster:
     self.version = version
     self._count = threading.Lock()  # the version counter and the record only; never W
     self.record = Record()
-    by_device = {d: self._on_device(self._step, d) for d in set(worker_devices)}
+    by_device = {d: on_device(self._step, d) for d in set(worker_devices)}
     self.steps = [by_device[d] for d in worker_devices]
-    silent = {d: self._on_device(self._silent_step, d) for d in set(worker_devices)}
+    silent = {d: on_device(self._silent_step, d) for d in set(worker_devices)}
     self.silent_steps = [silent[d] for d in worker_devices]
-
-  @staticmethod
-  def _on_device(fn, device):
-    """`fn` jitted to run on `device`, taking NumPy arguments from where they lie in host
-    memory: in place on a CPU device when aligned, copied to an accelerator."""
-    return jax.jit(fn, in_shardings=SingleDeviceSharding(device))
 
   def _step(self, worker, flat, batch):
     """The worker's step at the W it reads, and the increment for the master, flat: one call."""
@@ -310,16 +309,19 @@ class Workers:
   def _apply(self, j, own, message):
     """The master's update with worker j's message; (its reply on j's device, staleness)."""
     reply, version = self.master.apply(j, own, self._to_master(message), self.reads[j])
-    staleness, self.reads[j] = version - 1 - self.reads[j], version
     if self.master.device is not None:
       reply = devices.put(reply, self.devices[j])
-    return reply, staleness
+    return reply, self._received(j, version)
 
   def _exchange(self, j, own, worker):
     """HostLockedMaster.exchange with worker j's state: (the reply on j's device, staleness)."""
     reply, version = self.master.exchange(j, own, worker, self.reads[j])
+    return reply, self._received(j, version)
+
+  def _received(self, j, version):
+    """Worker j now holds the master's `version`: the updates others made since its last read."""
     staleness, self.reads[j] = version - 1 - self.reads[j], version
-    return reply, staleness
+    return staleness
 
   def iterate(self, j, batch):
     """Worker j's next iteration: (its loss, the staleness of its update or None)."""
