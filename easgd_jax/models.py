@@ -38,14 +38,15 @@ SMALL_MAP, SMALL_SPREAD = 64, 2**20
 
 @functools.cache  # every trace of a model asks again; read-only, so one copy serves them all
 def same_conv_taps(height, width, size):
-  """T[p, q, d] = 1 where input position p feeds output position q through kernel tap d, for a
-  stride-1 SAME convolution of odd `size` on a height x width map (positions row-major)."""
-  taps = np.zeros((height * width, height * width, size * size), np.float32)
+  """T[p, q] = the kernel tap d (dy * size + dx) through which input position p feeds output
+  position q of a stride-1 SAME convolution of odd `size` on a height x width map (positions
+  row-major), or size**2 where p does not feed q."""
+  taps = np.full((height * width, height * width), size * size, np.int32)
   half = size // 2
   for y, x, dy, dx in np.ndindex(height, width, size, size):
     source_y, source_x = y + dy - half, x + dx - half
     if 0 <= source_y < height and 0 <= source_x < width:
-      taps[source_y * width + source_x, y * width + x, dy * size + dx] = 1.0
+      taps[source_y * width + source_x, y * width + x] = dy * size + dx
   taps.flags.writeable = False
   return taps
 
@@ -56,7 +57,7 @@ class SmallMapConv(nn.Module):
 
   Why: on a map of a few positions XLA:CPU runs a 5x5 convolution on a generic loop (on 8x8
   digits LeNet's second convolution, a 4x4 map, took most of the gradient's time), while one
-  matmul takes its fast path: LeNet's SGD step on digits goes from 1.34 ms to 0.63 ms on one
+  matmul takes its fast path: LeNet's SGD step on digits goes from 1.34 ms to 0.46 ms on one
   thread (experiments/benchmark_steps.py; BENCHMARKS.md). The function is the same to float32
   rounding (the sums run in another order). The spread kernel holds positions^2 x channels x
   features numbers, so it is for small maps only (SMALL_MAP, SMALL_SPREAD)."""
@@ -70,8 +71,12 @@ class SmallMapConv(nn.Module):
     shape = (self.size, self.size, channels, self.features)
     kernel = self.param("kernel", xavier, shape)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    taps = jnp.asarray(same_conv_taps(height, width, self.size))
-    spread = jnp.einsum("pqd,dcf->pcqf", taps, kernel.reshape(-1, channels, self.features))
+    # The spread kernel gathered from the taps and a row of zeros: a gather forward and a
+    # scatter-add backward, where multiplying by a 0/1 tensor of taps cost two dense products
+    # as large as the convolution's own (LeNet's step on digits: 0.64 -> 0.46 ms, one thread).
+    table = kernel.reshape(-1, channels, self.features)
+    table = jnp.concatenate([table, jnp.zeros_like(table[:1])])
+    spread = jnp.transpose(table[same_conv_taps(height, width, self.size)], (0, 2, 1, 3))
     # The output channels stay an axis of their own, so a model-parallel split of them (the
     # kernel's last axis) runs through without a gather, as it does through nn.Conv.
     out = jnp.einsum("bpc,pcqf->bqf", x.reshape(batch, height * width, channels), spread)

@@ -102,6 +102,25 @@ def test_async_sgd_applies_every_gradient_once_one_at_a_time(problem, worker_bat
   assert max(u.applied_as - 1 - u.read_at for u in log) >= 1  # the workers did run concurrently
 
 
+def test_no_worker_takes_a_second_iteration_until_every_worker_has_done_its_first(
+  problem, worker_batches, monkeypatch
+):
+  """Worker 2's first iteration is slow (as when its device compiles last): the others wait for
+  it after their first, so a short run is not taken by whoever compiled first."""
+  iterate = masters.Workers.iterate
+
+  def slow_first(self, j, batch):
+    if j == 2 and self.own[j] == 0:
+      time.sleep(0.5)  # ~100x the others' iteration
+    return iterate(self, j, batch)
+
+  monkeypatch.setattr(masters.Workers, "iterate", slow_first)
+  loss_fn, params = problem
+  engine, _, _ = run_threads(AsyncSGD(loss_fn, learning_rate=0.1), params, worker_batches[:3], 30)
+  assert sorted(u.worker for u in applied(engine)[:3]) == [0, 1, 2]
+  assert sum(engine.worker_steps) == 30
+
+
 def test_async_easgd_with_one_worker_equals_round_robin_easgd_exactly(
   problem, worker_batches, cpu_devices
 ):

@@ -51,6 +51,7 @@ BUDGET = {
   "downpour's own SGD rate on the transformer, with its tuning": 3,
   "LeNet's convolutions on small maps as one matmul each (SmallMapConv)": 57,
   "a stop with no workdir (Interrupted); the worker threads' locked master in host memory": 94,
+  "worker threads wait for every worker's compiling first iteration; a gathered spread kernel": 10,
 }
 BUDGET_LINES = sum(BUDGET.values())
 

@@ -3,16 +3,18 @@ rule, each worker driving its own device at its own pace.
 
 Why threads and not processes: JAX releases the GIL while it dispatches and runs a computation,
 so threads that each drive their own device compute at the same time, and threads share host
-memory, so an unlocked additive master can be one buffer that every worker writes in
-place (masters.py). A locked master applies one message at a time; on CPU devices its state
-lies in host memory and each update runs on the sender's device (masters.HostLockedMaster).
+memory, so an unlocked additive master can be one buffer every worker writes in place. A locked
+master applies one message at a time; on CPU devices its state lies in host memory and each
+update runs on the sender's device (masters.HostLockedMaster).
 
 One iteration of worker j, read off the rule's facts (algorithms/base.py): an exchange that
 opens the step sends `worker_message`, takes the reply and steps against it; otherwise the step
 runs against the last reply (its `view`) and, on an exchange step, sends its message after.
 
-Iterations are numbered tickets handed out until --steps of them are done across all workers.
-The main thread (the `run` generator) does everything else, so the workers never wait on it:
+Iterations are numbered tickets handed out until --steps of them are done across all workers;
+a worker's second of a launch waits until every live worker's first (its compilation) is done,
+else the first to compile would take every iteration of a short run. The main thread (the `run`
+generator) does everything else, so the workers never wait on it:
 
 - Evaluation: at each of the plan's evaluation points the master's weights are snapshotted
   into a single slot that the trainer scores while the workers carry on. At most one snapshot
@@ -136,11 +138,8 @@ class ThreadEngine:
     speeds = self.workers.speeds(batches)
     self.workers.set_periods(self.rule.periods(speeds))
     self.periods_chosen = True
-    logging.info(
-      "worker speeds %s steps/s: exchange periods %s",
-      [round(v, 1) for v in speeds],
-      self.workers.periods,
-    )
+    rounded = [round(v, 1) for v in speeds]
+    logging.info("worker speeds %s steps/s: exchange periods %s", rounded, self.workers.periods)
 
   # --- the run --------------------------------------------------------------------------------
 
@@ -201,20 +200,25 @@ class _Run:
 
   # --- worker threads -------------------------------------------------------------------------
 
-  def _take_ticket(self):
-    """The number (1, 2, ...) of the iteration to do next, or None when there is none left."""
+  def _take_ticket(self, j):
+    """The number (1, 2, ...) of worker j's next iteration, or None when there is none left."""
     steps = self.plan.steps
     with self.changed:
-      while self.issued >= self.barrier and not self.stop.is_set() and self.issued < steps:
-        self.changed.wait()  # at a checkpoint barrier: the main thread saves, then lifts it
+      while not self.stop.is_set() and self.issued < steps:
+        if self.issued < self.barrier and (j not in self.warm or self._all_warm()):
+          break
+        self.changed.wait()  # a checkpoint's barrier (the main thread saves, then lifts it)
       if self.issued >= steps or self.stop.is_set():
         return None
       self.issued += 1
       return self.issued
 
+  def _all_warm(self):
+    return len(self.warm | {f.worker for f in self.engine.failures}) == self.engine.num_workers
+
   def _worker(self, j):
     engine, config = self.engine, self.config
-    while (ticket := self._take_ticket()) is not None:
+    while (ticket := self._take_ticket(j)) is not None:
       own = engine.workers.own[j]
       try:
         if config.failure_point == (j, own):
@@ -243,8 +247,10 @@ class _Run:
       if staleness is not None:
         self.staleness.append(staleness)
         engine.histogram[staleness] += 1
-      self.warm.add(j)  # this launch's warm-up ends when every live worker has compiled
-      if len(self.warm) >= engine.num_workers - len(engine.failures):
+      if j not in self.warm:
+        self.warm.add(j)
+        self.changed.notify_all()  # the others may be waiting for this worker's first iteration
+      if self.clock.warmed is None and self._all_warm():
         self.clock.warm(engine.done)
       if engine.done < self.plan.steps and self.plan.evaluates(engine.done):
         if self.slot is None and not self.slot_busy:
@@ -252,10 +258,9 @@ class _Run:
         else:
           self.skipped += 1
           engine.evaluations_skipped += 1
-      # Wake the main thread only when it has work: a snapshot, a checkpoint's barrier reached,
-      # the end. Woken at every step it would take the GIL from the workers thousands of times
-      # a second (an unlocked rule on 2 workers ran at 0.76x of its speed before the redesign,
-      # 0.97x now: BENCHMARKS.md (l)); its progress line and stop checks run on its 50 ms timeout.
+      # Wake the main thread only when it has work (a snapshot, a checkpoint's barrier, the end):
+      # woken at every step it took the GIL from the workers thousands of times a second (0.76x
+      # of an unlocked rule's speed, BENCHMARKS.md (l)); its 50 ms timeout does the rest.
       if self.slot is not None or engine.done in (self.barrier, self.plan.steps):
         self.changed.notify_all()
 
