@@ -29,11 +29,13 @@ def main(argv):
     config = cli.config_from_flags()
     if FLAGS.workdir is not None and config.process_id == 0:  # process 0 alone writes it
       workdir.check_workdir(FLAGS.workdir)
-    # Emulated CPU devices must be requested before jax touches a device.
-    from easgd_jax import devices, engines, train
+    # Emulated CPU devices and the CPU's dispatch must be set before jax touches a device.
+    from easgd_jax import algorithms, devices, engines, train
 
     config = train.validate(config, FLAGS.workdir)
     devices.emulate_cpu_devices(engines.devices_to_emulate(config))
+    kind = algorithms.REGISTRY[config.algorithm]
+    devices.dispatch_cpu_calls_inline(engines.dispatches_inline(config, kind))
     devices.initialize_processes(config)
     return config, train.train_and_evaluate(config, FLAGS.workdir)
 

@@ -60,6 +60,21 @@ def emulate_cpu_devices(count):
     pass  # backend already initialized: keep whatever it has (see the docstring)
 
 
+def dispatch_cpu_calls_inline(inline):
+  """Run each CPU computation on the thread that calls it (jax_cpu_enable_async_dispatch off)
+  when `inline`, else queue it for XLA's threads; like `emulate_cpu_devices`, only before jax
+  touches a device (later the backend keeps its way, and this changes nothing)."""
+  from jax._src import xla_bridge  # jax has no public way to ask whether the backend is up
+
+  if not xla_bridge.backends_are_initialized():
+    jax.config.update("jax_cpu_enable_async_dispatch", not inline)
+
+
+def dispatches_inline():
+  """Whether this process's CPU computations run on their caller's thread."""
+  return not jax.config.read("jax_cpu_enable_async_dispatch")
+
+
 def check_platform():
   """ConfigError (one line) when jax has no backend for JAX_PLATFORMS (cuda on a machine with
   no GPU or no jax plugin for it), where jax raises a RuntimeError or a bare AssertionError."""

@@ -4,7 +4,9 @@
   python experiments/benchmark.py --only=ray # (j) the Ray engine alone, about 16 minutes
   python experiments/benchmark.py --only=simulated  # (k) the simulated engine, about 6 minutes
   python experiments/benchmark.py --only=hogwild --torch_python=/tmp/torchvenv/bin/python
-                                             # (g) alone, about 6 minutes
+                                             # (g) alone, about 40 minutes idle
+(the worker threads' tables, (e) and (g), measured alone as above, run each CPU call on its
+caller's thread, as run.py runs them; beside the other tables every call is queued)
 
 Prints one table, every ratio measured in this one run (medians over interleaved repeats, so a
 noisy neighbour slows both sides of a ratio alike):
@@ -46,7 +48,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 import measure  # noqa: E402
 
-from easgd_jax import algorithms, models, train  # noqa: E402
+from easgd_jax import algorithms, devices, models, train  # noqa: E402
 from easgd_jax.config import Config  # noqa: E402
 
 CASES = [
@@ -241,6 +243,7 @@ def print_hogwild(torch_python, torch_threads, repeats):
     f"batch 32, eta 0.01, samples/s medians of {repeats} interleaved repeats, PyTorch and JAX "
     f"alike.\n  jax: one process, G worker threads, worker j on emulated CPU device j of "
     f"{cpu_devices}; XLA:CPU's one intra-op thread pool ({os.cpu_count()} cores) serves them all; "
+    f"each call {'on its caller' if devices.dispatches_inline() else 'queued for XLA'}'s thread; "
     f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
   if torch_python:
@@ -354,6 +357,9 @@ def main():
     import benchmark_ray
   if "simulated" in only:
     import benchmark_simulated
+  # Measured alone, the worker threads' tables run them as run.py does, each CPU call on its
+  # caller's thread (engines.dispatches_inline); beside the step-driven tables, queued.
+  devices.dispatch_cpu_calls_inline(set(only) <= {"async", "hogwild"})
   print(
     f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores, load average "
     f"{measure.settle() if SETTLE[0] else measure.load_average():.2f}"

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from easgd_jax import train
+from easgd_jax import algorithms, engines, train
 from easgd_jax.algorithms import (
   SGD,
   AsyncEASGD,
@@ -353,6 +353,8 @@ def test_injected_failure_from_the_command_line_is_named_in_the_summary(tmp_path
   assert [f["worker"] for f in summary["failed_workers"]] == [2]
   assert summary["worker_steps"][2] == 0 and sum(summary["worker_steps"]) == 300
   assert "worker 2 failed at its step 0" in result.stderr
+  # run.py's worker threads run each CPU call on its caller's thread (engines.dispatches_inline)
+  assert "one thread per worker, each call on its caller's thread" in result.stderr
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   # A point reached while the previous evaluation still runs is skipped (counted in the row).
   assert [r["step"] for r in rows][-1] == 300 and {r["step"] for r in rows} <= {100, 200, 300}
@@ -389,6 +391,21 @@ def test_ctrl_c_or_sigterm_without_a_workdir_stops_every_worker(signum):
   assert re.search(rf"interrupted: {name} at step \d+; every worker stopped \(no --workdir", stderr)
   assert "Traceback" not in stderr
   assert time.monotonic() - start < 30
+
+
+def test_only_the_worker_threads_run_cpu_calls_on_their_callers_thread():
+  """A worker thread waits for each call's result at once: a queue would only add a hand-off.
+  Every other loop keeps the queue, which overlaps its host's next batch with the step."""
+  inline = {
+    (engine, name)
+    for name, kind in algorithms.REGISTRY.items()
+    for engine in engines.NAMES
+    if engines.dispatches_inline(Config(engine=engine), kind)
+  }
+  assert inline == {
+    ("local", name)
+    for name in ("async_sgd", "async_easgd", "hogwild", "hogwild_easgd", "downpour", "async_diloco")
+  }
 
 
 def test_async_flags_are_checked():

@@ -92,6 +92,15 @@ def devices_to_emulate(config):
   return 1 if config.engine == "simulated" else config.local_devices
 
 
+def dispatches_inline(config, kind):
+  """Whether CPU computations should run on their caller's thread (devices.py) for this run:
+  for the local engine's worker threads, which wait for each call's result at once, so that a
+  queue adds only a hand-off between threads to every call (+30-45% samples/s, BENCHMARKS.md
+  (g)). Loops of the step-driven and round-robin rules keep the queue: it overlaps the host's
+  next batch with the step (a one-device step-driven loop ran at half its speed inline)."""
+  return config.engine == "local" and kind.kind == WORKER_MASTER and kind.schedule == ASYNCHRONOUS
+
+
 def prepare(config, loss_fn, params_host, dataset):
   """`config` with what the engine measures at the first launch (the simulated clock's costs)."""
   if config.engine != "simulated":

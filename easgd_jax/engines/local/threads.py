@@ -92,7 +92,8 @@ class ThreadEngine:
     return self.workers.own
 
   def describe(self):
-    return f"one thread per worker, devices: {', '.join(map(str, self.devices))}"
+    inline = ", each call on its caller's thread" if devices.dispatches_inline() else ""
+    return f"one thread per worker{inline}, devices: {', '.join(map(str, self.devices))}"
 
   # --- checkpoints ----------------------------------------------------------------------------
 
