@@ -57,7 +57,7 @@ class SmallMapConv(nn.Module):
 
   Why: on a map of a few positions XLA:CPU runs a 5x5 convolution on a generic loop (on 8x8
   digits LeNet's second convolution, a 4x4 map, took most of the gradient's time), while one
-  matmul takes its fast path: LeNet's SGD step on digits goes from 1.34 ms to 0.46 ms on one
+  matmul takes its fast path: LeNet's SGD step on digits goes from 1.34 ms to 0.51 ms on one
   thread (experiments/benchmark_steps.py; BENCHMARKS.md). The function is the same to float32
   rounding (the sums run in another order). The spread kernel holds positions^2 x channels x
   features numbers, so it is for small maps only (SMALL_MAP, SMALL_SPREAD)."""
@@ -73,7 +73,7 @@ class SmallMapConv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     # The spread kernel gathered from the taps and a row of zeros: a gather forward and a
     # scatter-add backward, where multiplying by a 0/1 tensor of taps cost two dense products
-    # as large as the convolution's own (LeNet's step on digits: 0.64 -> 0.46 ms, one thread).
+    # as large as the convolution's own (LeNet's step on digits: 0.63 -> 0.51 ms, one thread).
     table = kernel.reshape(-1, channels, self.features)
     table = jnp.concatenate([table, jnp.zeros_like(table[:1])])
     spread = jnp.transpose(table[same_conv_taps(height, width, self.size)], (0, 2, 1, 3))

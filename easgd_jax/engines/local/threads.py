@@ -203,18 +203,19 @@ class _Run:
 
   def _take_ticket(self, j):
     """The number (1, 2, ...) of worker j's next iteration, or None when there is none left."""
-    steps = self.plan.steps
     with self.changed:
-      while not self.stop.is_set() and self.issued < steps:
+      while not self.stop.is_set() and self.issued < self.plan.steps:
         if self.issued < self.barrier and (j not in self.warm or self._all_warm()):
           break
         self.changed.wait()  # a checkpoint's barrier (the main thread saves, then lifts it)
-      if self.issued >= steps or self.stop.is_set():
+      if self.issued >= self.plan.steps or self.stop.is_set():
         return None
       self.issued += 1
       return self.issued
 
-  def _all_warm(self):
+  def _all_warm(self):  # each ticket asks: after the warm-up, one test
+    if self.clock.warmed is not None:
+      return True
     return len(self.warm | {f.worker for f in self.engine.failures}) == self.engine.num_workers
 
   def _worker(self, j):
@@ -259,9 +260,8 @@ class _Run:
         else:
           self.skipped += 1
           engine.evaluations_skipped += 1
-      # Wake the main thread only when it has work (a snapshot, a checkpoint's barrier, the end):
-      # woken at every step it took the GIL from the workers thousands of times a second (0.76x
-      # of an unlocked rule's speed, BENCHMARKS.md (l)); its 50 ms timeout does the rest.
+      # Wake the main thread only for work (a snapshot, a barrier, the end): woken every step it
+      # took the GIL from the workers (0.76x, BENCHMARKS.md (l)); a 50 ms timeout does the rest.
       if self.slot is not None or engine.done in (self.barrier, self.plan.steps):
         self.changed.notify_all()
 
