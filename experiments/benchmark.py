@@ -239,11 +239,12 @@ def print_hogwild(torch_python, torch_threads, repeats):
         row += f"{f'{rate:.0f} {ratio}':>26}"
       print(row)
   cpu_devices = len(jax.devices())
+  calls = "on its caller" if devices.dispatches_inline() else "queued for XLA"
   print(
     f"batch 32, eta 0.01, samples/s medians of {repeats} interleaved repeats, PyTorch and JAX "
-    f"alike.\n  jax: one process, G worker threads, worker j on emulated CPU device j of "
-    f"{cpu_devices}; XLA:CPU's one intra-op thread pool ({os.cpu_count()} cores) serves them all; "
-    f"each call {'on its caller' if devices.dispatches_inline() else 'queued for XLA'}'s thread; "
+    f"alike.\n  jax: one process, G workers on min(G, cores) threads, worker j on emulated CPU "
+    f"device j of {cpu_devices}; XLA:CPU's one intra-op thread pool ({os.cpu_count()} cores) "
+    f"serves them all; each call {calls}'s thread; "
     f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
   if torch_python:

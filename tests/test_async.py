@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from easgd_jax import algorithms, engines, train
+from easgd_jax import algorithms, devices, engines, train
 from easgd_jax.algorithms import (
   SGD,
   AsyncEASGD,
@@ -119,6 +119,62 @@ def test_no_worker_takes_a_second_iteration_until_every_worker_has_done_its_firs
   engine, _, _ = run_threads(AsyncSGD(loss_fn, learning_rate=0.1), params, worker_batches[:3], 30)
   assert sorted(u.worker for u in applied(engine)[:3]) == [0, 1, 2]
   assert sum(engine.worker_steps) == 30
+
+
+class Device:  # what devices.host_threads reads of a jax device
+  def __init__(self, platform):
+    self.platform = platform
+
+
+def test_cpu_devices_get_at_most_one_thread_per_core(monkeypatch):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+  assert devices.host_threads([Device("cpu")] * 4) == 2
+  assert devices.host_threads([Device("cpu")] * 1) == 1
+  assert devices.host_threads([Device("gpu")] * 4) == 4  # each accelerator has its thread
+
+
+def test_workers_beyond_the_cores_take_turns_on_a_thread_per_core(
+  problem, worker_batches, monkeypatch
+):
+  """4 workers on 2 cores: 2 threads, thread t running workers t and t + 2 in turn; never more
+  than 2 iterations at once; every worker does its share."""
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+  iterate, lock, running, seen = masters.Workers.iterate, threading.Lock(), [0], []
+
+  def watched(self, j, batch):
+    with lock:
+      running[0] += 1
+      seen.append((threading.get_ident(), j, running[0]))
+    time.sleep(0.002)  # long enough for a third thread, if there were one, to start an iteration
+    try:
+      return iterate(self, j, batch)
+    finally:
+      with lock:
+        running[0] -= 1
+
+  monkeypatch.setattr(masters.Workers, "iterate", watched)
+  loss_fn, params = problem
+  engine, _, _ = run_threads(Hogwild(loss_fn, learning_rate=0.1), params, worker_batches[:4], 40)
+  assert max(at_once for _, _, at_once in seen) <= 2
+  turns = {}
+  for thread, j, _ in seen:
+    turns.setdefault(thread, []).append(j)
+  assert sorted(sorted(set(js)) for js in turns.values()) == [[0, 2], [1, 3]]
+  for js in turns.values():  # in turn: never the same worker twice in a row
+    assert all(a != b for a, b in zip(js, js[1:], strict=False)), js
+  assert sum(engine.worker_steps) == 40 and min(engine.worker_steps) >= 2
+
+
+def test_a_failed_worker_leaves_its_threads_turn_and_the_other_goes_on(
+  problem, worker_batches, monkeypatch
+):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+  loss_fn, params = problem
+  rule = AsyncSGD(loss_fn, learning_rate=0.1)
+  engine, _, _ = run_threads(rule, params, worker_batches[:4], 40, failure=(0, 1))
+  assert [f.worker for f in engine.failures] == [0] and engine.worker_steps[0] == 1
+  # worker 2 shares worker 0's thread: it goes on after worker 0 fails at its second iteration
+  assert engine.worker_steps[2] >= 2 and sum(engine.worker_steps) == 40
 
 
 def test_async_easgd_with_one_worker_equals_round_robin_easgd_exactly(
@@ -353,8 +409,13 @@ def test_injected_failure_from_the_command_line_is_named_in_the_summary(tmp_path
   assert [f["worker"] for f in summary["failed_workers"]] == [2]
   assert summary["worker_steps"][2] == 0 and sum(summary["worker_steps"]) == 300
   assert "worker 2 failed at its step 0" in result.stderr
-  # run.py's worker threads run each CPU call on its caller's thread (engines.dispatches_inline)
-  assert "one thread per worker, each call on its caller's thread" in result.stderr
+  # run.py's worker threads run each CPU call on its caller's thread (engines.dispatches_inline),
+  # at most one thread per core (devices.host_threads)
+  cores = len(os.sched_getaffinity(0))
+  threads = (
+    "one thread per worker" if cores >= 3 else f"3 workers on {cores} threads (one per CPU core)"
+  )
+  assert f"{threads}, each call on its caller's thread" in result.stderr
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   # A point reached while the previous evaluation still runs is skipped (counted in the row).
   assert [r["step"] for r in rows][-1] == 300 and {r["step"] for r in rows} <= {100, 200, 300}

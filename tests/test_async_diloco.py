@@ -168,10 +168,10 @@ def test_the_local_engine_trains_and_a_resume_keeps_the_measured_local_steps(
   )
   measure, timed = masters.Workers.speeds, []
 
-  def measured(self, batches):
+  def measured(self, batches, threads=None):
     """The speeds measured (each worker's step timed on its device), then worker 1 made 3/4 as
     fast as worker 0: a measurement on a shared host is noise, and H_w = 3 does not divide 4."""
-    speeds = measure(self, batches)
+    speeds = measure(self, batches, threads)
     timed.append(self)
     assert len(speeds) == 2 and all(0 < v < float("inf") for v in speeds)
     return [speeds[0], 0.75 * speeds[0]]

@@ -26,7 +26,7 @@ import pytest
 
 from easgd_jax import core, data, models, reporting, study, train
 from easgd_jax.config import Config
-from easgd_jax.engines.local.threads import worker_seed
+from easgd_jax.engines.base import worker_seed
 
 import helpers
 from helpers import REPO, bad_input_runs, child_env, child_process, run_at_once, run_cli

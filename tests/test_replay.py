@@ -14,7 +14,7 @@ import pytest
 
 from easgd_jax import algorithms, data, reporting, train
 from easgd_jax.config import Config
-from easgd_jax.engines.local.threads import worker_seed
+from easgd_jax.engines.base import worker_seed
 
 LOCKED = {
   "async_sgd": dict(num_devices=3),

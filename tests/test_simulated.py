@@ -18,8 +18,8 @@ from easgd_jax.algorithms.base import Transfer
 from easgd_jax.algorithms.sync_sgd import SyncSGD
 from easgd_jax.config import Config
 from easgd_jax.engines import simulated
+from easgd_jax.engines.base import worker_seed
 from easgd_jax.engines.local import masters
-from easgd_jax.engines.local.threads import worker_seed
 from easgd_jax.engines.simulated import events as simulated_events
 from easgd_jax.errors import ConfigError, DataError
 

@@ -14,6 +14,7 @@ The `Plan` is the trainer's one point rule: where to evaluate, where to checkpoi
 stop. Engines ask it and take their snapshots where it says.
 """
 
+import collections
 import contextlib
 import dataclasses
 import statistics
@@ -21,6 +22,7 @@ import time
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import numpy as np
 
 # A worker's speed, when a rule's exchange periods come from speeds: the median of at least this
 # many timed steps, and as many more as fit in this many seconds (a tiny model's step is noise).
@@ -190,3 +192,24 @@ def peek(sampler, batch_size):
   batch = sampler.next(batch_size)
   sampler.set_state(position)
   return batch
+
+
+def worker_seed(seed, worker):
+  """Worker 0 draws exactly the batches a one-device run would; worker j > 0 its own stream."""
+  return seed if worker == 0 else [seed, worker]
+
+
+def staleness_summary(histogram):
+  """Median, mean, max and the histogram {staleness: count}, from a histogram or a list."""
+  if not isinstance(histogram, dict):
+    histogram = collections.Counter(int(s) for s in histogram)
+  counts = {int(s): int(c) for s, c in histogram.items() if c}
+  if not counts:
+    return None
+  values = np.repeat(np.array(sorted(counts)), [counts[s] for s in sorted(counts)])
+  return {
+    "median": float(np.median(values)),
+    "mean": float(values.mean()),
+    "max": int(values.max()),
+    "histogram": {str(s): counts[s] for s in sorted(counts)},
+  }

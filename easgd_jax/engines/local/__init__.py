@@ -5,7 +5,7 @@ device, one replica per device (pmap; several processes with --num_processes; a 
 --devices_per_worker devices has its replica on each), a model-parallel mesh, or workers that
 are data x model meshes (--devices_per_worker with --model_parallel); a worker/master
 rule in Algorithm 1's order on the same scheduler; an asynchronous worker/master rule as one
-thread per worker (threads.py).
+thread per worker, at most one per core on CPU devices (threads.py).
 """
 
 from easgd_jax import data, devices

@@ -274,10 +274,11 @@ class Workers:
     ]
     return None if found[0] is None else found
 
-  def speeds(self, batches):
+  def speeds(self, batches, threads=None):
     """Each worker's steps per second (engines/base.speed) on its own device and `batches[j]`,
-    every worker timed at once, so that they share the host as they will in the run. The
-    states stay as they were: the rule is pure, the results are dropped."""
+    timed on `threads` threads at once (default one per worker), so that they share the host
+    as they will in the run. The states stay as they were: the rule is pure, the results are
+    dropped."""
 
     def timed(j):
       batch = devices.put(batches[j], self.devices[j])
@@ -286,7 +287,7 @@ class Workers:
         return speed(lambda: self.master.silent_steps[j](self.states[j], flat, batch))
       return speed(lambda: self.compiled.worker_step(self.states[j], self.views[j], batch))
 
-    with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(threads or len(self.devices)) as pool:
       return list(pool.map(timed, range(len(self.devices))))
 
   def set_periods(self, periods):

@@ -5,7 +5,9 @@ Why threads and not processes: JAX releases the GIL while it dispatches and runs
 so threads that each drive their own device compute at the same time, and threads share host
 memory, so an unlocked additive master can be one buffer every worker writes in place. A locked
 master applies one message at a time; on CPU devices its state lies in host memory and each
-update runs on the sender's device (masters.HostLockedMaster).
+update runs on the sender's device (masters.HostLockedMaster). Each accelerator gets a thread;
+CPU devices get at most one per core (devices.host_threads), each running the iterations of
+workers t, t + T, ... in turn, so no thread waits for the GIL behind one the OS descheduled.
 
 One iteration of worker j, read off the rule's facts (algorithms/base.py): an exchange that
 opens the step sends `worker_message`, takes the reply and steps against it; otherwise the step
@@ -42,7 +44,8 @@ import numpy as np
 from absl import logging
 
 from easgd_jax import checkpoints, data, devices
-from easgd_jax.engines.base import Progress, Snapshot, Stopwatch, WorkerLost, peek
+from easgd_jax.engines.base import Progress, Snapshot, Stopwatch, WorkerLost, peek, worker_seed
+from easgd_jax.engines.base import staleness_summary as staleness_of
 from easgd_jax.engines.local import masters
 from easgd_jax.errors import InjectedFailure, WorkerFailure
 
@@ -63,6 +66,7 @@ class ThreadEngine:
   def __init__(self, config, rule, dataset, params_host, samplers=None):
     self.config, self.rule, self.num_workers = config, rule, config.num_devices
     self.devices = devices.worker_devices(self.num_workers)
+    self.num_threads = devices.host_threads(self.devices)
     compiled = masters.Compiled(rule)
     master_host = rule.master_init(params_host)
     if rule.additive and not rule.locked:
@@ -93,7 +97,10 @@ class ThreadEngine:
 
   def describe(self):
     inline = ", each call on its caller's thread" if devices.dispatches_inline() else ""
-    return f"one thread per worker{inline}, devices: {', '.join(map(str, self.devices))}"
+    threads = "one thread per worker"
+    if self.num_threads < self.num_workers:
+      threads = f"{self.num_workers} workers on {self.num_threads} threads (one per CPU core)"
+    return f"{threads}{inline}, devices: {', '.join(map(str, self.devices))}"
 
   # --- checkpoints ----------------------------------------------------------------------------
 
@@ -136,7 +143,7 @@ class ThreadEngine:
     """Each worker's exchange period from its speed, measured once before its first step
     (masters.Workers.speeds) on its next batch, which it still draws afterwards."""
     batches = [peek(sampler, self.config.batch_size) for sampler in self.samplers]
-    speeds = self.workers.speeds(batches)
+    speeds = self.workers.speeds(batches, self.num_threads)
     self.workers.set_periods(self.rule.periods(speeds))
     self.periods_chosen = True
     rounded = [round(v, 1) for v in speeds]
@@ -166,7 +173,7 @@ class ThreadEngine:
 
   def summary(self):
     found = {
-      "staleness": staleness_summary(self.histogram),
+      "staleness": staleness_of(self.histogram),
       "worker_steps": list(self.workers.own),
       "evaluations_skipped": self.evaluations_skipped,
     }
@@ -194,9 +201,12 @@ class _Run:
     self.barrier = plan.next_checkpoint(engine.done)  # tickets are issued up to here
     engine.stopwatch = self.clock = Stopwatch(engine.done)
     self.warm = set()  # workers whose first (compiling) iteration of this launch is done
+    count = engine.num_threads
     self.threads = [
-      threading.Thread(target=self._worker, args=(j,), name=f"worker-{j}", daemon=True)
-      for j in range(engine.num_workers)
+      threading.Thread(
+        target=self._thread, args=(list(range(t, engine.num_workers, count)),), daemon=True
+      )
+      for t in range(count)
     ]
 
   # --- worker threads -------------------------------------------------------------------------
@@ -218,28 +228,39 @@ class _Run:
       return True
     return len(self.warm | {f.worker for f in self.engine.failures}) == self.engine.num_workers
 
-  def _worker(self, j):
+  def _thread(self, hosted):
+    """One iteration of each worker in `hosted` in turn, until no ticket is left; a worker that
+    fails leaves the turn."""
+    turn = 0
+    while hosted and (ticket := self._take_ticket(j := hosted[turn % len(hosted)])) is not None:
+      if self._iterate(j, ticket):
+        turn += 1
+      else:
+        hosted.remove(j)  # the next worker now stands at `turn`
+
+  def _iterate(self, j, ticket):
+    """Worker j's iteration number `ticket`; False if it raised (logged and recorded)."""
     engine, config = self.engine, self.config
-    while (ticket := self._take_ticket(j)) is not None:
-      own = engine.workers.own[j]
-      try:
-        if config.failure_point == (j, own):
-          raise InjectedFailure(f"injected failure (--inject_failure={j}:{own})")
-        batch = engine.samplers[j].next(config.batch_size)
-        if ticket == config.inject_nan:
-          batch = dict(batch, image=np.full_like(batch["image"], np.nan))
-        loss, staleness = engine.workers.iterate(j, batch)
-      except Exception as error:
-        with self.changed:
-          engine.workers.own[j] = own  # the iteration was not done
-          self.issued -= 1  # the iteration was not done: another worker will do it
-          engine.failures.append(Failure(j, own, f"{type(error).__name__}: {error}"))
-          self.changed.notify_all()
-        logging.error("worker %d failed at its step %d:\n%s", j, own, traceback.format_exc())
-        if config.fail_fast:
-          self.stop.set()
-        return
-      self._finish(j, ticket, loss, staleness)
+    own = engine.workers.own[j]
+    try:
+      if config.failure_point == (j, own):
+        raise InjectedFailure(f"injected failure (--inject_failure={j}:{own})")
+      batch = engine.samplers[j].next(config.batch_size)
+      if ticket == config.inject_nan:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      loss, staleness = engine.workers.iterate(j, batch)
+    except Exception as error:
+      with self.changed:
+        engine.workers.own[j] = own  # the iteration was not done
+        self.issued -= 1  # the iteration was not done: another worker will do it
+        engine.failures.append(Failure(j, own, f"{type(error).__name__}: {error}"))
+        self.changed.notify_all()
+      logging.error("worker %d failed at its step %d:\n%s", j, own, traceback.format_exc())
+      if config.fail_fast:
+        self.stop.set()
+      return False
+    self._finish(j, ticket, loss, staleness)
+    return True
 
   def _finish(self, j, ticket, loss, staleness):
     engine = self.engine
@@ -270,7 +291,7 @@ class _Run:
   def _snapshot(self, evaluate, state=None):
     """A Snapshot of now (lock held); hands over the per-row losses when evaluating."""
     engine = self.engine
-    staleness = staleness_summary(self.staleness)
+    staleness = staleness_of(self.staleness)
     snapshot = Snapshot(
       engine.done,
       self.clock.seconds(),
@@ -377,24 +398,3 @@ class _Run:
     for thread in self.threads:
       if thread.is_alive():
         thread.join()
-
-
-def worker_seed(seed, worker):
-  """Worker 0 draws exactly the batches a one-device run would; worker j > 0 its own stream."""
-  return seed if worker == 0 else [seed, worker]
-
-
-def staleness_summary(histogram):
-  """Median, mean, max and the histogram {staleness: count}, from a histogram or a list."""
-  if not isinstance(histogram, dict):
-    histogram = collections.Counter(int(s) for s in histogram)
-  counts = {int(s): int(c) for s, c in histogram.items() if c}
-  if not counts:
-    return None
-  values = np.repeat(np.array(sorted(counts)), [counts[s] for s in sorted(counts)])
-  return {
-    "median": float(np.median(values)),
-    "mean": float(values.mean()),
-    "max": int(values.max()),
-    "histogram": {str(s): counts[s] for s in sorted(counts)},
-  }

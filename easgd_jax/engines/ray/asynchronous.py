@@ -28,8 +28,8 @@ import ray
 from absl import logging
 
 from easgd_jax import checkpoints, data
+from easgd_jax.engines import base
 from easgd_jax.engines.base import Progress, Snapshot, Stopwatch, WorkerJoined, WorkerLost
-from easgd_jax.engines.local.threads import staleness_summary, worker_seed
 from easgd_jax.engines.ray import actors
 from easgd_jax.errors import ServerLost, WorkerFailure
 
@@ -60,7 +60,7 @@ class AsyncEngine:
     worker_host = rule.worker_init(params_host)
     self.workers = [worker_host] * count  # host states, as of the last checkpoint
     self.samplers = [
-      data.Sampler(dataset, worker_seed(config.seed, j)).state() for j in range(count)
+      data.Sampler(dataset, base.worker_seed(config.seed, j)).state() for j in range(count)
     ]
     self.worker_steps = [0] * count  # iterations each worker slot finished, in all
     self.own = [0] * count  # its current actor's own steps (a restarted one counts from 0)
@@ -127,7 +127,7 @@ class AsyncEngine:
   def _worker(self, j, worker, sampler_state, stream=None):
     period = self.rule.tau if self.periods is None else self.periods[j]
     state = (worker, self._view(), self.reads[j], self.own[j], period)
-    seed = stream or worker_seed(self.config.seed, j)
+    seed = stream or base.worker_seed(self.config.seed, j)
     template = self.master_host if actors.shared(self.rule) else None
     return actors.worker_options(self.config).remote(
       self.config,
@@ -297,7 +297,7 @@ class AsyncEngine:
       refs = [self.actors[j].point.remote() for j in sorted(self.alive)]
       points = [p for p in map(answer, refs) if p is not None]  # a dead one is left out
       snapshot.points = points or None
-      summary = staleness_summary(staleness)
+      summary = base.staleness_summary(staleness)
       snapshot.extra = {
         "staleness_median": summary and summary["median"],
         "staleness_max": summary and summary["max"],
@@ -361,7 +361,7 @@ class AsyncEngine:
 
   def summary(self):
     found = {
-      "staleness": staleness_summary(self.histogram),
+      "staleness": base.staleness_summary(self.histogram),
       "worker_steps": list(self.worker_steps),
       "evaluations_skipped": 0,
     }

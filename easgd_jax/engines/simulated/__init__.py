@@ -31,7 +31,7 @@ import optax
 from easgd_jax import core, data, devices, reporting
 from easgd_jax.algorithms.base import ASYNCHRONOUS, ROUND_ROBIN, STEP_DRIVEN
 from easgd_jax.config import Config
-from easgd_jax.engines.local.threads import worker_seed
+from easgd_jax.engines.base import worker_seed
 from easgd_jax.engines.loop import StepEngine
 from easgd_jax.engines.simulated import clock, steppers
 from easgd_jax.errors import ConfigError, DataError
