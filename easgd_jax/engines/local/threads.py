@@ -97,9 +97,9 @@ class ThreadEngine:
 
   def describe(self):
     inline = ", each call on its caller's thread" if devices.dispatches_inline() else ""
-    threads = "one thread per worker"
-    if self.num_threads < self.num_workers:
-      threads = f"{self.num_workers} workers on {self.num_threads} threads (one per CPU core)"
+    threads, n = "one thread per worker", self.num_threads
+    if n < self.num_workers:
+      threads = f"{self.num_workers} workers on {n} thread{'s' * (n > 1)} (one per CPU core)"
     return f"{threads}{inline}, devices: {', '.join(map(str, self.devices))}"
 
   # --- checkpoints ----------------------------------------------------------------------------
