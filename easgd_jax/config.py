@@ -99,6 +99,7 @@ class Config:
   model_parallel: int = field(1, "M: every layer split across M devices (sgd, sync_sgd, meshes).")
   devices_per_worker: int = field(1, "D: workers of D devices, data parallel inside (G = N / D).")
   fail_fast: bool = field(False, "Stop when a worker fails (default: go on with the rest).")
+  worker_threads: int = field(0, "Worker threads (0: one per worker, at most one per CPU core).")
   inject_failure: str | None = field(None, "WORKER:STEP: that worker fails at its own step.")
   progress_every_s: int = field(30, "Seconds between progress lines on stderr (0: none).")
   engine: str = field("local", "local (devices, threads), ray (actors) or simulated (one device).")
@@ -143,12 +144,10 @@ class Config:
       _at_least("tau", self.tau, 1)
     if self.outer_delay is not None:
       _at_least("outer_delay", self.outer_delay, 1)
-    for name in ("num_layers", "num_heads", "width", "context"):
+    for name in ("num_layers", "num_heads", "width", "context", "steps", "eval_every"):
       _at_least(name, getattr(self, name), 1)
     if self.width % self.num_heads:
       raise ConfigError(f"--width={self.width} must be a multiple of --num_heads={self.num_heads}")
-    _at_least("steps", self.steps, 1)
-    _at_least("eval_every", self.eval_every, 1)
     _at_least("synthetic_train_size", self.synthetic_train_size, 2)
     _in_range("seed", self.seed, 0, MAX_SEED)
     if self.learning_rate is not None:
@@ -164,6 +163,7 @@ class Config:
     _at_least("checkpoint_every", self.checkpoint_every, 0)
     _at_least("keep_checkpoints", self.keep_checkpoints, 1)
     _in_range("progress_every_s", self.progress_every_s, 0, MAX_TIMEOUT_S)
+    _in_range("worker_threads", self.worker_threads, 0, MAX_DEVICES)
     _in_range("max_worker_restarts", self.max_worker_restarts, 0, 1000)
     if not (_is_number(self.ray_worker_gpus) and self.ray_worker_gpus >= 0):
       raise ConfigError(f"--ray_worker_gpus must be a number >= 0 (got {self.ray_worker_gpus})")

@@ -109,11 +109,14 @@ def worker_devices(num_workers, devices=None):
   return [devices[j % len(devices)] for j in range(num_workers)]
 
 
-def host_threads(worker_devices):
-  """How many threads drive `worker_devices` from this process: one per device, except that CPU
-  devices get at most one per core this process may run on. More threads than cores made each
-  thread wait for the GIL behind threads the OS had descheduled: 4 workers on 2 cores ran at
-  0.7-0.9x of 2 (the digits MLP, BENCHMARKS.md (g)); on 2 threads they run as fast as 2."""
+def host_threads(worker_devices, requested=0):
+  """How many threads drive `worker_devices` from this process: `requested` (--worker_threads) up
+  to one per device, else one per device, except that CPU devices get at most one per core this
+  process may run on. More threads than cores made each thread wait for the GIL behind threads
+  the OS had descheduled: 4 workers on 2 cores ran at 0.7-0.9x of 2 (the digits MLP,
+  BENCHMARKS.md (g)); on 2 threads they run as fast as 2."""
+  if requested:
+    return min(requested, len(worker_devices))
   if any(device.platform != "cpu" for device in worker_devices):
     return len(worker_devices)
   return max(1, min(len(worker_devices), len(os.sched_getaffinity(0))))

@@ -24,6 +24,7 @@ RESUMABLE = frozenset(
     "target_loss",
     "heartbeat_timeout_s",
     "fail_fast",
+    "worker_threads",  # how the workers share the host, not what they compute
     "data_dir",  # where the same dataset is read from
     "inject_nan",  # fault injection for one launch
     "inject_failure",

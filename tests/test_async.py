@@ -28,7 +28,7 @@ from easgd_jax.algorithms import (
   RoundRobinEASGD,
 )
 from easgd_jax.config import Config
-from easgd_jax.engines.local import masters
+from easgd_jax.engines.local import masters, threads
 from easgd_jax.errors import ConfigError, WorkerFailure
 
 import reference
@@ -131,6 +131,18 @@ def test_cpu_devices_get_at_most_one_thread_per_core(monkeypatch):
   assert devices.host_threads([Device("cpu")] * 4) == 2
   assert devices.host_threads([Device("cpu")] * 1) == 1
   assert devices.host_threads([Device("gpu")] * 4) == 4  # each accelerator has its thread
+  assert devices.host_threads([Device("cpu")] * 4, requested=4) == 4  # --worker_threads=4
+  assert devices.host_threads([Device("cpu")] * 4, requested=8) == 4  # at most one per worker
+
+
+def test_worker_threads_from_the_command_line_decide_the_engines_threads(problem, monkeypatch):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+  loss_fn, params = problem
+  rule = Hogwild(loss_fn, learning_rate=0.1)
+  for requested, found, said in [(0, 2, "4 workers taking turns on 2 threads"), (4, 4, "one ")]:
+    config = Config(num_devices=4, batch_size=BATCH, worker_threads=requested)
+    engine = threads.ThreadEngine(config, rule, None, params, samplers=[None] * 4)
+    assert engine.num_threads == found and engine.describe().startswith(said)
 
 
 def test_workers_beyond_the_cores_take_turns_on_a_thread_per_core(
@@ -412,10 +424,8 @@ def test_injected_failure_from_the_command_line_is_named_in_the_summary(tmp_path
   # run.py's worker threads run each CPU call on its caller's thread (engines.dispatches_inline),
   # at most one thread per core (devices.host_threads)
   cores = len(os.sched_getaffinity(0))
-  threads = (
-    "one thread per worker" if cores >= 3 else f"3 workers on {cores} threads (one per CPU core)"
-  )
-  assert f"{threads}, each call on its caller's thread" in result.stderr
+  hosting = "one thread per worker" if cores >= 3 else f"3 workers taking turns on {cores} threads"
+  assert f"{hosting}, each call on its caller's thread" in result.stderr
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   # A point reached while the previous evaluation still runs is skipped (counted in the row).
   assert [r["step"] for r in rows][-1] == 300 and {r["step"] for r in rows} <= {100, 200, 300}

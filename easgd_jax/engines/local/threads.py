@@ -66,7 +66,7 @@ class ThreadEngine:
   def __init__(self, config, rule, dataset, params_host, samplers=None):
     self.config, self.rule, self.num_workers = config, rule, config.num_devices
     self.devices = devices.worker_devices(self.num_workers)
-    self.num_threads = devices.host_threads(self.devices)
+    self.num_threads = devices.host_threads(self.devices, config.worker_threads)
     compiled = masters.Compiled(rule)
     master_host = rule.master_init(params_host)
     if rule.additive and not rule.locked:
@@ -99,7 +99,7 @@ class ThreadEngine:
     inline = ", each call on its caller's thread" if devices.dispatches_inline() else ""
     threads, n = "one thread per worker", self.num_threads
     if n < self.num_workers:
-      threads = f"{self.num_workers} workers on {n} thread{'s' * (n > 1)} (one per CPU core)"
+      threads = f"{self.num_workers} workers taking turns on {n} thread{'s' * (n > 1)}"
     return f"{threads}{inline}, devices: {', '.join(map(str, self.devices))}"
 
   # --- checkpoints ----------------------------------------------------------------------------
