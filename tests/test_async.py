@@ -424,7 +424,8 @@ def test_injected_failure_from_the_command_line_is_named_in_the_summary(tmp_path
   # run.py's worker threads run each CPU call on its caller's thread (engines.dispatches_inline),
   # at most one thread per core (devices.host_threads)
   cores = len(os.sched_getaffinity(0))
-  hosting = "one thread per worker" if cores >= 3 else f"3 workers taking turns on {cores} threads"
+  on = f"{cores} thread{'s' * (cores > 1)}"  # the start line's singular on one core
+  hosting = "one thread per worker" if cores >= 3 else f"3 workers taking turns on {on}"
   assert f"{hosting}, each call on its caller's thread" in result.stderr
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   # A point reached while the previous evaluation still runs is skipped (counted in the row).
